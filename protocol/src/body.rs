@@ -1,0 +1,323 @@
+//! The JSON bodies of each verb.
+//!
+//! Field names are the wire names of PROTOCOL.md. `ref` is any JSON value a
+//! sender chooses; replies and errors echo it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::Thid;
+
+/// Listening mode of a pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mode {
+    /// anycatch: exactly one cell of each listening service gets an event.
+    #[serde(rename = "any")]
+    Any,
+    /// multicatch: every listening cell gets the event.
+    #[serde(rename = "multi")]
+    Multi,
+}
+
+/// `HELO`: a cell joins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The cell's THID.
+    pub id: Thid,
+    /// The service the cell belongs to.
+    pub service: String,
+    /// Free-form typed metadata (version, region, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub metadata: Map<String, Value>,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+}
+
+/// Limits a transmitter announces in `WLCM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest message accepted, in bytes (all frames together).
+    pub max_frame: usize,
+    /// Time to ACKN a delivery before it is redelivered.
+    pub ack_timeout_ms: u64,
+}
+
+/// `WLCM`: the transmitter accepted a cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The transmitter's THID.
+    pub id: Thid,
+    /// Endpoint of the transmitter's event socket.
+    #[serde(rename = "pub")]
+    pub event_endpoint: String,
+    /// Interval at which the cell should PING when otherwise silent.
+    pub heartbeat_ms: u64,
+    /// The transmitter's limits.
+    pub limits: Limits,
+    /// Echo of the HELO's `ref`.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+}
+
+/// `LSTN`: listen to a pattern.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listen {
+    /// Channel pattern.
+    pub pattern: String,
+    /// anycatch or multicatch.
+    pub mode: Mode,
+    /// Whether anycatch deliveries wait for an ACKN (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<bool>,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+}
+
+/// `UNLS`: stop listening to a pattern.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unlisten {
+    /// The pattern, as given to LSTN.
+    pub pattern: String,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+}
+
+/// `EVNT` from a cell: publish. Borrowed from the frame so the payload is
+/// forwarded without re-serializing.
+#[derive(Debug, Deserialize)]
+pub struct Publish<'a> {
+    /// The channel.
+    #[serde(borrow)]
+    pub channel: std::borrow::Cow<'a, str>,
+    /// The JSON payload, as raw text.
+    #[serde(default, borrow)]
+    pub payload: Option<&'a RawValue>,
+    /// The event's THID; computed by the transmitter when absent.
+    #[serde(default)]
+    pub id: Option<Thid>,
+    /// The publisher's sequence number of this event.
+    #[serde(default)]
+    pub seq: Option<u64>,
+    /// Whether the sender wants an OKAY (or ERRR `no_listeners`).
+    #[serde(default)]
+    pub confirm: bool,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref")]
+    pub reference: Option<Value>,
+}
+
+/// `DLVR` to a cell, and the JSON body of event-socket `EVNT` frames.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The event's THID.
+    pub id: Thid,
+    /// The channel it was published on.
+    pub channel: String,
+    /// The JSON payload (absent when the event carried only binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Box<RawValue>>,
+    /// The publishing cell's THID.
+    pub from: Thid,
+    /// 1 for the first delivery, +1 per redelivery (DLVR only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+}
+
+/// `ACKN` / `NACK`: one delivery (`id`) or a batch (`ids`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ack {
+    /// One delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Thid>,
+    /// A batch of deliveries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<Thid>,
+    /// The attempt being answered (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+}
+
+/// `GBYE`: leaving.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `OKAY`, `PING`, `PONG`: a body with just a `ref`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ref {
+    /// Echo of the command's `ref`.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+}
+
+/// `OKAY` in answer to a confirmed `EVNT`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Confirm {
+    /// Echo of the command's `ref`.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+    /// The event's THID.
+    pub id: Option<Thid>,
+    /// How many services (anycatch) and whether multicatch listeners got it.
+    #[serde(default)]
+    pub routed: u32,
+}
+
+/// `ERRR`: what went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// A stable code from [`ErrorCode`].
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+    /// The `ref` of the command, else the THID it concerned, else null.
+    pub re: Option<Value>,
+}
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $text:literal),* $(,)?) => {
+        /// The stable error codes of `ERRR`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($(#[$doc])* #[serde(rename = $text)] $name,)*
+        }
+
+        impl ErrorCode {
+            /// Every code.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// The wire spelling.
+            pub fn as_str(&self) -> &'static str {
+                match self { $(ErrorCode::$name => $text,)* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame does not start with `J VERB` / `VERB`, or is not UTF-8.
+    BadFrame = "bad_frame",
+    /// A message with the wrong number of frames.
+    BadMultipart = "bad_multipart",
+    /// An encoding other than `J`.
+    BadEncoding = "bad_encoding",
+    /// A verb protocol v1 does not define, or one only the transmitter sends.
+    UnknownVerb = "unknown_verb",
+    /// The body is not JSON, or a field has the wrong type or is missing.
+    BadJson = "bad_json",
+    /// A command other than HELO/PING/GBYE before HELO.
+    NotWelcomed = "not_welcomed",
+    /// A HELO naming a THID that another live connection holds, or a
+    /// second HELO with a different THID on one connection.
+    ThidInUse = "thid_in_use",
+    /// A service name that is empty, too long or has spaces.
+    BadService = "bad_service",
+    /// An invalid channel or pattern.
+    BadPattern = "bad_pattern",
+    /// UNLS of a pattern that is not listened to.
+    NotListening = "not_listening",
+    /// Too many patterns on one cell.
+    TooManyListens = "too_many_listens",
+    /// A confirmed EVNT that no cell listens to.
+    NoListeners = "no_listeners",
+    /// An ACKN/NACK for a delivery this cell does not hold.
+    UnknownDelivery = "unknown_delivery",
+    /// A message larger than the transmitter's limit.
+    TooLarge = "too_large",
+    /// The transmitter is shutting down.
+    ShuttingDown = "shutting_down",
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Writes the JSON body of a delivery (`DLVR`, or an event-socket `EVNT`
+/// when `attempt` is `None`) into `out`, copying the payload's raw JSON text
+/// as it came: nothing is re-serialized.
+pub fn write_delivery(
+    out: &mut Vec<u8>,
+    id: &Thid,
+    channel: &str,
+    payload: Option<&[u8]>,
+    from: &Thid,
+    attempt: Option<u32>,
+) {
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.to_hex().as_bytes());
+    out.extend_from_slice(b"\",\"channel\":");
+    // Writing a string into a Vec cannot fail.
+    serde_json::to_writer(&mut *out, channel).expect("string serializes");
+    if let Some(p) = payload {
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b",\"from\":\"");
+    out.extend_from_slice(from.to_hex().as_bytes());
+    out.push(b'"');
+    if let Some(a) = attempt {
+        out.extend_from_slice(b",\"attempt\":");
+        out.extend_from_slice(a.to_string().as_bytes());
+    }
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_deliveries_parse_back() {
+        let id = Thid::random();
+        let from = Thid::random();
+        let mut out = Vec::new();
+        write_delivery(
+            &mut out,
+            &id,
+            "a::\"b",
+            Some(br#"{"x":[1,2]}"#),
+            &from,
+            Some(3),
+        );
+        let d: Delivery = serde_json::from_slice(&out).unwrap();
+        assert_eq!(d.id, id);
+        assert_eq!(d.from, from);
+        assert_eq!(d.channel, "a::\"b");
+        assert_eq!(d.payload.unwrap().get(), r#"{"x":[1,2]}"#);
+        assert_eq!(d.attempt, Some(3));
+    }
+
+    #[test]
+    fn publish_borrows_its_payload() {
+        let body = br#"{"channel":"a","payload":{"k":"v"},"seq":4}"#;
+        let p: Publish<'_> = serde_json::from_slice(body).unwrap();
+        assert_eq!(p.payload.unwrap().get(), r#"{"k":"v"}"#);
+        assert_eq!(p.seq, Some(4));
+        assert!(!p.confirm);
+    }
+
+    #[test]
+    fn error_codes_have_stable_spellings() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+
+    #[test]
+    fn modes_use_their_wire_names() {
+        let l: Listen = serde_json::from_str(r#"{"pattern":"a::*","mode":"multi"}"#).unwrap();
+        assert_eq!(l.mode, Mode::Multi);
+        assert!(serde_json::from_str::<Listen>(r#"{"pattern":"a","mode":"some"}"#).is_err());
+    }
+}

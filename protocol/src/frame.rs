@@ -1,0 +1,303 @@
+//! The command frame codec: `J VERB {json}`.
+//!
+//! A command is one text frame: a 1-character encoding, a space, a 4-letter
+//! verb, a space and the body. The unprefixed prototype form `VERB {json}` is
+//! accepted too. An empty body means `{}`. Decoding only splits the header
+//! off; the body stays a borrowed slice so that the caller parses JSON only
+//! for the verbs it must read.
+
+use std::fmt;
+
+/// The only body encoding of protocol v1: JSON.
+pub const ENCODING_JSON: u8 = b'J';
+
+/// A 4-letter command verb (ASCII uppercase letters).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Verb([u8; 4]);
+
+macro_rules! verbs {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        impl Verb {
+            $($(#[$doc])* pub const $name: Verb = Verb(*stringify!($name).as_bytes().first_chunk::<4>().unwrap());)*
+
+            /// Every verb protocol v1 defines.
+            pub const ALL: &'static [Verb] = &[$(Verb::$name),*];
+        }
+    };
+}
+
+verbs! {
+    /// cell → transmitter: join.
+    HELO,
+    /// transmitter → cell: joined.
+    WLCM,
+    /// cell → transmitter: listen to a pattern.
+    LSTN,
+    /// cell → transmitter: stop listening to a pattern.
+    UNLS,
+    /// cell → transmitter: publish an event.
+    EVNT,
+    /// transmitter → cell: an anycatch delivery.
+    DLVR,
+    /// cell → transmitter: acknowledge deliveries.
+    ACKN,
+    /// cell → transmitter: refuse deliveries (redeliver elsewhere).
+    NACK,
+    /// both ways: liveness probe.
+    PING,
+    /// both ways: answer to PING.
+    PONG,
+    /// both ways: leaving.
+    GBYE,
+    /// transmitter → cell: an error.
+    ERRR,
+    /// transmitter → cell: success.
+    OKAY,
+}
+
+impl Verb {
+    /// Wraps 4 bytes if they are ASCII uppercase letters.
+    pub fn new(bytes: [u8; 4]) -> Option<Verb> {
+        bytes
+            .iter()
+            .all(u8::is_ascii_uppercase)
+            .then_some(Verb(bytes))
+    }
+
+    /// The verb's 4 bytes.
+    pub fn as_bytes(&self) -> &[u8; 4] {
+        &self.0
+    }
+
+    /// The verb as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII uppercase letters are ever stored, see `Verb::new`.
+        std::str::from_utf8(&self.0).unwrap_or("????")
+    }
+
+    /// Whether protocol v1 defines this verb.
+    pub fn is_known(&self) -> bool {
+        Verb::ALL.contains(self)
+    }
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Verb({})", self.as_str())
+    }
+}
+
+/// A decoded command header with its body still raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// The verb.
+    pub verb: Verb,
+    /// The body bytes (JSON); `{}` when the frame had none.
+    pub body: &'a [u8],
+}
+
+/// Why a frame is not a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The frame is empty.
+    #[error("empty frame")]
+    Empty,
+    /// The frame does not start with `E VERB` or `VERB`.
+    #[error("a frame starts with 'J VERB ' or 'VERB ': 4 uppercase letters")]
+    BadHeader,
+    /// The encoding character is not one this transmitter speaks.
+    #[error("unsupported encoding '{0}', only 'J' (JSON)")]
+    UnsupportedEncoding(char),
+    /// The frame is larger than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+const EMPTY_BODY: &[u8] = b"{}";
+
+/// Splits a command frame into verb and body. Never panics.
+///
+/// # Errors
+/// [`FrameError`] when the frame is empty, has no valid header, or names an
+/// encoding other than JSON.
+pub fn decode(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
+    if frame.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    let (encoding, rest) = match frame {
+        [e, b' ', rest @ ..] => (Some(*e), rest),
+        _ => (None, frame),
+    };
+    let (verb, body) = match rest {
+        [a, b, c, d] => ([*a, *b, *c, *d], &[][..]),
+        [a, b, c, d, b' ', body @ ..] => ([*a, *b, *c, *d], body),
+        _ => return Err(FrameError::BadHeader),
+    };
+    let verb = Verb::new(verb).ok_or(FrameError::BadHeader)?;
+    if let Some(e) = encoding {
+        if e != ENCODING_JSON {
+            return Err(FrameError::UnsupportedEncoding(char::from(e)));
+        }
+    }
+    let body = trim_ascii(body);
+    Ok(Frame {
+        verb,
+        body: if body.is_empty() { EMPTY_BODY } else { body },
+    })
+}
+
+fn trim_ascii(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if first.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = b {
+        if last.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+/// Encodes a command frame `J VERB body` into `out` (cleared first), so a
+/// caller can reuse one buffer.
+pub fn encode_into(out: &mut Vec<u8>, verb: Verb, body: &[u8]) {
+    out.clear();
+    out.reserve(7 + body.len());
+    out.extend_from_slice(b"J ");
+    out.extend_from_slice(verb.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(body);
+}
+
+/// Encodes a command frame `J VERB body`.
+pub fn encode(verb: Verb, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(&mut out, verb, body);
+    out
+}
+
+/// Encodes a frame whose body is a serializable value.
+pub fn encode_json<T: serde::Serialize>(verb: Verb, body: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"J ");
+    out.extend_from_slice(verb.as_bytes());
+    out.push(b' ');
+    // Serializing our own body types into a Vec cannot fail: they hold only
+    // strings, numbers, THIDs and JSON values.
+    serde_json::to_writer(&mut out, body).expect("protocol bodies serialize");
+    out
+}
+
+/// The topic prefix of event-socket frames carrying multicatch events:
+/// `EVNT <channel> {json}`.
+pub const EVENT_TOPIC: &[u8] = b"EVNT ";
+
+/// The topic prefix a cell subscribes to to learn that its subscriptions
+/// have reached the transmitter: `SYNC <token>`.
+pub const SYNC_TOPIC: &[u8] = b"SYNC ";
+
+/// Encodes an event-socket frame `EVNT <channel> body`.
+pub fn encode_event(channel: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(EVENT_TOPIC.len() + channel.len() + 1 + body.len());
+    out.extend_from_slice(EVENT_TOPIC);
+    out.extend_from_slice(channel.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits an event-socket frame `EVNT <channel> body` into channel and body.
+pub fn decode_event(frame: &[u8]) -> Option<(&str, &[u8])> {
+    let rest = frame.strip_prefix(EVENT_TOPIC)?;
+    let space = rest.iter().position(|&b| b == b' ')?;
+    let channel = std::str::from_utf8(&rest[..space]).ok()?;
+    Some((channel, &rest[space + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn decodes_the_prefixed_form() {
+        let f = decode(br#"J HELO {"id":"x"}"#).unwrap();
+        assert_eq!(f.verb, Verb::HELO);
+        assert_eq!(f.body, br#"{"id":"x"}"#);
+    }
+
+    #[test]
+    fn decodes_the_unprefixed_prototype_form() {
+        let f = decode(br#"LSTN {"pattern":"a"}"#).unwrap();
+        assert_eq!(f.verb, Verb::LSTN);
+        assert_eq!(f.body, br#"{"pattern":"a"}"#);
+    }
+
+    #[test]
+    fn an_empty_body_reads_as_an_empty_object() {
+        assert_eq!(decode(b"J PING").unwrap().body, b"{}");
+        assert_eq!(decode(b"PING").unwrap().body, b"{}");
+        assert_eq!(decode(b"J PING  ").unwrap().body, b"{}");
+    }
+
+    #[test]
+    fn rejects_bad_headers() {
+        assert_eq!(decode(b""), Err(FrameError::Empty));
+        assert_eq!(decode(b"J helo {}"), Err(FrameError::BadHeader));
+        assert_eq!(decode(b"J HEL"), Err(FrameError::BadHeader));
+        assert_eq!(decode(b"HELOX {}"), Err(FrameError::BadHeader));
+        assert_eq!(
+            decode(b"X HELO {}"),
+            Err(FrameError::UnsupportedEncoding('X'))
+        );
+    }
+
+    #[test]
+    fn unknown_verbs_decode_but_are_not_known() {
+        let f = decode(b"J ABCD {}").unwrap();
+        assert!(!f.verb.is_known());
+        assert!(Verb::EVNT.is_known());
+    }
+
+    #[test]
+    fn event_socket_frames_round_trip() {
+        let f = encode_event("a::b", b"{}");
+        assert_eq!(f, b"EVNT a::b {}");
+        assert_eq!(decode_event(&f), Some(("a::b", &b"{}"[..])));
+        assert_eq!(decode_event(b"EVNTa"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes);
+            let _ = decode_event(&bytes);
+        }
+
+        #[test]
+        fn encode_then_decode_round_trips(v in "[A-Z]{4}", body in "\\{[ -~]{0,40}\\}") {
+            let verb = Verb::new(v.as_bytes().try_into().unwrap()).unwrap();
+            let frame = encode(verb, body.as_bytes());
+            let f = decode(&frame).unwrap();
+            prop_assert_eq!(f.verb, verb);
+            prop_assert_eq!(f.body, body.trim().as_bytes());
+        }
+    }
+}

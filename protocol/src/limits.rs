@@ -1,0 +1,23 @@
+//! Every default and limit of protocol v1, in one place.
+
+/// Default command endpoint of a transmitter.
+pub const DEFAULT_COMMAND_ENDPOINT: &str = "tcp://127.0.0.1:5454";
+/// Default event endpoint of a transmitter.
+pub const DEFAULT_EVENT_ENDPOINT: &str = "tcp://127.0.0.1:5455";
+/// Default largest message (all frames) a transmitter accepts: 1 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+/// Default interval at which cells send PING when otherwise silent.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;
+/// A cell silent for this many heartbeat intervals is expired.
+pub const HEARTBEAT_MISSES: u64 = 3;
+/// Default time a cell has to ACKN an anycatch delivery before it is
+/// redelivered to another cell.
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 30_000;
+/// Longest channel name or pattern, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+/// Longest service name, in bytes.
+pub const MAX_SERVICE_LEN: usize = 128;
+/// Most patterns one cell may listen to.
+pub const MAX_LISTENS_PER_CELL: usize = 1024;
+/// ZAP domain used by transmitters for cell connections.
+pub const ZAP_DOMAIN: &str = "thynapse";

@@ -1,0 +1,166 @@
+//! THIDs: the 160-bit identifiers of cells, transmitters and messages.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha1::{Digest, Sha1};
+
+/// Length of a THID in bytes (160 bits).
+pub const THID_LEN: usize = 20;
+
+/// A 160-bit identifier, written on the wire as 40 lowercase hex characters.
+///
+/// Cells and transmitters draw theirs at random ([`Thid::random`]); a
+/// message's THID is the SHA-1 of its contents ([`Thid::for_event`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Thid([u8; THID_LEN]);
+
+/// Why a string is not a THID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ThidError {
+    /// The string does not have exactly 40 characters.
+    #[error("a THID has 40 hex characters, got {0}")]
+    Length(usize),
+    /// The string has a character that is not a hex digit.
+    #[error("a THID is hex, got a non-hex character")]
+    NotHex,
+}
+
+impl Thid {
+    /// Wraps 20 raw bytes.
+    pub const fn from_bytes(bytes: [u8; THID_LEN]) -> Self {
+        Thid(bytes)
+    }
+
+    /// The 20 raw bytes.
+    pub const fn as_bytes(&self) -> &[u8; THID_LEN] {
+        &self.0
+    }
+
+    /// Draws a THID at random (for a cell or a transmitter).
+    pub fn random() -> Self {
+        Thid(rand::random())
+    }
+
+    /// The THID of an event: SHA-1 over its publisher, its sequence number
+    /// among that publisher's events, its channel and its payload bytes,
+    /// joined by newlines (see PROTOCOL.md, "Message THIDs").
+    ///
+    /// Two distinct events with equal payloads differ in `seq`; a retry of
+    /// the same event keeps its THID, which is what de-duplication keys on.
+    pub fn for_event(from: &Thid, seq: u64, channel: &str, payload: &[u8]) -> Self {
+        let mut hasher = Sha1::new();
+        hasher.update(from.to_hex().as_bytes());
+        hasher.update(b"\n");
+        hasher.update(seq.to_string().as_bytes());
+        hasher.update(b"\n");
+        hasher.update(channel.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(payload);
+        Thid(hasher.finalize().into())
+    }
+
+    /// The 40-character lowercase hex form.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses the hex form from bytes (as found inside a frame).
+    ///
+    /// # Errors
+    /// [`ThidError`] when the input is not 40 hex characters.
+    pub fn parse_hex(s: &[u8]) -> Result<Self, ThidError> {
+        if s.len() != THID_LEN * 2 {
+            return Err(ThidError::Length(s.len()));
+        }
+        let mut out = [0u8; THID_LEN];
+        hex::decode_to_slice(s, &mut out).map_err(|_| ThidError::NotHex)?;
+        Ok(Thid(out))
+    }
+}
+
+impl FromStr for Thid {
+    type Err = ThidError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Thid::parse_hex(s.as_bytes())
+    }
+}
+
+impl fmt::Display for Thid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Thid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Thid({self})")
+    }
+}
+
+impl Serialize for Thid {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Thid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s: std::borrow::Cow<'de, str> = Deserialize::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_is_lowercase() {
+        let t = Thid::from_bytes([0xAB; 20]);
+        assert_eq!(t.to_hex(), "ab".repeat(20));
+        assert_eq!(t.to_hex().parse::<Thid>().unwrap(), t);
+        assert_eq!("AB".repeat(20).parse::<Thid>().unwrap(), t);
+    }
+
+    #[test]
+    fn bad_hex_is_rejected() {
+        assert_eq!("ab".parse::<Thid>(), Err(ThidError::Length(2)));
+        assert_eq!("zz".repeat(20).parse::<Thid>(), Err(ThidError::NotHex));
+    }
+
+    /// The test vectors of PROTOCOL.md, "Message THIDs".
+    #[test]
+    fn event_thids_match_the_protocol_test_vectors() {
+        let from: Thid = "0000000000000000000000000000000000000001".parse().unwrap();
+        assert_eq!(
+            Thid::for_event(&from, 1, "billing::invoice::paid", br#"{"amount":42}"#).to_hex(),
+            "148a4ee4688b0986a14a263c835b18af1f96cf81"
+        );
+        assert_eq!(
+            Thid::for_event(&from, 2, "billing::invoice::paid", br#"{"amount":42}"#).to_hex(),
+            "6c71b12a14904ce01eb84382f632d85f97b23bf2"
+        );
+        assert_eq!(
+            Thid::for_event(&from, 0, "a", b"").to_hex(),
+            "bca398c84913300f5048feac7d0f4f5b9440e848"
+        );
+    }
+
+    #[test]
+    fn equal_payloads_with_other_sequence_numbers_get_other_thids() {
+        let from = Thid::random();
+        assert_ne!(
+            Thid::for_event(&from, 1, "c", b"x"),
+            Thid::for_event(&from, 2, "c", b"x")
+        );
+        assert_eq!(
+            Thid::for_event(&from, 7, "c", b"x"),
+            Thid::for_event(&from, 7, "c", b"x")
+        );
+    }
+}
