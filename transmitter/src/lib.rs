@@ -1,1 +1,30 @@
-//! placeholder
+//! # thynapse-transmitter
+//!
+//! The Thynapse transmitter as a library: the daemon that cells join. The
+//! `thynapse` binary is a thin shell over it.
+//!
+//! ## Layout
+//! - [`config`]: settings, defaults and limits.
+//! - [`router`]: the routing state machine (cells, listens, deliveries,
+//!   acks), free of I/O.
+//! - [`server`]: the router thread that owns the ROUTER and XPUB sockets.
+//! - [`auth`]: the ZAP handler that checks the token at every handshake.
+//! - [`metrics`]: lock-free counters.
+//!
+//! ## Example
+//! ```no_run
+//! use thynapse_transmitter::{Config, Transmitter};
+//!
+//! let mut t = Transmitter::start(Config::for_tests()).unwrap();
+//! println!("cells connect to {}", t.command_endpoint());
+//! t.shutdown();
+//! ```
+
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod router;
+pub mod server;
+
+pub use config::Config;
+pub use server::{StartError, Transmitter};

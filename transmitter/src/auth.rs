@@ -1,0 +1,164 @@
+//! The ZAP handler: authenticates every connection at the handshake.
+//!
+//! libzmq asks `inproc://zeromq.zap.01` about each new connection to a
+//! socket that is a PLAIN server. This handler runs on its own thread with a
+//! ROUTER socket, accepts PLAIN credentials whose password equals the
+//! token (compared in constant time), and delays its answer to addresses
+//! that keep failing, without holding up anyone else.
+
+use std::collections::HashMap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The endpoint libzmq sends ZAP requests to.
+pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
+/// Failures from one address before its answers are delayed.
+pub const FREE_FAILURES: u32 = 3;
+/// First delay once an address is slowed down; doubles per failure.
+pub const FIRST_DELAY: Duration = Duration::from_millis(100);
+/// Longest delay before a denial is sent.
+pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// Failures are forgotten after this long without another one.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(60);
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+/// How long to hold back the denial of an address that failed `failures`
+/// times in a row.
+pub fn denial_delay(failures: u32) -> Duration {
+    if failures <= FREE_FAILURES {
+        return Duration::ZERO;
+    }
+    let exp = (failures - FREE_FAILURES - 1).min(16);
+    (FIRST_DELAY * 2u32.pow(exp)).min(MAX_DELAY)
+}
+
+/// Starts the ZAP handler thread on `ctx`; it stops when the context is
+/// terminated.
+///
+/// # Errors
+/// When the inproc endpoint cannot be bound (another handler exists).
+pub fn start(ctx: &zmq::Context, token: String) -> Result<JoinHandle<()>, zmq::Error> {
+    let socket = ctx.socket(zmq::ROUTER)?;
+    socket.set_linger(0)?;
+    socket.bind(ZAP_ENDPOINT)?;
+    Ok(std::thread::Builder::new()
+        .name("thynapse-zap".into())
+        .spawn(move || serve(socket, token))
+        .expect("spawning a thread at startup"))
+}
+
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+fn serve(socket: zmq::Socket, token: String) {
+    let mut failures: HashMap<String, Failures> = HashMap::new();
+    let mut delayed: Vec<(Instant, Vec<Vec<u8>>)> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let timeout = delayed
+            .iter()
+            .map(|(due, _)| due.saturating_duration_since(now).as_millis() as i64)
+            .min()
+            .unwrap_or(-1);
+        match socket.poll(zmq::POLLIN, timeout) {
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        let now = Instant::now();
+        delayed.retain(|(due, reply)| {
+            if *due <= now {
+                let _ = socket.send_multipart(reply, 0);
+                false
+            } else {
+                true
+            }
+        });
+        loop {
+            let request = match socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(r) => r,
+                Err(zmq::Error::EAGAIN) => break,
+                Err(_) => return,
+            };
+            // [routing id, empty, version, request id, domain, address,
+            //  identity, mechanism, credentials...]
+            if request.len() < 8 {
+                continue;
+            }
+            let address = String::from_utf8_lossy(&request[5]).into_owned();
+            let allowed = request[7] == b"PLAIN"
+                && request.len() >= 10
+                && constant_time_eq(&request[9], token.as_bytes());
+            let (status, text) = if allowed {
+                ("200", "OK")
+            } else {
+                ("400", "bad credentials")
+            };
+            let reply = vec![
+                request[0].clone(),
+                Vec::new(),
+                b"1.0".to_vec(),
+                request[3].clone(),
+                status.as_bytes().to_vec(),
+                text.as_bytes().to_vec(),
+                if allowed {
+                    request[8].clone()
+                } else {
+                    Vec::new()
+                },
+                Vec::new(),
+            ];
+            failures.retain(|_, f| now.duration_since(f.last) < FAILURE_MEMORY);
+            if allowed {
+                failures.remove(&address);
+                let _ = socket.send_multipart(&reply, 0);
+                continue;
+            }
+            let f = failures.entry(address.clone()).or_insert(Failures {
+                count: 0,
+                last: now,
+            });
+            f.count += 1;
+            f.last = now;
+            tracing::warn!(%address, failures = f.count, "authentication failed");
+            let delay = denial_delay(f.count);
+            if delay.is_zero() {
+                let _ = socket.send_multipart(&reply, 0);
+            } else {
+                delayed.push((now + delay, reply));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_content_and_length() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secre"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn denials_slow_down_after_a_few_failures_and_are_capped() {
+        assert_eq!(denial_delay(1), Duration::ZERO);
+        assert_eq!(denial_delay(FREE_FAILURES), Duration::ZERO);
+        assert_eq!(denial_delay(FREE_FAILURES + 1), FIRST_DELAY);
+        assert_eq!(denial_delay(FREE_FAILURES + 2), FIRST_DELAY * 2);
+        assert_eq!(denial_delay(100), MAX_DELAY);
+    }
+}

@@ -1,0 +1,59 @@
+//! Transmitter settings and their defaults.
+
+use std::time::Duration;
+
+use thynapse_protocol::limits;
+
+/// Default high-water mark (messages queued per peer) on both sockets.
+pub const DEFAULT_HWM: i32 = 100_000;
+/// Most redeliveries one service may have waiting for a cell to come back.
+pub const MAX_BACKLOG_PER_SERVICE: usize = 100_000;
+/// How often the router checks heartbeats and ack deadlines.
+pub const TICK: Duration = Duration::from_millis(50);
+/// How long sockets try to flush queued messages when closing.
+pub const LINGER: Duration = Duration::from_millis(1000);
+
+/// Everything a transmitter needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Endpoint the ROUTER command socket binds (port 0 picks a free port).
+    pub command: String,
+    /// Endpoint the XPUB event socket binds (port 0 picks a free port).
+    pub event: String,
+    /// Event endpoint announced in WLCM, when it differs from the bound one
+    /// (binding 0.0.0.0, NAT).
+    pub advertise: Option<String>,
+    /// Shared secret every cell must present (PLAIN password); none = open.
+    pub token: Option<String>,
+    /// Largest message accepted, in bytes; larger ones cut the connection.
+    pub max_frame: usize,
+    /// Heartbeat interval announced to cells.
+    pub heartbeat: Duration,
+    /// Time a cell has to ack a delivery before it is redelivered.
+    pub ack_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            command: limits::DEFAULT_COMMAND_ENDPOINT.to_owned(),
+            event: limits::DEFAULT_EVENT_ENDPOINT.to_owned(),
+            advertise: None,
+            token: None,
+            max_frame: limits::DEFAULT_MAX_FRAME,
+            heartbeat: Duration::from_millis(limits::DEFAULT_HEARTBEAT_MS),
+            ack_timeout: Duration::from_millis(limits::DEFAULT_ACK_TIMEOUT_MS),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, but both sockets on free loopback ports: what tests use.
+    pub fn for_tests() -> Self {
+        Config {
+            command: "tcp://127.0.0.1:0".to_owned(),
+            event: "tcp://127.0.0.1:0".to_owned(),
+            ..Config::default()
+        }
+    }
+}
