@@ -838,3 +838,256 @@ fn reference(body: &[u8]) -> Option<Value> {
         .ok()
         .and_then(|r| r.reference)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Harness {
+        router: Router,
+        now: Instant,
+        out: Vec<Output>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let config = Config {
+                ack_timeout: Duration::from_secs(5),
+                ..Config::for_tests()
+            };
+            Harness {
+                router: Router::new(Thid::random(), "tcp://x:1".into(), &config, Arc::default()),
+                now: Instant::now(),
+                out: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, peer: &str, frame: &str) -> Vec<(String, String)> {
+            self.router.handle(
+                peer.as_bytes(),
+                &[frame.as_bytes()],
+                self.now,
+                &mut self.out,
+            );
+            self.drain()
+        }
+
+        fn drain(&mut self) -> Vec<(String, String)> {
+            self.out
+                .drain(..)
+                .map(|o| match o {
+                    Output::ToPeer { peer, frame, .. } => (
+                        String::from_utf8(peer).unwrap(),
+                        String::from_utf8(frame).unwrap(),
+                    ),
+                    Output::Publish { frame, .. } => {
+                        ("PUB".into(), String::from_utf8(frame).unwrap())
+                    }
+                })
+                .collect()
+        }
+
+        fn join(&mut self, peer: &str, service: &str) -> Thid {
+            let id = Thid::random();
+            let r = self.send(
+                peer,
+                &format!(r#"J HELO {{"id":"{id}","service":"{service}"}}"#),
+            );
+            assert!(r[0].1.starts_with("J WLCM"), "{r:?}");
+            id
+        }
+
+        fn listen(&mut self, peer: &str, pattern: &str, mode: &str) {
+            let r = self.send(
+                peer,
+                &format!(r#"J LSTN {{"pattern":"{pattern}","mode":"{mode}"}}"#),
+            );
+            assert_eq!(r, vec![(peer.to_owned(), "J OKAY {}".to_owned())]);
+        }
+
+        fn tick(&mut self, after: Duration) -> Vec<(String, String)> {
+            self.now += after;
+            self.router.tick(self.now, &mut self.out);
+            self.drain()
+        }
+    }
+
+    fn code(reply: &[(String, String)]) -> String {
+        let body: Value = serde_json::from_str(&reply[0].1["J ERRR ".len()..]).unwrap();
+        body["code"].as_str().unwrap().to_owned()
+    }
+
+    fn delivery_id(frame: &str) -> String {
+        let body: Value = serde_json::from_str(&frame["J DLVR ".len()..]).unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn anycatch_delivers_each_event_to_exactly_one_cell_per_service() {
+        let mut h = Harness::new();
+        for p in ["a1", "a2", "a3"] {
+            h.join(p, "alpha");
+            h.listen(p, "orders::*", "any");
+        }
+        h.join("b1", "beta");
+        h.listen("b1", "*::created", "any");
+        h.join("pub", "publisher");
+        let mut per_peer: HashMap<String, usize> = HashMap::new();
+        for i in 0..30 {
+            let r = h.send(
+                "pub",
+                &format!(r#"J EVNT {{"channel":"orders::created","payload":{i}}}"#),
+            );
+            assert_eq!(r.len(), 2, "one delivery per service: {r:?}");
+            for (peer, _) in r {
+                *per_peer.entry(peer).or_default() += 1;
+            }
+        }
+        assert_eq!(per_peer["b1"], 30);
+        assert_eq!(per_peer["a1"] + per_peer["a2"] + per_peer["a3"], 30);
+        assert_eq!(per_peer["a1"], 10, "round robin spreads evenly");
+    }
+
+    #[test]
+    fn multicatch_publishes_once_on_the_event_socket() {
+        let mut h = Harness::new();
+        h.join("m1", "m");
+        h.listen("m1", "news::*", "multi");
+        h.join("m2", "m");
+        h.listen("m2", "news::sport", "multi");
+        h.join("pub", "p");
+        let r = h.send(
+            "pub",
+            r#"J EVNT {"channel":"news::sport","payload":"goal"}"#,
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, "PUB");
+        assert!(
+            r[0].1.starts_with(r#"EVNT news::sport {"id":""#),
+            "{}",
+            r[0].1
+        );
+    }
+
+    #[test]
+    fn a_nack_redelivers_to_another_cell_with_a_higher_attempt() {
+        let mut h = Harness::new();
+        h.join("a1", "s");
+        h.listen("a1", "c", "any");
+        h.join("a2", "s");
+        h.listen("a2", "c", "any");
+        h.join("pub", "p");
+        let r = h.send("pub", r#"J EVNT {"channel":"c"}"#);
+        let (first, frame) = r[0].clone();
+        let id = delivery_id(&frame);
+        let r = h.send(&first, &format!(r#"J NACK {{"id":"{id}"}}"#));
+        assert_eq!(r.len(), 1);
+        assert_ne!(r[0].0, first);
+        assert!(r[0].1.contains(r#""attempt":2"#));
+        assert!(h
+            .send(&r[0].0.clone(), &format!(r#"J ACKN {{"ids":["{id}"]}}"#))
+            .is_empty());
+        assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn unacked_deliveries_are_redelivered_after_the_deadline_or_when_the_cell_dies() {
+        let mut h = Harness::new();
+        h.join("a1", "s");
+        h.listen("a1", "c", "any");
+        h.join("a2", "s");
+        h.listen("a2", "c", "any");
+        h.join("pub", "p");
+        let (first, _) = h.send("pub", r#"J EVNT {"channel":"c"}"#)[0].clone();
+        for step in [2500, 2600] {
+            h.now += Duration::from_millis(step);
+            for peer in ["a1", "a2", "pub"] {
+                h.send(peer, "J PING");
+            }
+            if step == 2500 {
+                assert!(h.tick(Duration::ZERO).is_empty(), "not yet due");
+            }
+        }
+        let r = h.tick(Duration::ZERO);
+        assert_eq!(r.len(), 1, "redelivered after the ack timeout: {r:?}");
+        assert_ne!(r[0].0, first);
+        let second = r[0].0.clone();
+        h.send(&second, r#"J GBYE {}"#);
+        let r = h.drain();
+        assert!(r.is_empty());
+        // The GBYE moved the delivery back to the first cell.
+        assert_eq!(h.router.in_flight_count(), 1);
+        assert_eq!(h.router.cell_count(), 2);
+    }
+
+    #[test]
+    fn silent_cells_expire_and_their_deliveries_move_on() {
+        let mut h = Harness::new();
+        h.join("a1", "s");
+        h.listen("a1", "c", "any");
+        h.join("pub", "p");
+        h.send("pub", r#"J EVNT {"channel":"c"}"#);
+        h.join("a2", "s");
+        h.listen("a2", "c", "any");
+        h.now += Duration::from_millis(2000);
+        h.send("a2", "J PING");
+        h.send("pub", "J PING");
+        let r = h.tick(Duration::from_millis(1500));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, "a2");
+        assert!(r[0].1.contains(r#""attempt":2"#));
+        assert_eq!(h.router.cell_count(), 2);
+    }
+
+    #[test]
+    fn redeliveries_wait_for_a_cell_of_their_service() {
+        let mut h = Harness::new();
+        h.join("a1", "s");
+        h.listen("a1", "c", "any");
+        h.join("pub", "p");
+        h.send("pub", r#"J EVNT {"channel":"c"}"#);
+        h.send("a1", "J GBYE");
+        assert!(h.drain().is_empty());
+        h.join("a2", "s");
+        let r = h.send("a2", r#"J LSTN {"pattern":"c","mode":"any"}"#);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[1].1.contains(r#""attempt":2"#));
+    }
+
+    #[test]
+    fn bad_input_gets_stable_codes() {
+        let mut h = Harness::new();
+        assert_eq!(
+            code(&h.send("x", r#"J LSTN {"pattern":"a","mode":"any","ref":7}"#)),
+            "not_welcomed"
+        );
+        assert_eq!(code(&h.send("x", "nonsense")), "bad_frame");
+        assert_eq!(code(&h.send("x", "Q HELO {}")), "bad_encoding");
+        assert_eq!(code(&h.send("x", "J HELO {")), "bad_json");
+        assert_eq!(code(&h.send("x", "J WXYZ {}")), "unknown_verb");
+        let id = h.join("x", "s");
+        assert_eq!(
+            code(&h.send("y", &format!(r#"J HELO {{"id":"{id}","service":"s"}}"#))),
+            "thid_in_use"
+        );
+        assert_eq!(
+            code(&h.send("x", r#"J LSTN {"pattern":"a b","mode":"any"}"#)),
+            "bad_pattern"
+        );
+        assert_eq!(
+            code(&h.send("x", r#"J UNLS {"pattern":"zz"}"#)),
+            "not_listening"
+        );
+        assert_eq!(
+            code(&h.send("x", r#"J EVNT {"channel":"a","confirm":true}"#)),
+            "no_listeners"
+        );
+        assert_eq!(
+            code(&h.send("x", r#"J HELO {"id":"00","service":"s"}"#)),
+            "bad_json"
+        );
+        let r = h.send("x", r#"J EVNT {"channel":"a*","ref":"r1"}"#);
+        assert!(r[0].1.contains(r#""re":"r1""#), "{r:?}");
+        assert_eq!(h.router.metrics().errors_total(), 11);
+    }
+}
