@@ -230,6 +230,7 @@ impl Drop for Transmitter {
 /// The router thread's loop.
 fn run(mut router: Router, commands: zmq::Socket, events: zmq::Socket, stop: &AtomicBool) {
     let mut out = Vec::with_capacity(BATCH);
+    let mut inbox = Inbox::default();
     let mut next_tick = Instant::now() + TICK;
     while !stop.load(Ordering::Relaxed) {
         let timeout = next_tick
@@ -244,13 +245,8 @@ fn run(mut router: Router, commands: zmq::Socket, events: zmq::Socket, stop: &At
         }
         for _ in 0..BATCH {
             let now = Instant::now();
-            match commands.recv_multipart(zmq::DONTWAIT) {
-                Ok(parts) => {
-                    if let Some((peer, rest)) = parts.split_first() {
-                        let rest: Vec<&[u8]> = rest.iter().map(Vec::as_slice).collect();
-                        router.handle(peer, &rest, now, &mut out);
-                    }
-                }
+            match inbox.recv(&commands) {
+                Ok(()) => inbox.handle(&mut router, now, &mut out),
                 Err(zmq::Error::EAGAIN) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "command socket receive failed");
@@ -279,6 +275,62 @@ fn run(mut router: Router, commands: zmq::Socket, events: zmq::Socket, stop: &At
         in_flight = router.in_flight_count(),
         "transmitter stopped"
     );
+}
+
+/// Reusable buffers for one incoming message: the routing id, the command
+/// frame, the optional binary frame, and a count of any further frames
+/// (which make the message malformed). Receiving allocates nothing.
+struct Inbox {
+    parts: [zmq::Message; 3],
+    count: usize,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        Inbox {
+            parts: [
+                zmq::Message::new(),
+                zmq::Message::new(),
+                zmq::Message::new(),
+            ],
+            count: 0,
+        }
+    }
+}
+
+impl Inbox {
+    /// Receives one whole message without blocking.
+    fn recv(&mut self, socket: &zmq::Socket) -> Result<(), zmq::Error> {
+        socket.recv(&mut self.parts[0], zmq::DONTWAIT)?;
+        self.count = 1;
+        let mut more = self.parts[0].get_more();
+        while more {
+            if self.count < self.parts.len() {
+                socket.recv(&mut self.parts[self.count], 0)?;
+                more = self.parts[self.count].get_more();
+            } else {
+                let mut extra = zmq::Message::new();
+                socket.recv(&mut extra, 0)?;
+                more = extra.get_more();
+            }
+            self.count += 1;
+        }
+        Ok(())
+    }
+
+    /// Hands the message to the router.
+    fn handle(&self, router: &mut Router, now: Instant, out: &mut Vec<Output>) {
+        let [peer, command, binary] = &self.parts;
+        match self.count {
+            1 => router.handle(peer, &[], now, out),
+            2 => router.handle(peer, &[command], now, out),
+            3 => router.handle(peer, &[command, binary], now, out),
+            n => {
+                let filler: Vec<&[u8]> = vec![&[][..]; n - 1];
+                router.handle(peer, &filler, now, out)
+            }
+        }
+    }
 }
 
 /// A subscription frame is `\x01topic` (subscribe) or `\x00topic`. A new
