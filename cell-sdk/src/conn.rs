@@ -1,0 +1,1164 @@
+//! The background thread: sole owner of the DEALER (command socket), the
+//! SUB (event socket) and a monitor socket. It polls them with `zmq_poll`,
+//! together with the doorbell of the async side, and uses the poll timeout
+//! as its clock (heartbeats, ack batches).
+//!
+//! libzmq sockets are not thread-safe: nothing outside this module touches
+//! them, and the sockets never leave this thread.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use thynapse_protocol::body::{Delivery, Welcome};
+use thynapse_protocol::{Mode, Pattern, Thid, Verb};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, trace, warn};
+
+use crate::batch::{AckBatcher, SeenSet};
+use crate::consts::{
+    ACK_BATCH_MAX_DELAY, ACK_BATCH_MAX_IDS, DEDUP_CAPACITY, PLAIN_USERNAME, READ_BURST, SOCKET_HWM,
+    SOCKET_LINGER_MS,
+};
+use crate::error::{Error, ErrorKind};
+use crate::event::{AckGuard, Event};
+use crate::link::{Command, Control, Link, LinkReceiver, PendingConfirm};
+use crate::options::{ListenOptions, Options};
+use crate::wire::{self, Incoming, Published};
+use crate::Confirm;
+
+/// What the thread needs to start.
+pub(crate) struct Start {
+    /// The command endpoint.
+    pub(crate) endpoint: String,
+    /// This cell's THID.
+    pub(crate) id: Thid,
+    /// The client's options.
+    pub(crate) options: Options,
+    /// The link's sending half, for the ack guards of deliveries.
+    pub(crate) link: Arc<Link>,
+    /// The link's receiving half.
+    pub(crate) rx: LinkReceiver,
+}
+
+/// Starts the thread; the receiver gets the `WLCM` or the reason there was
+/// none.
+///
+/// # Errors
+/// [`ErrorKind::Io`] when the thread cannot be spawned.
+pub(crate) fn spawn(start: Start) -> Result<oneshot::Receiver<Result<Welcome, Error>>, Error> {
+    let (tx, rx) = oneshot::channel();
+    let name = format!("thynapse-cell-{}", &start.id.to_hex()[..8]);
+    std::thread::Builder::new().name(name).spawn(move || {
+        let connect_timeout = start.options.connect_timeout;
+        match Conn::open(start) {
+            Ok(mut conn) => match conn.handshake(connect_timeout, &tx) {
+                Ok(welcome) => {
+                    if tx.send(Ok(welcome)).is_err() {
+                        // `connect` was cancelled: leave politely.
+                        conn.stop = Some(Stop::Closed);
+                    }
+                    conn.run();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    })?;
+    Ok(rx)
+}
+
+/// Why the loop stops.
+#[derive(Debug, Clone)]
+enum Stop {
+    /// `close()` or the last handle dropped: say GBYE.
+    Closed,
+    /// The transmitter said GBYE.
+    TransmitterLeft(Option<String>),
+    /// The sockets failed.
+    Failed(String),
+}
+
+/// A request awaiting its answer, by `ref`.
+enum Pending {
+    /// An `LSTN` for the wire listen of this pattern.
+    Listen { pattern: String },
+    /// An `UNLS`; the answer does not matter.
+    Unlisten,
+    /// A confirmed EVNT; `frames` kept to resend after a re-welcome.
+    Confirm {
+        id: Thid,
+        reply: oneshot::Sender<Result<Confirm, Error>>,
+        frames: Vec<Vec<u8>>,
+    },
+    /// A flush's PING.
+    Flush {
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// A re-HELO after `not_welcomed`.
+    Hello,
+}
+
+/// One subscription's routing entry.
+struct Sub {
+    /// Its pattern.
+    pattern: Pattern,
+    /// Its mode and ack.
+    options: ListenOptions,
+    /// Where its events go.
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// What the transmitter knows: one listen per pattern string (the
+/// protocol keeps one mode per pattern and cell), shared by every
+/// subscription of that pattern.
+struct WireListen {
+    /// The parsed pattern.
+    pattern: Pattern,
+    /// Mode and ack, the same for every subscription of it.
+    options: ListenOptions,
+    /// The subscriptions on it.
+    subs: HashSet<u64>,
+    /// The `ref` of the LSTN not yet answered, while setting up.
+    lstn_ref: Option<u64>,
+    /// The `SYNC <token>` topic not yet seen, while setting up (multicatch).
+    sync_topic: Option<Vec<u8>>,
+    /// Whether the listen is in place.
+    active: bool,
+    /// Subscriptions waiting for it to be in place.
+    waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
+}
+
+/// The thread's state.
+struct Conn {
+    /// Keeps libzmq's context; dropped last, after the sockets.
+    ctx: Option<zmq::Context>,
+    /// Command socket.
+    dealer: zmq::Socket,
+    /// Event socket (connected after WLCM).
+    sub: zmq::Socket,
+    /// Monitor of the DEALER: reports failed PLAIN handshakes.
+    monitor: zmq::Socket,
+    /// Messages from the async side.
+    rx: LinkReceiver,
+    /// For the ack guards of deliveries.
+    link: Arc<Link>,
+    /// This cell.
+    id: Thid,
+    /// The command endpoint (for messages).
+    endpoint: String,
+    /// HELO fields, kept for a re-HELO.
+    service: String,
+    /// HELO fields, kept for a re-HELO.
+    metadata: Map<String, Value>,
+    /// Heartbeat override.
+    heartbeat_override: Option<Duration>,
+    /// PING after this much silence.
+    heartbeat: Duration,
+    /// How long a HELO may go unanswered.
+    connect_timeout: Duration,
+    /// The event endpoint the SUB is connected to.
+    pub_endpoint: Option<String>,
+    /// When we last sent anything.
+    last_sent: Instant,
+    /// Requests by `ref`.
+    pending: HashMap<u64, Pending>,
+    /// Listens by pattern string.
+    wire: HashMap<String, WireListen>,
+    /// Subscriptions by id (ordered, for a stable round robin).
+    subs: BTreeMap<u64, Sub>,
+    /// Outstanding `SYNC <token>` topics and their pattern.
+    syncs: HashMap<Vec<u8>, String>,
+    /// Makes SYNC tokens unique.
+    sync_counter: u64,
+    /// Round-robin cursor over local anycatch subscriptions.
+    round_robin: usize,
+    /// Acks waiting to be flushed.
+    acks: AckBatcher,
+    /// Deliveries already acked (dedup).
+    seen: SeenSet,
+    /// Deliveries handed out, not yet acked or nacked.
+    in_flight: HashSet<Thid>,
+    /// Messages libzmq refused for now (high-water mark).
+    outbox: VecDeque<Vec<Vec<u8>>>,
+    /// When the re-HELO after `not_welcomed` was sent, if one is under way.
+    rewelcome: Option<Instant>,
+    /// Requests to resend once welcomed again.
+    after_welcome: Vec<u64>,
+    /// Callers of `close()`.
+    close_replies: Vec<oneshot::Sender<()>>,
+    /// Set when the loop must end.
+    stop: Option<Stop>,
+}
+
+fn ceil_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX)
+}
+
+impl Conn {
+    /// Creates the sockets and connects the DEALER.
+    fn open(start: Start) -> Result<Conn, Error> {
+        let ctx = zmq::Context::new();
+        let dealer = ctx
+            .socket(zmq::DEALER)
+            .map_err(|e| Error::zmq("DEALER", e))?;
+        let sub = ctx.socket(zmq::SUB).map_err(|e| Error::zmq("SUB", e))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(|e| Error::zmq("PAIR", e))?;
+        for s in [&dealer, &sub] {
+            s.set_sndhwm(SOCKET_HWM)?;
+            s.set_rcvhwm(SOCKET_HWM)?;
+            s.set_linger(SOCKET_LINGER_MS)?;
+            if let Some(token) = &start.options.token {
+                s.set_plain_username(Some(PLAIN_USERNAME))?;
+                s.set_plain_password(Some(token))?;
+            }
+        }
+        let monitor_endpoint = format!("inproc://thynapse-cell-monitor-{}", start.id);
+        let events = zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+            | zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32
+            | zmq::SocketEvent::DISCONNECTED as i32;
+        dealer
+            .monitor(&monitor_endpoint, events)
+            .map_err(|e| Error::zmq("monitor", e))?;
+        monitor
+            .connect(&monitor_endpoint)
+            .map_err(|e| Error::zmq("monitor connect", e))?;
+        dealer
+            .connect(&start.endpoint)
+            .map_err(|e| Error::zmq(&format!("connect {}", start.endpoint), e))?;
+        let heartbeat = start.options.heartbeat.unwrap_or(Duration::from_millis(
+            thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
+        ));
+        Ok(Conn {
+            ctx: Some(ctx),
+            dealer,
+            sub,
+            monitor,
+            rx: start.rx,
+            link: start.link,
+            id: start.id,
+            endpoint: start.endpoint,
+            service: start.options.service,
+            metadata: start.options.metadata,
+            heartbeat_override: start.options.heartbeat,
+            heartbeat,
+            connect_timeout: start.options.connect_timeout,
+            pub_endpoint: None,
+            last_sent: Instant::now(),
+            pending: HashMap::new(),
+            wire: HashMap::new(),
+            subs: BTreeMap::new(),
+            syncs: HashMap::new(),
+            sync_counter: 0,
+            round_robin: 0,
+            acks: AckBatcher::new(ACK_BATCH_MAX_IDS, ACK_BATCH_MAX_DELAY),
+            seen: SeenSet::new(DEDUP_CAPACITY),
+            in_flight: HashSet::new(),
+            outbox: VecDeque::new(),
+            rewelcome: None,
+            after_welcome: Vec::new(),
+            close_replies: Vec::new(),
+            stop: None,
+        })
+    }
+
+    /// Sends HELO and waits for WLCM (or ERRR, or a failed PLAIN
+    /// handshake), then connects the SUB to the event endpoint.
+    fn handshake(
+        &mut self,
+        timeout: Duration,
+        caller: &oneshot::Sender<Result<Welcome, Error>>,
+    ) -> Result<Welcome, Error> {
+        let reference = self.link.next_ref();
+        let hello = wire::hello(self.id, &self.service, &self.metadata, reference);
+        self.send(vec![hello]);
+        let deadline = Instant::now() + timeout;
+        let mut handshake_failure: Option<String> = None;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                let why = handshake_failure
+                    .map(|f| format!(" (the connection failed: {f})"))
+                    .unwrap_or_default();
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "no WLCM from {} within {} ms{why}",
+                        self.endpoint,
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+            if caller.is_closed() {
+                return Err(Error::disconnected());
+            }
+            // Wake at least every 50 ms to notice a cancelled `connect`.
+            let wait = ceil_ms(deadline - now).min(50);
+            let mut items = [
+                self.dealer.as_poll_item(zmq::POLLIN),
+                self.monitor.as_poll_item(zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, wait) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => return Err(Error::zmq("poll", e)),
+            }
+            let (dealer_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
+            if monitor_ready {
+                while let Some((event, value)) = self.read_monitor() {
+                    match event {
+                        zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => {
+                            return Err(Error::new(
+                                ErrorKind::Unauthorized,
+                                format!(
+                                    "{} refused the PLAIN handshake (ZAP status {value}): {}",
+                                    self.endpoint,
+                                    if self.has_token() {
+                                        "wrong token"
+                                    } else {
+                                        "it requires a token"
+                                    }
+                                ),
+                            ));
+                        }
+                        zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL
+                        | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL => {
+                            handshake_failure = Some(format!(
+                                "ZMTP handshake failed ({value}); a token set on one side only?"
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if !dealer_ready {
+                continue;
+            }
+            while let Some(frames) = self.recv(true) {
+                match wire::decode_command(frames) {
+                    Ok(Incoming::Welcome(welcome)) => {
+                        self.welcomed(&welcome)?;
+                        return Ok(welcome);
+                    }
+                    Ok(Incoming::Error { code, message, .. }) => {
+                        return Err(Error::from_reply(&code, &message));
+                    }
+                    Ok(Incoming::Ping { reference }) => self.send(vec![wire::pong(reference)]),
+                    Ok(Incoming::Goodbye { reason }) => {
+                        return Err(Error::new(
+                            ErrorKind::Disconnected,
+                            format!(
+                                "the transmitter said goodbye: {}",
+                                reason.as_deref().unwrap_or("no reason")
+                            ),
+                        ));
+                    }
+                    Ok(other) => debug!(?other, "ignored before WLCM"),
+                    Err(e) => warn!(error = %e, "undecodable message from the transmitter"),
+                }
+            }
+        }
+    }
+
+    fn has_token(&self) -> bool {
+        // Credentials are set on both sockets or neither.
+        self.dealer
+            .get_mechanism()
+            .is_ok_and(|m| m == zmq::Mechanism::ZMQ_PLAIN)
+    }
+
+    /// Applies a WLCM: heartbeat, event endpoint.
+    fn welcomed(&mut self, welcome: &Welcome) -> Result<(), Error> {
+        self.heartbeat = self
+            .heartbeat_override
+            .unwrap_or(Duration::from_millis(welcome.heartbeat_ms.max(1)));
+        if self.pub_endpoint.as_deref() != Some(welcome.event_endpoint.as_str()) {
+            if let Some(old) = self.pub_endpoint.take() {
+                // Subscriptions stay on the socket and reach the new peer.
+                let _ = self.sub.disconnect(&old);
+            }
+            self.sub
+                .connect(&welcome.event_endpoint)
+                .map_err(|e| Error::zmq(&format!("connect {}", welcome.event_endpoint), e))?;
+            self.pub_endpoint = Some(welcome.event_endpoint.clone());
+        }
+        debug!(
+            transmitter = %welcome.id,
+            event_endpoint = %welcome.event_endpoint,
+            heartbeat_ms = welcome.heartbeat_ms,
+            "welcomed"
+        );
+        Ok(())
+    }
+
+    /// The main loop.
+    fn run(mut self) {
+        loop {
+            let now = Instant::now();
+            self.drain_control(now);
+            if self.stop.is_some() {
+                break;
+            }
+            self.flush_outbox();
+            self.drain_commands();
+            if self.acks.due(now) {
+                self.flush_acks();
+            }
+            self.tick(now);
+            if self.stop.is_some() {
+                break;
+            }
+
+            let timeout = self.poll_timeout(Instant::now());
+            let dealer_events = if self.outbox.is_empty() {
+                zmq::POLLIN
+            } else {
+                zmq::POLLIN | zmq::POLLOUT
+            };
+            let mut items = [
+                self.dealer.as_poll_item(dealer_events),
+                self.sub.as_poll_item(zmq::POLLIN),
+                self.monitor.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(self.rx.bell.fd(), zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, timeout) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(e) => {
+                    error!(error = %e, "zmq_poll failed; closing the connection");
+                    self.stop = Some(Stop::Failed(e.to_string()));
+                    break;
+                }
+            }
+            let ready = [
+                items[0].is_readable(),
+                items[1].is_readable(),
+                items[2].is_readable(),
+                items[3].is_readable(),
+            ];
+            if ready[3] {
+                self.rx.bell.drain();
+            }
+            if ready[0] {
+                self.read_commands();
+            }
+            if ready[1] {
+                self.read_events();
+            }
+            if ready[2] {
+                while let Some((event, value)) = self.read_monitor() {
+                    match event {
+                        zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => warn!(
+                            endpoint = %self.endpoint,
+                            status = value,
+                            "the transmitter refused our token on reconnect"
+                        ),
+                        zmq::SocketEvent::DISCONNECTED => {
+                            info!(endpoint = %self.endpoint, "disconnected; libzmq reconnects")
+                        }
+                        _ => trace!(?event, value, "socket event"),
+                    }
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// The poll timeout: until the next heartbeat, ack flush or re-HELO.
+    fn poll_timeout(&self, now: Instant) -> i64 {
+        let mut deadline = self.last_sent + self.heartbeat;
+        if let Some(d) = self.acks.deadline() {
+            deadline = deadline.min(d);
+        }
+        if let Some(t) = self.rewelcome {
+            deadline = deadline.min(t + self.connect_timeout);
+        }
+        if deadline <= now {
+            0
+        } else {
+            ceil_ms(deadline - now)
+        }
+    }
+
+    /// Timers: heartbeat PING, re-HELO retry, sweeping abandoned requests.
+    fn tick(&mut self, now: Instant) {
+        if let Some(t) = self.rewelcome {
+            if now >= t + self.connect_timeout {
+                debug!("no WLCM after re-HELO; sending HELO again");
+                self.rewelcome = None;
+                self.start_rewelcome();
+            }
+        }
+        if now >= self.last_sent + self.heartbeat {
+            self.send(vec![wire::ping(None)]);
+            self.sweep();
+        }
+    }
+
+    /// Forgets requests whose caller stopped waiting (timed out, dropped).
+    fn sweep(&mut self) {
+        self.pending.retain(|_, p| match p {
+            Pending::Confirm { reply, .. } => !reply.is_closed(),
+            Pending::Flush { reply } => !reply.is_closed(),
+            _ => true,
+        });
+    }
+
+    // ---- the async side ---------------------------------------------------
+
+    fn drain_control(&mut self, now: Instant) {
+        let mut nacks = Vec::new();
+        while let Ok(message) = self.rx.control.try_recv() {
+            match message {
+                Control::Ack(id) => {
+                    self.in_flight.remove(&id);
+                    self.seen.insert(id);
+                    if self.acks.push(id, now) {
+                        self.flush_acks();
+                    }
+                }
+                Control::Nack(id) => {
+                    self.in_flight.remove(&id);
+                    nacks.push(id);
+                }
+                Control::Unlisten { sub } => self.remove_sub(sub),
+                Control::Close { reply } => {
+                    self.close_replies.extend(reply);
+                    self.stop.get_or_insert(Stop::Closed);
+                }
+            }
+        }
+        if !nacks.is_empty() {
+            self.send(vec![wire::ack_batch(Verb::NACK, &nacks)]);
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        // While libzmq refuses messages, leave commands queued: the bounded
+        // queue then makes publishers wait.
+        while self.outbox.is_empty() {
+            let Ok(command) = self.rx.commands.try_recv() else {
+                return;
+            };
+            match command {
+                Command::Send { frames, confirm } => {
+                    if let Some(PendingConfirm {
+                        reference,
+                        id,
+                        reply,
+                    }) = confirm
+                    {
+                        self.pending.insert(
+                            reference,
+                            Pending::Confirm {
+                                id,
+                                reply,
+                                frames: frames.clone(),
+                            },
+                        );
+                    }
+                    self.send(frames);
+                }
+                Command::Listen {
+                    sub,
+                    pattern,
+                    options,
+                    events,
+                    reply,
+                } => self.listen(sub, pattern, options, events, reply),
+                Command::Flush { reference, reply } => {
+                    self.flush_acks();
+                    self.pending.insert(reference, Pending::Flush { reply });
+                    self.send(vec![wire::ping(Some(reference))]);
+                }
+            }
+        }
+    }
+
+    // ---- listens ----------------------------------------------------------
+
+    fn listen(
+        &mut self,
+        sub: u64,
+        pattern: Pattern,
+        options: ListenOptions,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
+        let key = pattern.as_str().to_owned();
+        if let Some(w) = self.wire.get_mut(&key) {
+            if w.options != options {
+                let _ = reply.send(Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{key} is already listened to as {:?} (ack {}); one mode per pattern",
+                        w.options.mode, w.options.ack
+                    ),
+                )));
+                return;
+            }
+            w.subs.insert(sub);
+            self.subs.insert(
+                sub,
+                Sub {
+                    pattern,
+                    options,
+                    events,
+                },
+            );
+            if w.active {
+                if reply.send(Ok(())).is_err() {
+                    self.remove_sub(sub);
+                }
+            } else {
+                w.waiters.push((sub, reply));
+            }
+            return;
+        }
+
+        let reference = self.link.next_ref();
+        self.send(vec![wire::listen(
+            &key,
+            options.mode,
+            options.ack,
+            reference,
+        )]);
+        self.pending.insert(
+            reference,
+            Pending::Listen {
+                pattern: key.clone(),
+            },
+        );
+        let mut sync_topic = None;
+        if options.mode == Mode::Multi {
+            // Subscribe to the events first, then to a unique SYNC topic:
+            // a SUB's subscriptions reach the publisher in order, so seeing
+            // the SYNC frame proves the event subscription is in place.
+            let prefix = wire::event_prefix(pattern.literal_prefix());
+            self.sync_counter += 1;
+            let topic = wire::sync_topic(&format!("{}-{}", self.id, self.sync_counter));
+            let subscribed = self
+                .sub
+                .set_subscribe(&prefix)
+                .and_then(|()| self.sub.set_subscribe(&topic));
+            if let Err(e) = subscribed {
+                let _ = reply.send(Err(Error::zmq("subscribe", e)));
+                // The LSTN went out: take it back.
+                let r = self.link.next_ref();
+                self.send(vec![wire::unlisten(&key, r)]);
+                self.pending.insert(r, Pending::Unlisten);
+                return;
+            }
+            self.syncs.insert(topic.clone(), key.clone());
+            sync_topic = Some(topic);
+        }
+        self.wire.insert(
+            key,
+            WireListen {
+                pattern: pattern.clone(),
+                options,
+                subs: HashSet::from([sub]),
+                lstn_ref: Some(reference),
+                sync_topic,
+                active: false,
+                waiters: vec![(sub, reply)],
+            },
+        );
+        self.subs.insert(
+            sub,
+            Sub {
+                pattern,
+                options,
+                events,
+            },
+        );
+    }
+
+    /// Completes a wire listen whose LSTN was answered and SYNC seen.
+    fn maybe_complete(&mut self, key: &str) {
+        let Some(w) = self.wire.get_mut(key) else {
+            return;
+        };
+        if w.active || w.lstn_ref.is_some() || w.sync_topic.is_some() {
+            return;
+        }
+        w.active = true;
+        let mut gone = Vec::new();
+        for (sub, reply) in w.waiters.drain(..) {
+            if reply.send(Ok(())).is_err() {
+                gone.push(sub);
+            }
+        }
+        for sub in gone {
+            self.remove_sub(sub);
+        }
+    }
+
+    /// The transmitter refused a listen: fail its subscriptions.
+    fn fail_listen(&mut self, key: &str, code: &str, message: &str) {
+        let Some(mut w) = self.wire.remove(key) else {
+            return;
+        };
+        for (_, reply) in w.waiters.drain(..) {
+            let _ = reply.send(Err(Error::from_reply(code, message)));
+        }
+        for sub in &w.subs {
+            self.subs.remove(sub);
+        }
+        self.drop_subscriptions(&w);
+    }
+
+    /// Unsubscribes the SUB topics of a wire listen.
+    fn drop_subscriptions(&mut self, w: &WireListen) {
+        if w.options.mode == Mode::Multi {
+            let _ = self
+                .sub
+                .set_unsubscribe(&wire::event_prefix(w.pattern.literal_prefix()));
+        }
+        if let Some(topic) = &w.sync_topic {
+            let _ = self.sub.set_unsubscribe(topic);
+            self.syncs.remove(topic);
+        }
+    }
+
+    /// A subscription is gone: stop routing to it, and unlisten its
+    /// pattern if it was the last one on it.
+    fn remove_sub(&mut self, sub: u64) {
+        let Some(entry) = self.subs.remove(&sub) else {
+            return;
+        };
+        let key = entry.pattern.as_str();
+        let Some(w) = self.wire.get_mut(key) else {
+            return;
+        };
+        w.subs.remove(&sub);
+        w.waiters.retain(|(s, _)| *s != sub);
+        if !w.subs.is_empty() {
+            return;
+        }
+        if let Some(w) = self.wire.remove(key) {
+            let r = self.link.next_ref();
+            self.send(vec![wire::unlisten(key, r)]);
+            self.pending.insert(r, Pending::Unlisten);
+            self.drop_subscriptions(&w);
+        }
+    }
+
+    /// After a re-welcome: LSTN every pattern again.
+    fn relisten_all(&mut self) {
+        let keys: Vec<String> = self.wire.keys().cloned().collect();
+        for key in keys {
+            let reference = self.link.next_ref();
+            let Some(w) = self.wire.get_mut(&key) else {
+                continue;
+            };
+            let frame = wire::listen(&key, w.options.mode, w.options.ack, reference);
+            if !w.active {
+                w.lstn_ref = Some(reference);
+            }
+            self.pending
+                .insert(reference, Pending::Listen { pattern: key });
+            self.send(vec![frame]);
+        }
+    }
+
+    // ---- the command socket ----------------------------------------------
+
+    fn read_commands(&mut self) {
+        for _ in 0..READ_BURST {
+            let Some(frames) = self.recv(true) else {
+                return;
+            };
+            match wire::decode_command(frames) {
+                Ok(message) => self.on_command(message),
+                Err(e) => warn!(error = %e, "undecodable message from the transmitter"),
+            }
+            if self.stop.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn on_command(&mut self, message: Incoming) {
+        match message {
+            Incoming::Deliver { delivery, binary } => self.on_delivery(delivery, binary),
+            Incoming::Okay {
+                reference,
+                id,
+                routed,
+            } => match reference.and_then(|r| self.pending.remove(&r).map(|p| (r, p))) {
+                Some((r, Pending::Listen { pattern })) => {
+                    if let Some(w) = self.wire.get_mut(&pattern) {
+                        if w.lstn_ref == Some(r) {
+                            w.lstn_ref = None;
+                            self.maybe_complete(&pattern);
+                        }
+                    }
+                }
+                Some((
+                    _,
+                    Pending::Confirm {
+                        id: ours, reply, ..
+                    },
+                )) => {
+                    let _ = reply.send(Ok(Confirm {
+                        id: id.unwrap_or(ours),
+                        routed,
+                    }));
+                }
+                Some((_, Pending::Flush { reply })) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Some((_, Pending::Unlisten | Pending::Hello)) => {}
+                None => trace!(?reference, "OKAY for nothing pending"),
+            },
+            Incoming::Pong { reference } => {
+                if let Some(Pending::Flush { reply }) =
+                    reference.and_then(|r| self.pending.remove(&r))
+                {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Incoming::Welcome(welcome) => {
+                if self.rewelcome.take().is_none() {
+                    debug!("unexpected WLCM");
+                    return;
+                }
+                info!(transmitter = %welcome.id, "welcomed again; re-listening");
+                if let Err(e) = self.welcomed(&welcome) {
+                    error!(error = %e, "cannot follow the new event endpoint");
+                }
+                self.relisten_all();
+                for r in std::mem::take(&mut self.after_welcome) {
+                    match self.pending.get(&r) {
+                        Some(Pending::Confirm { frames, .. }) => {
+                            let frames = frames.clone();
+                            self.send(frames);
+                        }
+                        Some(Pending::Flush { .. }) => self.send(vec![wire::ping(Some(r))]),
+                        _ => {}
+                    }
+                }
+            }
+            Incoming::Error {
+                code,
+                message,
+                reference,
+            } => self.on_error(&code, &message, reference),
+            Incoming::Ping { reference } => self.send(vec![wire::pong(reference)]),
+            Incoming::Goodbye { reason } => {
+                info!(
+                    reason = reason.as_deref().unwrap_or(""),
+                    "the transmitter said goodbye"
+                );
+                self.stop = Some(Stop::TransmitterLeft(reason));
+            }
+            Incoming::Other(verb) => debug!(%verb, "ignored"),
+        }
+    }
+
+    fn on_error(&mut self, code: &str, message: &str, reference: Option<u64>) {
+        if code == "not_welcomed" {
+            // The transmitter expired us (or restarted): HELO again, then
+            // LSTN everything again; resend the request that bounced.
+            self.start_rewelcome();
+            if let Some(r) = reference {
+                match self.pending.get(&r) {
+                    Some(Pending::Confirm { .. } | Pending::Flush { .. }) => {
+                        self.after_welcome.push(r)
+                    }
+                    // relisten_all sends a fresh LSTN.
+                    Some(Pending::Listen { .. } | Pending::Unlisten) => {
+                        self.pending.remove(&r);
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        if code == "unknown_delivery" {
+            // An ack for a delivery the transmitter already gave up on, or
+            // a re-ack of a duplicate: harmless.
+            debug!(message, "unknown_delivery");
+            return;
+        }
+        match reference.and_then(|r| self.pending.remove(&r).map(|p| (r, p))) {
+            Some((r, Pending::Listen { pattern })) => {
+                let failing = self
+                    .wire
+                    .get(&pattern)
+                    .is_some_and(|w| w.lstn_ref == Some(r));
+                if failing {
+                    self.fail_listen(&pattern, code, message);
+                } else {
+                    warn!(pattern, code, message, "re-listen refused");
+                }
+            }
+            Some((_, Pending::Confirm { reply, .. })) => {
+                let _ = reply.send(Err(Error::from_reply(code, message)));
+            }
+            Some((_, Pending::Flush { reply })) => {
+                let _ = reply.send(Err(Error::from_reply(code, message)));
+            }
+            Some((_, Pending::Hello)) => {
+                error!(code, message, "re-HELO refused");
+                self.rewelcome = None;
+            }
+            Some((_, Pending::Unlisten)) => debug!(code, "UNLS refused"),
+            None => warn!(code, message, "error from the transmitter"),
+        }
+    }
+
+    fn start_rewelcome(&mut self) {
+        if self.rewelcome.is_some() {
+            return;
+        }
+        let r = self.link.next_ref();
+        self.pending.insert(r, Pending::Hello);
+        self.send(vec![wire::hello(self.id, &self.service, &self.metadata, r)]);
+        self.rewelcome = Some(Instant::now());
+    }
+
+    fn on_delivery(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+        let id = d.id;
+        if self.seen.contains(&id) {
+            // Processed already (our ack crossed the redelivery): ack again.
+            trace!(%id, "duplicate delivery re-acked");
+            if self.acks.push(id, Instant::now()) {
+                self.flush_acks();
+            }
+            return;
+        }
+        if self.in_flight.contains(&id) {
+            // A handler is still on it; its ack will answer this one too.
+            trace!(%id, "duplicate delivery of an event in flight");
+            return;
+        }
+        let matching = |s: &&Sub| s.options.mode == Mode::Any && s.pattern.matches(&d.channel);
+        let (count, needs_ack) = self
+            .subs
+            .values()
+            .filter(matching)
+            .fold((0, false), |(n, ack), s| (n + 1, ack || s.options.ack));
+        if count == 0 {
+            debug!(%id, channel = %d.channel, "delivery matches no subscription; NACK");
+            self.send(vec![wire::ack_batch(Verb::NACK, &[id])]);
+            return;
+        }
+        // Round robin among this client's matching anycatch subscriptions.
+        let nth = self.round_robin % count;
+        let Some(key) = self
+            .subs
+            .iter()
+            .filter(|(_, s)| matching(s))
+            .nth(nth)
+            .map(|(k, _)| *k)
+        else {
+            return;
+        };
+        self.round_robin = self.round_robin.wrapping_add(1);
+        let guard = needs_ack.then(|| {
+            self.in_flight.insert(id);
+            AckGuard::new(id, self.link.clone())
+        });
+        let event = Event {
+            id,
+            channel: d.channel,
+            payload: d.payload,
+            binary,
+            from: d.from,
+            attempt: d.attempt.unwrap_or(1),
+            mode: Mode::Any,
+            guard,
+        };
+        if let Some(s) = self.subs.get(&key) {
+            // A closed receiver returns the event, whose guard then NACKs.
+            let _ = s.events.send(event);
+        }
+    }
+
+    // ---- the event socket -------------------------------------------------
+
+    fn read_events(&mut self) {
+        for _ in 0..READ_BURST {
+            let frames = match self.sub.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    warn!(error = %e, "event socket receive failed");
+                    return;
+                }
+            };
+            match wire::decode_published(frames) {
+                Ok(Published::Event { delivery, binary }) => self.on_published(delivery, binary),
+                Ok(Published::Sync(topic)) => {
+                    if let Some(key) = self.syncs.remove(&topic) {
+                        let _ = self.sub.set_unsubscribe(&topic);
+                        if let Some(w) = self.wire.get_mut(&key) {
+                            w.sync_topic = None;
+                        }
+                        self.maybe_complete(&key);
+                    }
+                }
+                Err(e) => debug!(error = %e, "unreadable event-socket frame"),
+            }
+        }
+    }
+
+    fn on_published(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+        let event = Event {
+            id: d.id,
+            channel: d.channel,
+            payload: d.payload,
+            binary,
+            from: d.from,
+            attempt: 1,
+            mode: Mode::Multi,
+            guard: None,
+        };
+        // The SUB prefix is only the pattern's literal prefix: filter here.
+        let mut targets = self
+            .subs
+            .values()
+            .filter(|s| s.options.mode == Mode::Multi && s.pattern.matches(&event.channel))
+            .peekable();
+        while let Some(s) = targets.next() {
+            if targets.peek().is_some() {
+                let _ = s.events.send(event.clone_unacked());
+            } else {
+                let _ = s.events.send(event);
+                break;
+            }
+        }
+    }
+
+    // ---- sockets ----------------------------------------------------------
+
+    /// Sends a message now, or queues it while libzmq pushes back.
+    fn send(&mut self, frames: Vec<Vec<u8>>) {
+        if !self.outbox.is_empty() {
+            self.outbox.push_back(frames);
+            return;
+        }
+        match self.dealer.send_multipart(&frames, zmq::DONTWAIT) {
+            Ok(()) => self.last_sent = Instant::now(),
+            Err(zmq::Error::EAGAIN) => self.outbox.push_back(frames),
+            Err(e) => warn!(error = %e, "command socket send failed; message dropped"),
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        while let Some(frames) = self.outbox.front() {
+            match self.dealer.send_multipart(frames, zmq::DONTWAIT) {
+                Ok(()) => {
+                    self.last_sent = Instant::now();
+                    self.outbox.pop_front();
+                }
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    warn!(error = %e, "command socket send failed; message dropped");
+                    self.outbox.pop_front();
+                }
+            }
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        if !self.acks.is_empty() {
+            let ids = self.acks.take();
+            self.send(vec![wire::ack_batch(Verb::ACKN, &ids)]);
+        }
+    }
+
+    fn recv(&mut self, nonblocking: bool) -> Option<Vec<Vec<u8>>> {
+        let flags = if nonblocking { zmq::DONTWAIT } else { 0 };
+        match self.dealer.recv_multipart(flags) {
+            Ok(frames) => Some(frames),
+            Err(zmq::Error::EAGAIN) => None,
+            Err(e) => {
+                warn!(error = %e, "command socket receive failed");
+                None
+            }
+        }
+    }
+
+    /// One monitor event: its kind and value.
+    fn read_monitor(&mut self) -> Option<(zmq::SocketEvent, u32)> {
+        let frames = self.monitor.recv_multipart(zmq::DONTWAIT).ok()?;
+        let head = frames.first()?;
+        if head.len() < 6 {
+            return None;
+        }
+        let event = u16::from_le_bytes([head[0], head[1]]);
+        let value = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
+        Some((zmq::SocketEvent::from_raw(event), value))
+    }
+
+    /// Leaves: GBYE if we are the ones closing, fail what waits, close the
+    /// sockets (libzmq lingers to deliver the last frames), answer
+    /// `close()`.
+    fn finish(mut self) {
+        let stop = self.stop.take().unwrap_or(Stop::Closed);
+        if let Stop::Closed = stop {
+            self.flush_acks();
+            self.send(vec![wire::goodbye("close")]);
+            self.flush_outbox();
+        }
+        let why = match &stop {
+            Stop::Closed => "the client was closed".to_owned(),
+            Stop::TransmitterLeft(reason) => format!(
+                "the transmitter said goodbye ({})",
+                reason.as_deref().unwrap_or("no reason")
+            ),
+            Stop::Failed(e) => format!("the connection failed: {e}"),
+        };
+        let gone = || Error::new(ErrorKind::Disconnected, why.clone());
+        for (_, p) in self.pending.drain() {
+            match p {
+                Pending::Confirm { reply, .. } => {
+                    let _ = reply.send(Err(gone()));
+                }
+                Pending::Flush { reply } => {
+                    let _ = reply.send(Err(gone()));
+                }
+                _ => {}
+            }
+        }
+        for (_, w) in self.wire.drain() {
+            for (_, reply) in w.waiters {
+                let _ = reply.send(Err(gone()));
+            }
+        }
+        // Ends every subscription's stream.
+        self.subs.clear();
+        // Refuse further commands; queued ones are dropped, so their
+        // callers see `Disconnected`.
+        self.rx.commands.close();
+        while let Ok(command) = self.rx.commands.try_recv() {
+            drop(command);
+        }
+        let Conn {
+            ctx,
+            dealer,
+            sub,
+            monitor,
+            close_replies,
+            ..
+        } = self;
+        drop(monitor);
+        drop(sub);
+        drop(dealer);
+        // Terminating the context waits (at most the linger) for the last
+        // frames to leave.
+        drop(ctx);
+        for reply in close_replies {
+            let _ = reply.send(());
+        }
+        debug!("connection thread stopped");
+    }
+}

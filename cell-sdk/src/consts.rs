@@ -1,0 +1,55 @@
+//! Every default and limit of the SDK, in one place.
+//!
+//! The protocol's own defaults (endpoints, heartbeat, frame size) live in
+//! [`thynapse_protocol::limits`]; these are the SDK's choices on top.
+
+use std::time::Duration;
+
+/// How long [`Client::connect`](crate::Client::connect) waits for the
+/// transmitter's `WLCM` before failing with
+/// [`ErrorKind::TimedOut`](crate::ErrorKind::TimedOut).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a request that expects an answer (`LSTN`, a confirmed `EVNT`,
+/// a flush) waits for it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Receive and send high-water mark of the SDK's sockets, in messages.
+/// libzmq's default (1000) drops or blocks on ordinary bursts.
+pub const SOCKET_HWM: i32 = 100_000;
+
+/// How long closing sockets keep trying to deliver what is queued, in ms
+/// (the final acks and `GBYE`).
+pub const SOCKET_LINGER_MS: i32 = 1_000;
+
+/// The PLAIN user name the SDK presents when a token is set; transmitters
+/// accept any user name and check only the password.
+pub const PLAIN_USERNAME: &str = "cell";
+
+/// An ack batch is flushed once it holds this many ids...
+pub const ACK_BATCH_MAX_IDS: usize = 64;
+
+/// ...or once its oldest id has waited this long. The background thread's
+/// poll clock ticks in milliseconds, so on an otherwise idle connection a
+/// batch leaves within about 1 ms; under load, within this delay.
+pub const ACK_BATCH_MAX_DELAY: Duration = Duration::from_micros(500);
+
+/// How many acknowledged event THIDs the SDK remembers to recognise a
+/// redelivery of an event it already processed.
+pub const DEDUP_CAPACITY: usize = 100_000;
+
+/// Commands from the async side that may wait for the background thread
+/// before `publish` and friends start to wait (backpressure).
+pub const COMMAND_QUEUE_CAPACITY: usize = 1024;
+
+/// Most messages read from one socket before the background thread looks
+/// at its other sockets and its clock again (fairness).
+pub const READ_BURST: usize = 512;
+
+/// Environment variable naming the service ([`Options::from_env`](crate::Options::from_env)).
+pub const ENV_SERVICE: &str = "THYNAPSE_SERVICE";
+/// Environment variable holding the token.
+pub const ENV_TOKEN: &str = "THYNAPSE_TOKEN";
+/// Environment variable holding the command endpoint (or several,
+/// comma-separated: the first is used, the others are kept for failover).
+pub const ENV_ENDPOINT: &str = "THYNAPSE_ENDPOINT";

@@ -1,0 +1,255 @@
+//! The channels between the async side (every [`Client`](crate::Client)
+//! clone, [`Subscription`](crate::Subscription) and
+//! [`Event`](crate::Event)) and the background thread that owns the
+//! sockets, and the doorbell that wakes that thread out of `zmq_poll`.
+//!
+//! Two queues: `commands` is bounded and awaited (publish, listen, flush),
+//! so a fast publisher waits when the thread cannot keep up; `control` is
+//! unbounded and synchronous, for what `Drop` impls must send without an
+//! executor (acks, nacks, unlisten, close).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thynapse_protocol::{Pattern, Thid};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::event::Event;
+use crate::options::ListenOptions;
+use crate::Confirm;
+
+/// Synchronous messages to the background thread.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// The handler is done with an anycatch delivery: queue an `ACKN`.
+    Ack(Thid),
+    /// The handler refused a delivery, or it was never handed out: `NACK`.
+    Nack(Thid),
+    /// A [`Subscription`](crate::Subscription) was dropped.
+    Unlisten {
+        /// The subscription's id.
+        sub: u64,
+    },
+    /// Flush acks, say `GBYE` and stop; answer when the sockets are closed.
+    Close {
+        /// Told when the thread has closed its sockets.
+        reply: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// Asynchronous requests to the background thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Send a message; with `confirm`, the `OKAY`/`ERRR` for `ref` answers.
+    Send {
+        /// The message's frames (1 or 2).
+        frames: Vec<Vec<u8>>,
+        /// The confirm request, if any.
+        confirm: Option<PendingConfirm>,
+    },
+    /// Listen to a pattern and route matching events to `events`.
+    Listen {
+        /// The new subscription's id.
+        sub: u64,
+        /// The pattern.
+        pattern: Pattern,
+        /// Mode and ack.
+        options: ListenOptions,
+        /// Where matching events go.
+        events: mpsc::UnboundedSender<Event>,
+        /// Told once the listen is in place.
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Flush acks and make a PING/PONG round trip.
+    Flush {
+        /// The PING's ref.
+        reference: u64,
+        /// Told on PONG.
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+}
+
+/// A confirmed publish waiting for its answer.
+#[derive(Debug)]
+pub(crate) struct PendingConfirm {
+    /// The `ref` the EVNT carries.
+    pub(crate) reference: u64,
+    /// The event's THID.
+    pub(crate) id: Thid,
+    /// Told on OKAY or ERRR.
+    pub(crate) reply: oneshot::Sender<Result<Confirm, Error>>,
+}
+
+/// The sending half of the link, shared by every handle.
+#[derive(Debug)]
+pub(crate) struct Link {
+    /// Synchronous messages.
+    control: std::sync::mpsc::Sender<Control>,
+    /// Asynchronous requests.
+    commands: mpsc::Sender<Command>,
+    /// Wakes the thread.
+    bell: Doorbell,
+    /// Source of the numeric `ref`s of requests.
+    refs: AtomicU64,
+}
+
+/// The thread's half of the link.
+#[derive(Debug)]
+pub(crate) struct LinkReceiver {
+    /// Synchronous messages.
+    pub(crate) control: std::sync::mpsc::Receiver<Control>,
+    /// Asynchronous requests.
+    pub(crate) commands: mpsc::Receiver<Command>,
+    /// The doorbell's receiving end.
+    pub(crate) bell: BellReceiver,
+}
+
+impl Link {
+    /// A new link and its receiving half.
+    pub(crate) fn new(capacity: usize) -> io::Result<(Arc<Link>, LinkReceiver)> {
+        let (control_tx, control_rx) = std::sync::mpsc::channel();
+        let (commands_tx, commands_rx) = mpsc::channel(capacity);
+        let (bell, bell_rx) = doorbell()?;
+        let link = Arc::new(Link {
+            control: control_tx,
+            commands: commands_tx,
+            bell,
+            refs: AtomicU64::new(1),
+        });
+        Ok((
+            link,
+            LinkReceiver {
+                control: control_rx,
+                commands: commands_rx,
+                bell: bell_rx,
+            },
+        ))
+    }
+
+    /// Sends a control message; false when the thread is gone.
+    pub(crate) fn control(&self, message: Control) -> bool {
+        let sent = self.control.send(message).is_ok();
+        if sent {
+            self.bell.ring();
+        }
+        sent
+    }
+
+    /// Sends a command, waiting while the queue is full.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Disconnected`](crate::ErrorKind::Disconnected) when the
+    /// thread is gone.
+    pub(crate) async fn command(&self, command: Command) -> Result<(), Error> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| Error::disconnected())?;
+        self.bell.ring();
+        Ok(())
+    }
+
+    /// Whether the thread has stopped.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    /// A fresh `ref` for a request.
+    pub(crate) fn next_ref(&self) -> u64 {
+        self.refs.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Wakes the background thread: one byte on a datagram socket pair that
+/// `zmq_poll` watches beside the ZeroMQ sockets. Rings are coalesced: only
+/// the first ring after the thread last drained the bell writes a byte.
+#[derive(Debug)]
+pub(crate) struct Doorbell {
+    /// The writing end.
+    tx: UnixDatagram,
+    /// Set by a ring, cleared by the thread when it drains the bell.
+    rung: Arc<AtomicBool>,
+}
+
+/// The doorbell's reading end, polled by the background thread.
+#[derive(Debug)]
+pub(crate) struct BellReceiver {
+    /// The reading end.
+    rx: UnixDatagram,
+    /// Shared with [`Doorbell`].
+    rung: Arc<AtomicBool>,
+}
+
+fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
+    let (tx, rx) = UnixDatagram::pair()?;
+    tx.set_nonblocking(true)?;
+    rx.set_nonblocking(true)?;
+    let rung = Arc::new(AtomicBool::new(false));
+    Ok((
+        Doorbell {
+            tx,
+            rung: rung.clone(),
+        },
+        BellReceiver { rx, rung },
+    ))
+}
+
+impl Doorbell {
+    /// Wakes the thread, unless a wake-up is already pending. Call after
+    /// queueing the message: the thread clears the flag before it drains
+    /// the queues, so no message is left behind.
+    pub(crate) fn ring(&self) {
+        if !self.rung.swap(true, Ordering::AcqRel) {
+            // A full socket buffer means the bell already rings; a closed
+            // peer means the thread is gone. Neither needs handling. Datagram
+            // sends use MSG_NOSIGNAL, so no SIGPIPE either.
+            let _ = self.tx.send(&[1]);
+        }
+    }
+}
+
+impl BellReceiver {
+    /// The file descriptor to poll for readability.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.rx.as_raw_fd()
+    }
+
+    /// Empties the bell and re-arms it. The caller then drains its queues.
+    pub(crate) fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while self.rx.recv(&mut buf).is_ok() {}
+        self.rung.swap(false, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_are_coalesced_until_the_bell_is_drained() {
+        let (bell, rx) = doorbell().unwrap();
+        bell.ring();
+        bell.ring();
+        bell.ring();
+        let mut buf = [0u8; 8];
+        assert_eq!(rx.rx.recv(&mut buf).unwrap(), 1);
+        assert!(rx.rx.recv(&mut buf).is_err(), "one byte for three rings");
+        rx.drain();
+        bell.ring();
+        assert_eq!(rx.rx.recv(&mut buf).unwrap(), 1, "re-armed after drain");
+    }
+
+    #[test]
+    fn ringing_a_bell_whose_thread_is_gone_is_harmless() {
+        let (bell, rx) = doorbell().unwrap();
+        drop(rx);
+        bell.ring();
+        bell.rung.store(false, Ordering::SeqCst);
+        bell.ring();
+    }
+}

@@ -1,0 +1,425 @@
+//! Building the frames the SDK sends and reading the ones it receives.
+//! Pure functions over bytes, on top of `thynapse_protocol`.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use thynapse_protocol::body::{Delivery, Goodbye, Hello, Listen, Ref, Unlisten, Welcome};
+use thynapse_protocol::frame::{self, SYNC_TOPIC};
+use thynapse_protocol::{Mode, Thid, Verb};
+
+/// `J HELO {...}`.
+pub(crate) fn hello(
+    id: Thid,
+    service: &str,
+    metadata: &Map<String, Value>,
+    reference: u64,
+) -> Vec<u8> {
+    frame::encode_json(
+        Verb::HELO,
+        &Hello {
+            id,
+            service: service.to_owned(),
+            metadata: metadata.clone(),
+            reference: Some(reference.into()),
+        },
+    )
+}
+
+/// `J LSTN {...}`.
+pub(crate) fn listen(pattern: &str, mode: Mode, ack: bool, reference: u64) -> Vec<u8> {
+    frame::encode_json(
+        Verb::LSTN,
+        &Listen {
+            pattern: pattern.to_owned(),
+            mode,
+            // `ack` only means something for anycatch.
+            ack: (mode == Mode::Any).then_some(ack),
+            reference: Some(reference.into()),
+        },
+    )
+}
+
+/// `J UNLS {...}`.
+pub(crate) fn unlisten(pattern: &str, reference: u64) -> Vec<u8> {
+    frame::encode_json(
+        Verb::UNLS,
+        &Unlisten {
+            pattern: pattern.to_owned(),
+            reference: Some(reference.into()),
+        },
+    )
+}
+
+/// `J PING {}` or `J PING {"ref":n}`.
+pub(crate) fn ping(reference: Option<u64>) -> Vec<u8> {
+    frame::encode_json(
+        Verb::PING,
+        &Ref {
+            reference: reference.map(Value::from),
+        },
+    )
+}
+
+/// `J PONG {...}` answering a transmitter's PING.
+pub(crate) fn pong(reference: Option<Value>) -> Vec<u8> {
+    frame::encode_json(Verb::PONG, &Ref { reference })
+}
+
+/// `J GBYE {"reason":...}`.
+pub(crate) fn goodbye(reason: &str) -> Vec<u8> {
+    frame::encode_json(
+        Verb::GBYE,
+        &Goodbye {
+            reason: Some(reason.to_owned()),
+        },
+    )
+}
+
+/// `J ACKN {"ids":[...]}` or `J NACK {"ids":[...]}`, written by hand: it is
+/// the hottest frame the SDK sends.
+pub(crate) fn ack_batch(verb: Verb, ids: &[Thid]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + ids.len() * 43);
+    out.extend_from_slice(b"J ");
+    out.extend_from_slice(verb.as_bytes());
+    out.extend_from_slice(b" {\"ids\":[");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(id.to_hex().as_bytes());
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// `J EVNT {"channel":..,"payload":..,"id":..,"seq":..[,"confirm":true,"ref":n]}`.
+/// `payload` is raw JSON text, copied as is: the event THID was computed
+/// over exactly these bytes.
+pub(crate) fn publish(
+    channel: &str,
+    payload: Option<&[u8]>,
+    id: &Thid,
+    seq: u64,
+    confirm_ref: Option<u64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 + channel.len() + payload.map_or(0, <[u8]>::len));
+    out.extend_from_slice(b"J EVNT {\"channel\":");
+    write_json_str(&mut out, channel);
+    if let Some(p) = payload {
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(b",\"id\":\"");
+    out.extend_from_slice(id.to_hex().as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    if let Some(r) = confirm_ref {
+        out.extend_from_slice(b",\"confirm\":true,\"ref\":");
+        out.extend_from_slice(r.to_string().as_bytes());
+    }
+    out.push(b'}');
+    out
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// The topic a cell subscribes to for one multicatch pattern.
+pub(crate) fn event_prefix(literal_prefix: &str) -> Vec<u8> {
+    let mut t = frame::EVENT_TOPIC.to_vec();
+    t.extend_from_slice(literal_prefix.as_bytes());
+    t
+}
+
+/// The `SYNC <token>` topic.
+pub(crate) fn sync_topic(token: &str) -> Vec<u8> {
+    let mut t = SYNC_TOPIC.to_vec();
+    t.extend_from_slice(token.as_bytes());
+    t
+}
+
+/// A message from the command socket, decoded.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// `WLCM`.
+    Welcome(Welcome),
+    /// `OKAY`, with the fields of a confirmed `EVNT`'s answer.
+    Okay {
+        /// Echo of our numeric ref.
+        reference: Option<u64>,
+        /// The event THID (confirmed EVNT).
+        id: Option<Thid>,
+        /// How many routes the event took (confirmed EVNT).
+        routed: u32,
+    },
+    /// `PONG`.
+    Pong {
+        /// Echo of our numeric ref.
+        reference: Option<u64>,
+    },
+    /// `ERRR`.
+    Error {
+        /// The code, as text (future codes stay readable).
+        code: String,
+        /// The explanation.
+        message: String,
+        /// `re` when it is one of our numeric refs.
+        reference: Option<u64>,
+    },
+    /// `DLVR`: an anycatch delivery.
+    Deliver {
+        /// Its body.
+        delivery: Delivery,
+        /// The optional binary payload frame.
+        binary: Option<Vec<u8>>,
+    },
+    /// `PING` from the transmitter.
+    Ping {
+        /// Its ref, echoed in our PONG.
+        reference: Option<Value>,
+    },
+    /// `GBYE` from the transmitter.
+    Goodbye {
+        /// Why, if it said.
+        reason: Option<String>,
+    },
+    /// A verb the SDK does not handle.
+    Other(Verb),
+}
+
+#[derive(Deserialize)]
+struct OkayBody {
+    #[serde(default, rename = "ref")]
+    reference: Option<Value>,
+    #[serde(default)]
+    id: Option<Thid>,
+    #[serde(default)]
+    routed: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    re: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RefBody {
+    #[serde(default, rename = "ref")]
+    reference: Option<Value>,
+}
+
+/// Decodes a command-socket message (1 or 2 frames).
+pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, String> {
+    if frames.is_empty() || frames.len() > 2 {
+        return Err(format!("a message of {} frames", frames.len()));
+    }
+    let binary = if frames.len() == 2 {
+        frames.pop()
+    } else {
+        None
+    };
+    let first = &frames[0];
+    let f = frame::decode(first).map_err(|e| e.to_string())?;
+    let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
+    Ok(match f.verb {
+        Verb::WLCM => Incoming::Welcome(serde_json::from_slice(f.body).map_err(bad)?),
+        Verb::OKAY => {
+            let b: OkayBody = serde_json::from_slice(f.body).map_err(bad)?;
+            Incoming::Okay {
+                reference: b.reference.as_ref().and_then(Value::as_u64),
+                id: b.id,
+                routed: b.routed.unwrap_or(0),
+            }
+        }
+        Verb::PONG => {
+            let b: RefBody = serde_json::from_slice(f.body).map_err(bad)?;
+            Incoming::Pong {
+                reference: b.reference.as_ref().and_then(Value::as_u64),
+            }
+        }
+        Verb::ERRR => {
+            let b: ErrorBody = serde_json::from_slice(f.body).map_err(bad)?;
+            Incoming::Error {
+                code: b.code,
+                message: b.message,
+                reference: b.re.as_ref().and_then(Value::as_u64),
+            }
+        }
+        Verb::DLVR => Incoming::Deliver {
+            delivery: serde_json::from_slice(f.body).map_err(bad)?,
+            binary,
+        },
+        Verb::PING => {
+            let b: RefBody = serde_json::from_slice(f.body).map_err(bad)?;
+            Incoming::Ping {
+                reference: b.reference,
+            }
+        }
+        Verb::GBYE => {
+            let b: Goodbye = serde_json::from_slice(f.body).unwrap_or_default();
+            Incoming::Goodbye { reason: b.reason }
+        }
+        other => Incoming::Other(other),
+    })
+}
+
+/// A message from the event socket, decoded.
+#[derive(Debug)]
+pub(crate) enum Published {
+    /// A multicatch event.
+    Event {
+        /// Its body.
+        delivery: Delivery,
+        /// The optional binary payload frame.
+        binary: Option<Vec<u8>>,
+    },
+    /// The answer to a `SYNC <token>` subscription: the whole frame.
+    Sync(Vec<u8>),
+}
+
+/// Decodes an event-socket message.
+pub(crate) fn decode_published(mut frames: Vec<Vec<u8>>) -> Result<Published, String> {
+    if frames.is_empty() || frames.len() > 2 {
+        return Err(format!("a message of {} frames", frames.len()));
+    }
+    let binary = if frames.len() == 2 {
+        frames.pop()
+    } else {
+        None
+    };
+    let first = frames.swap_remove(0);
+    if first.starts_with(SYNC_TOPIC) {
+        return Ok(Published::Sync(first));
+    }
+    let (_, body) = frame::decode_event(&first).ok_or("not an EVNT or SYNC frame")?;
+    let delivery = serde_json::from_slice(body).map_err(|e| format!("EVNT body: {e}"))?;
+    Ok(Published::Event { delivery, binary })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thynapse_protocol::body::Publish;
+
+    #[test]
+    fn publish_frames_parse_as_the_protocol_reads_them() {
+        let id = Thid::random();
+        let f = publish("a::\"b", Some(br#"{"x":1}"#), &id, 7, Some(3));
+        let decoded = frame::decode(&f).unwrap();
+        assert_eq!(decoded.verb, Verb::EVNT);
+        let p: Publish<'_> = serde_json::from_slice(decoded.body).unwrap();
+        assert_eq!(p.channel, "a::\"b");
+        assert_eq!(p.payload.unwrap().get(), r#"{"x":1}"#);
+        assert_eq!(p.id, Some(id));
+        assert_eq!(p.seq, Some(7));
+        assert!(p.confirm);
+        assert_eq!(p.reference, Some(Value::from(3)));
+
+        let f = publish("c", None, &id, 1, None);
+        let p: Publish<'_> = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
+        assert!(p.payload.is_none());
+        assert!(!p.confirm);
+    }
+
+    #[test]
+    fn ack_batches_are_valid_json() {
+        let ids = [Thid::from_bytes([1; 20]), Thid::from_bytes([2; 20])];
+        let f = ack_batch(Verb::ACKN, &ids);
+        let decoded = frame::decode(&f).unwrap();
+        assert_eq!(decoded.verb, Verb::ACKN);
+        let a: thynapse_protocol::body::Ack = serde_json::from_slice(decoded.body).unwrap();
+        assert_eq!(a.ids, ids);
+        assert!(frame::decode(&ack_batch(Verb::NACK, &[])).is_ok());
+    }
+
+    #[test]
+    fn listen_frames_carry_ack_only_for_anycatch() {
+        let f = listen("a::*", Mode::Multi, true, 1);
+        assert_eq!(f, br#"J LSTN {"pattern":"a::*","mode":"multi","ref":1}"#);
+        let f = listen("a::*", Mode::Any, false, 2);
+        assert_eq!(
+            f,
+            br#"J LSTN {"pattern":"a::*","mode":"any","ack":false,"ref":2}"#
+        );
+    }
+
+    #[test]
+    fn replies_decode() {
+        let m = decode_command(vec![
+            br#"J OKAY {"ref":5,"id":"0000000000000000000000000000000000000001","routed":2}"#
+                .to_vec(),
+        ])
+        .unwrap();
+        match m {
+            Incoming::Okay {
+                reference,
+                id,
+                routed,
+            } => {
+                assert_eq!(reference, Some(5));
+                assert!(id.is_some());
+                assert_eq!(routed, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let m = decode_command(vec![
+            br#"J ERRR {"code":"no_listeners","message":"none","re":9}"#.to_vec(),
+        ])
+        .unwrap();
+        assert!(
+            matches!(m, Incoming::Error { ref code, reference: Some(9), .. } if code == "no_listeners")
+        );
+        let m = decode_command(vec![b"J GBYE".to_vec()]).unwrap();
+        assert!(matches!(m, Incoming::Goodbye { reason: None }));
+        assert!(decode_command(vec![]).is_err());
+        assert!(decode_command(vec![b"x".to_vec()]).is_err());
+    }
+
+    #[test]
+    fn deliveries_keep_their_binary_frame() {
+        let from = Thid::random();
+        let id = Thid::random();
+        let mut body = b"J DLVR ".to_vec();
+        thynapse_protocol::body::write_delivery(&mut body, &id, "a", None, &from, Some(2));
+        match decode_command(vec![body, vec![0, 1, 2]]).unwrap() {
+            Incoming::Deliver { delivery, binary } => {
+                assert_eq!(delivery.id, id);
+                assert_eq!(delivery.attempt, Some(2));
+                assert_eq!(binary, Some(vec![0, 1, 2]));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn event_socket_frames_decode() {
+        let id = Thid::random();
+        let mut body = Vec::new();
+        thynapse_protocol::body::write_delivery(&mut body, &id, "a::b", Some(b"[1]"), &id, None);
+        let f = frame::encode_event("a::b", &body);
+        match decode_published(vec![f]).unwrap() {
+            Published::Event { delivery, binary } => {
+                assert_eq!(delivery.channel, "a::b");
+                assert_eq!(delivery.payload.unwrap().get(), "[1]");
+                assert!(binary.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode_published(vec![sync_topic("t1")]).unwrap(),
+            Published::Sync(t) if t == b"SYNC t1"
+        ));
+        assert!(decode_published(vec![b"JUNK".to_vec()]).is_err());
+    }
+}
