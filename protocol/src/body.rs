@@ -242,6 +242,32 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// `MACK`, transmitter → transmitter: the cell that got forwarded
+/// deliveries acked them (`ok`) or refused them / is gone (`!ok`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeshAck {
+    /// The deliveries' event THIDs.
+    pub ids: Vec<Thid>,
+    /// The cell that got them.
+    pub cell: Thid,
+    /// Acked (true) or to be redelivered (false).
+    pub ok: bool,
+}
+
+/// `MDLV`, transmitter → transmitter: the fields, beyond a DLVR's, that say
+/// which local cell gets the delivery and who awaits its ack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeshDelivery {
+    /// The event's THID.
+    pub id: Thid,
+    /// The cell of the receiving transmitter that gets it.
+    pub cell: Thid,
+    /// The transmitter that chose the cell and awaits the ack.
+    pub origin: Thid,
+    /// Whether the cell's listen wants ACKN.
+    pub ack: bool,
+}
+
 /// Writes the JSON body of a delivery (`DLVR`, or an event-socket `EVNT`
 /// when `attempt` is `None`) into `out`, copying the payload's raw JSON text
 /// as it came: nothing is re-serialized.

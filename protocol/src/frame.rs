@@ -53,6 +53,12 @@ verbs! {
     ERRR,
     /// transmitter → cell: success.
     OKAY,
+    /// transmitter → transmitter: deliver an anycatch event to a local cell.
+    MDLV,
+    /// transmitter → transmitter: a cell acked or refused a forwarded delivery.
+    MACK,
+    /// transmitter → transmitter: publish a multicatch event locally.
+    MEVT,
 }
 
 impl Verb {

@@ -9,6 +9,8 @@
 //! - [`frame`]: the `J VERB {json}` codec and the event-socket frames.
 //! - [`body`]: the JSON body of each verb, and the error codes.
 //! - [`pattern`]: channel names and the patterns cells listen to.
+//! - [`query`]: metadata queries (JSON and selector strings) and the choice
+//!   of a cell.
 //! - [`limits`]: every default and limit, named.
 //!
 //! ## Example
@@ -24,6 +26,7 @@ pub mod body;
 pub mod frame;
 pub mod limits;
 pub mod pattern;
+pub mod query;
 pub mod thid;
 
 pub use body::{ErrorCode, Mode};

@@ -10,6 +10,11 @@ use std::collections::HashMap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The PLAIN username, and ZAP user id, of transmitters in a mesh.
+pub const MESH_USER: &str = "mesh";
+/// The ZAP user id of cells that presented the token.
+pub const CELL_USER: &str = "cell";
+
 /// The endpoint libzmq sends ZAP requests to.
 pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// Failures from one address before its answers are delayed.
@@ -45,13 +50,17 @@ pub fn denial_delay(failures: u32) -> Duration {
 ///
 /// # Errors
 /// When the inproc endpoint cannot be bound (another handler exists).
-pub fn start(ctx: &zmq::Context, token: String) -> Result<JoinHandle<()>, zmq::Error> {
+pub fn start(
+    ctx: &zmq::Context,
+    token: String,
+    mesh_secret: Option<String>,
+) -> Result<JoinHandle<()>, zmq::Error> {
     let socket = ctx.socket(zmq::ROUTER)?;
     socket.set_linger(0)?;
     socket.bind(ZAP_ENDPOINT)?;
     Ok(std::thread::Builder::new()
         .name("thynapse-zap".into())
-        .spawn(move || serve(socket, token))
+        .spawn(move || serve(socket, token, mesh_secret))
         .expect("spawning a thread at startup"))
 }
 
@@ -60,7 +69,24 @@ struct Failures {
     last: Instant,
 }
 
-fn serve(socket: zmq::Socket, token: String) {
+/// Who a PLAIN username and password are: a transmitter of the mesh
+/// (username `mesh` and the mesh secret, or the token when no secret is
+/// set), a cell (the token), or nobody.
+pub fn identify(
+    username: &[u8],
+    password: &[u8],
+    token: &str,
+    mesh_secret: Option<&str>,
+) -> Option<&'static str> {
+    let token_ok = constant_time_eq(password, token.as_bytes());
+    if username == MESH_USER.as_bytes() {
+        let secret_ok = mesh_secret.map_or(token_ok, |s| constant_time_eq(password, s.as_bytes()));
+        return secret_ok.then_some(MESH_USER);
+    }
+    token_ok.then_some(CELL_USER)
+}
+
+fn serve(socket: zmq::Socket, token: String, mesh_secret: Option<String>) {
     let mut failures: HashMap<String, Failures> = HashMap::new();
     let mut delayed: Vec<(Instant, Vec<Vec<u8>>)> = Vec::new();
     loop {
@@ -95,9 +121,12 @@ fn serve(socket: zmq::Socket, token: String) {
                 continue;
             }
             let address = String::from_utf8_lossy(&request[5]).into_owned();
-            let allowed = request[7] == b"PLAIN"
-                && request.len() >= 10
-                && constant_time_eq(&request[9], token.as_bytes());
+            let user = if request[7] == b"PLAIN" && request.len() >= 10 {
+                identify(&request[8], &request[9], &token, mesh_secret.as_deref())
+            } else {
+                None
+            };
+            let allowed = user.is_some();
             let (status, text) = if allowed {
                 ("200", "OK")
             } else {
@@ -110,11 +139,7 @@ fn serve(socket: zmq::Socket, token: String) {
                 request[3].clone(),
                 status.as_bytes().to_vec(),
                 text.as_bytes().to_vec(),
-                if allowed {
-                    request[8].clone()
-                } else {
-                    Vec::new()
-                },
+                user.unwrap_or_default().as_bytes().to_vec(),
                 Vec::new(),
             ];
             failures.retain(|_, f| now.duration_since(f.last) < FAILURE_MEMORY);
@@ -151,6 +176,20 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secre"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn mesh_peers_and_cells_are_told_apart() {
+        assert_eq!(identify(b"cell", b"tok", "tok", None), Some(CELL_USER));
+        assert_eq!(identify(b"anyone", b"tok", "tok", None), Some(CELL_USER));
+        assert_eq!(identify(b"mesh", b"tok", "tok", None), Some(MESH_USER));
+        assert_eq!(identify(b"mesh", b"tok", "tok", Some("sec")), None);
+        assert_eq!(
+            identify(b"mesh", b"sec", "tok", Some("sec")),
+            Some(MESH_USER)
+        );
+        assert_eq!(identify(b"cell", b"sec", "tok", Some("sec")), None);
+        assert_eq!(identify(b"cell", b"bad", "tok", None), None);
     }
 
     #[test]

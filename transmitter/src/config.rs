@@ -31,6 +31,13 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Time a cell has to ack a delivery before it is redelivered.
     pub ack_timeout: Duration,
+    /// Whether to gossip with other transmitters (UDP on the command
+    /// port's number).
+    pub mesh: bool,
+    /// Command endpoints of transmitters to join.
+    pub join: Vec<String>,
+    /// Secret transmitters present to each other; needs `token`.
+    pub mesh_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -43,6 +50,9 @@ impl Default for Config {
             max_frame: limits::DEFAULT_MAX_FRAME,
             heartbeat: Duration::from_millis(limits::DEFAULT_HEARTBEAT_MS),
             ack_timeout: Duration::from_millis(limits::DEFAULT_ACK_TIMEOUT_MS),
+            mesh: true,
+            join: Vec::new(),
+            mesh_secret: None,
         }
     }
 }

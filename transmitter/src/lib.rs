@@ -8,6 +8,7 @@
 //! - [`router`]: the routing state machine (cells, listens, deliveries,
 //!   acks), free of I/O.
 //! - [`server`]: the router thread that owns the ROUTER and XPUB sockets.
+//! - [`mesh`]: gossip membership and the view of other transmitters' cells.
 //! - [`auth`]: the ZAP handler that checks the token at every handshake.
 //! - [`metrics`]: lock-free counters.
 //!
@@ -22,6 +23,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod mesh;
 pub mod metrics;
 pub mod router;
 pub mod server;

@@ -48,6 +48,16 @@ struct TransmitterArgs {
     /// Time a cell has to ack a delivery before redelivery, in milliseconds.
     #[arg(long, env = "THYNAPSE_ACK_TIMEOUT_MS", default_value_t = limits::DEFAULT_ACK_TIMEOUT_MS)]
     ack_timeout_ms: u64,
+    /// Command endpoint of a transmitter to join (repeatable; the
+    /// environment variable takes a comma-separated list).
+    #[arg(long, env = "THYNAPSE_JOIN", value_delimiter = ',')]
+    join: Vec<String>,
+    /// Secret transmitters present to each other (needs --token).
+    #[arg(long, env = "THYNAPSE_MESH_SECRET", hide_env_values = true)]
+    mesh_secret: Option<String>,
+    /// Run alone: no gossip, no mesh.
+    #[arg(long, env = "THYNAPSE_NO_MESH")]
+    no_mesh: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +84,9 @@ fn run_transmitter(args: TransmitterArgs) -> anyhow::Result<()> {
         max_frame: args.max_frame,
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        mesh: !args.no_mesh,
+        join: args.join,
+        mesh_secret: args.mesh_secret.filter(|s| !s.is_empty()),
     };
     let mut t = Transmitter::start(config).context("starting the transmitter")?;
     let stop = t.stop_flag();

@@ -59,6 +59,10 @@ counters! {
     expired_cells,
     /// Subscription handshakes answered on the event socket.
     syncs,
+    /// Messages sent to other transmitters.
+    mesh_out,
+    /// Messages received from other transmitters.
+    mesh_in,
 }
 
 impl Metrics {

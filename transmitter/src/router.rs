@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use thynapse_protocol::body::{
-    self, Ack, Confirm, ErrorReply, Goodbye, Hello, Limits, Listen, Publish, Ref, Unlisten, Welcome,
+    self, Ack, Confirm, ErrorReply, Goodbye, Hello, Limits, Listen, MeshAck, MeshDelivery, Publish,
+    Ref, Unlisten, Welcome,
 };
 use thynapse_protocol::limits::{HEARTBEAT_MISSES, MAX_LISTENS_PER_CELL, MAX_SERVICE_LEN};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
 
 use crate::config::{Config, MAX_BACKLOG_PER_SERVICE};
+use crate::mesh::{CellRecord, ListenRecord, NodeRecord};
 use crate::metrics::Metrics;
 
 /// A ZeroMQ routing id: which connection a command came from.
@@ -29,6 +31,15 @@ pub enum Output {
         /// The cell's connection.
         peer: PeerId,
         /// The command frame.
+        frame: Vec<u8>,
+        /// The optional binary payload frame.
+        binary: Option<Arc<Vec<u8>>>,
+    },
+    /// A message to another transmitter of the mesh.
+    ToNode {
+        /// The transmitter's THID.
+        node: Thid,
+        /// The command frame (`MDLV`, `MACK`, `MEVT`).
         frame: Vec<u8>,
         /// The optional binary payload frame.
         binary: Option<Arc<Vec<u8>>>,
@@ -97,12 +108,22 @@ struct InFlight {
     attempt: u32,
 }
 
+/// One cell an anycatch event may go to.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    cell: Thid,
+    /// Whether its listen wants ACKN.
+    ack: bool,
+    /// The transmitter that owns it; `None` for a local cell.
+    node: Option<Thid>,
+}
+
 /// The anycatch targets of one service for one channel.
 #[derive(Debug)]
 struct ServiceRoute {
     service: Arc<str>,
-    /// Candidate cells with whether they ack.
-    cells: Vec<(Thid, bool)>,
+    /// Candidate cells, local and remote, in THID order.
+    cells: Vec<Target>,
 }
 
 /// Where a channel's events go, computed from the listens and cached
@@ -110,7 +131,25 @@ struct ServiceRoute {
 #[derive(Debug, Default)]
 struct Route {
     any: Vec<ServiceRoute>,
+    /// Whether a local cell listens in multicatch mode.
     multi: bool,
+    /// Other transmitters with a multicatch listener.
+    multi_nodes: Vec<Thid>,
+}
+
+/// A cell of another transmitter, as the mesh view describes it.
+#[derive(Debug)]
+struct RemoteCell {
+    service: Arc<str>,
+    listens: Vec<ListenEntry>,
+}
+
+/// Another transmitter of the mesh and its cells.
+#[derive(Debug)]
+struct RemoteNode {
+    /// Its command endpoint, where mesh messages go.
+    command: String,
+    cells: HashMap<Thid, RemoteCell>,
 }
 
 /// Most channels whose routes are cached before the cache is emptied.
@@ -141,6 +180,13 @@ pub struct Router {
     deadlines: VecDeque<(Instant, Thid, Thid, u32)>,
     /// Redeliveries waiting for a cell of their service to listen again.
     backlog: HashMap<Arc<str>, VecDeque<(Arc<EventData>, u32)>>,
+    /// The other transmitters of the mesh and their cells.
+    remote: HashMap<Thid, RemoteNode>,
+    /// Deliveries other transmitters forwarded to our cells, by (event,
+    /// cell), with the origin that awaits the ack.
+    proxied: HashMap<(Thid, Thid), Thid>,
+    /// Whether the local cells changed since the mesh last heard of them.
+    view_dirty: bool,
     /// Counters shared with the rest of the process.
     metrics: Arc<Metrics>,
     /// Set once shutdown began: new cells are refused.
@@ -185,6 +231,9 @@ impl Router {
             in_flight: HashMap::new(),
             deadlines: VecDeque::new(),
             backlog: HashMap::new(),
+            remote: HashMap::new(),
+            proxied: HashMap::new(),
+            view_dirty: true,
             metrics,
             stopping: false,
             scratch: Vec::with_capacity(256),
@@ -202,10 +251,19 @@ impl Router {
     }
 
     /// Handles one message from `peer`: its command frame and the optional
-    /// binary frame. Every failure becomes an ERRR to the sender.
-    pub fn handle(&mut self, peer: &[u8], parts: &[&[u8]], now: Instant, out: &mut Vec<Output>) {
+    /// binary frame. `mesh_ok` says whether the peer may send mesh verbs
+    /// (it authenticated as a transmitter, or no mesh secret is set). Every
+    /// failure becomes an ERRR to the sender.
+    pub fn handle(
+        &mut self,
+        peer: &[u8],
+        parts: &[&[u8]],
+        mesh_ok: bool,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
         Metrics::incr(&self.metrics.commands);
-        if let Err(f) = self.dispatch(peer, parts, now, out) {
+        if let Err(f) = self.dispatch(peer, parts, mesh_ok, now, out) {
             self.metrics.error(f.code);
             let reply = ErrorReply {
                 code: f.code,
@@ -220,6 +278,7 @@ impl Router {
         &mut self,
         peer: &[u8],
         parts: &[&[u8]],
+        mesh_ok: bool,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Handled {
@@ -275,6 +334,9 @@ impl Router {
                 Ok(())
             }
             (Verb::GBYE, None) => Ok(()),
+            (Verb::MDLV, None) if mesh_ok => self.mesh_deliver(f.body, binary, out),
+            (Verb::MACK, None) if mesh_ok => self.mesh_ack(f.body, now, out),
+            (Verb::MEVT, None) if mesh_ok => self.mesh_event(f.body, binary, out),
             (verb, _) if !is_cell_verb(verb) => Err(Failure::new(
                 ErrorCode::UnknownVerb,
                 format!(
@@ -355,7 +417,7 @@ impl Router {
             }
             existing.service = Arc::from(h.service.as_str());
             existing.metadata = h.metadata;
-            self.routes.clear();
+            self.invalidate();
         } else {
             self.cells.insert(
                 h.id,
@@ -418,7 +480,7 @@ impl Router {
             None => cell.listens.push(entry),
         }
         let service = cell.service.clone();
-        self.routes.clear();
+        self.invalidate();
         out.push(to_peer(peer, ok(l.reference)));
         if l.mode == Mode::Any {
             self.drain_backlog(&service, now, out);
@@ -438,7 +500,7 @@ impl Router {
                 u.reference,
             ));
         }
-        self.routes.clear();
+        self.invalidate();
         out.push(to_peer(peer, ok(u.reference)));
         Ok(())
     }
@@ -481,14 +543,25 @@ impl Router {
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
         let route = self.route(&p.channel);
         let mut routed = 0u32;
-        if route.multi {
+        if route.multi || !route.multi_nodes.is_empty() {
             self.scratch.clear();
             body::write_delivery(&mut self.scratch, &id, &p.channel, payload, from, None);
-            out.push(Output::Publish {
-                frame: frame::encode_event(&p.channel, &self.scratch),
-                binary: binary.map(|b| Arc::new(b.to_vec())),
-            });
-            Metrics::incr(&self.metrics.multicast);
+            let binary = binary.map(|b| Arc::new(b.to_vec()));
+            if route.multi {
+                out.push(Output::Publish {
+                    frame: frame::encode_event(&p.channel, &self.scratch),
+                    binary: binary.clone(),
+                });
+                Metrics::incr(&self.metrics.multicast);
+            }
+            for node in &route.multi_nodes {
+                out.push(Output::ToNode {
+                    node: *node,
+                    frame: frame::encode(Verb::MEVT, &self.scratch),
+                    binary: binary.clone(),
+                });
+                Metrics::incr(&self.metrics.mesh_out);
+            }
             routed += 1;
         }
         if !route.any.is_empty() {
@@ -501,9 +574,9 @@ impl Router {
             });
             for sr in &route.any {
                 let cursor = self.cursors.entry(sr.service.clone()).or_insert(0);
-                let (cell, ack) = sr.cells[*cursor % sr.cells.len()];
+                let target = sr.cells[*cursor % sr.cells.len()];
                 *cursor = cursor.wrapping_add(1);
-                self.deliver(&event, &sr.service, &cell, ack, 1, now, out);
+                self.deliver(&event, &sr.service, target, 1, now, out);
                 routed += 1;
             }
         }
@@ -527,21 +600,18 @@ impl Router {
         Ok(())
     }
 
-    /// Sends one anycatch delivery and, when it must be acked, remembers it.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one anycatch delivery, to a local cell or through the
+    /// transmitter that owns it, and, when it must be acked, remembers it.
     fn deliver(
         &mut self,
         event: &Arc<EventData>,
         service: &Arc<str>,
-        cell: &Thid,
-        ack: bool,
+        target: Target,
         attempt: u32,
         now: Instant,
         out: &mut Vec<Output>,
     ) {
-        let Some(c) = self.cells.get(cell) else {
-            return;
-        };
+        let Target { cell, ack, node } = target;
         self.scratch.clear();
         self.scratch.extend_from_slice(b"J DLVR ");
         body::write_delivery(
@@ -552,11 +622,32 @@ impl Router {
             &event.from,
             Some(attempt),
         );
-        out.push(Output::ToPeer {
-            peer: c.peer.clone(),
-            frame: self.scratch.clone(),
-            binary: event.binary.clone(),
-        });
+        match node {
+            None => {
+                let Some(c) = self.cells.get(&cell) else {
+                    return;
+                };
+                out.push(Output::ToPeer {
+                    peer: c.peer.clone(),
+                    frame: self.scratch.clone(),
+                    binary: event.binary.clone(),
+                });
+            }
+            Some(node) => {
+                // MDLV is the DLVR body plus who gets it and who awaits the ack.
+                self.scratch[2..6].copy_from_slice(Verb::MDLV.as_bytes());
+                self.scratch.pop();
+                let tail = format!(r#","cell":"{cell}","origin":"{}","ack":{ack}}}"#, self.id);
+                self.scratch.extend_from_slice(tail.as_bytes());
+                out.push(Output::ToNode {
+                    node,
+                    frame: self.scratch.clone(),
+                    binary: event.binary.clone(),
+                });
+                Metrics::incr(&self.metrics.mesh_out);
+            }
+        }
+        let cell = &cell;
         Metrics::incr(&self.metrics.deliveries);
         if attempt > 1 {
             Metrics::incr(&self.metrics.redeliveries);
@@ -585,18 +676,18 @@ impl Router {
     ) -> Handled {
         let a: Ack = parse(body)?;
         let mut unknown = None;
+        let mut forward: HashMap<Thid, Vec<Thid>> = HashMap::new();
         for id in a.id.iter().chain(a.ids.iter()) {
             match self.in_flight.remove(&(*id, *cell)) {
-                Some(f) if positive => {
-                    Metrics::incr(&self.metrics.acks);
-                    drop(f);
-                }
-                Some(f) => {
-                    Metrics::incr(&self.metrics.nacks);
-                    self.redeliver(f, Some(cell), now, out);
-                }
-                None => unknown = unknown.or(Some(*id)),
+                Some(f) => self.settle(f, cell, positive, now, out),
+                None => match self.proxied.remove(&(*id, *cell)) {
+                    Some(origin) => forward.entry(origin).or_default().push(*id),
+                    None => unknown = unknown.or(Some(*id)),
+                },
             }
+        }
+        for (origin, ids) in forward {
+            out.push(mesh_ack(origin, ids, *cell, positive));
         }
         match unknown {
             Some(id) => Err(Failure::new(
@@ -605,6 +696,183 @@ impl Router {
                 Some(Value::String(id.to_hex())),
             )),
             None => Ok(()),
+        }
+    }
+
+    /// Ends a delivery that was acked, or redelivers one that was refused.
+    fn settle(
+        &mut self,
+        f: InFlight,
+        cell: &Thid,
+        positive: bool,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        if positive {
+            Metrics::incr(&self.metrics.acks);
+        } else {
+            Metrics::incr(&self.metrics.nacks);
+            self.redeliver(f, Some(cell), now, out);
+        }
+    }
+
+    /// `MDLV`: another transmitter chose one of our cells for an event.
+    fn mesh_deliver(
+        &mut self,
+        body: &[u8],
+        binary: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        Metrics::incr(&self.metrics.mesh_in);
+        let d: MeshDelivery = parse(body)?;
+        let Some(cell) = self.cells.get(&d.cell) else {
+            // The cell left before the origin heard of it: hand it back.
+            out.push(mesh_ack(d.origin, vec![d.id], d.cell, false));
+            return Ok(());
+        };
+        out.push(Output::ToPeer {
+            peer: cell.peer.clone(),
+            frame: frame::encode(Verb::DLVR, body),
+            binary: binary.map(|b| Arc::new(b.to_vec())),
+        });
+        Metrics::incr(&self.metrics.deliveries);
+        if d.ack {
+            self.proxied.insert((d.id, d.cell), d.origin);
+        }
+        Ok(())
+    }
+
+    /// `MACK`: a cell of another transmitter answered a delivery we sent.
+    fn mesh_ack(&mut self, body: &[u8], now: Instant, out: &mut Vec<Output>) -> Handled {
+        Metrics::incr(&self.metrics.mesh_in);
+        let a: MeshAck = parse(body)?;
+        for id in &a.ids {
+            if let Some(f) = self.in_flight.remove(&(*id, a.cell)) {
+                self.settle(f, &a.cell, a.ok, now, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// `MEVT`: a multicatch event published at another transmitter for our
+    /// cells; it goes out on our event socket and nowhere else.
+    fn mesh_event(&mut self, body: &[u8], binary: Option<&[u8]>, out: &mut Vec<Output>) -> Handled {
+        Metrics::incr(&self.metrics.mesh_in);
+        #[derive(serde::Deserialize)]
+        struct Channel<'a> {
+            #[serde(borrow)]
+            channel: std::borrow::Cow<'a, str>,
+        }
+        let c: Channel<'_> = parse(body)?;
+        out.push(Output::Publish {
+            frame: frame::encode_event(&c.channel, body),
+            binary: binary.map(|b| Arc::new(b.to_vec())),
+        });
+        Metrics::incr(&self.metrics.multicast);
+        Ok(())
+    }
+
+    /// Replaces the view of the other transmitters. Deliveries to cells
+    /// that left the view are redelivered.
+    pub fn set_view(&mut self, nodes: Vec<NodeRecord>, now: Instant, out: &mut Vec<Output>) {
+        let mut remote = HashMap::new();
+        for n in nodes {
+            if n.id == self.id {
+                continue;
+            }
+            let cells = n
+                .cells
+                .into_iter()
+                .map(|c| {
+                    let listens = c
+                        .listens
+                        .into_iter()
+                        .filter_map(|l| {
+                            Some(ListenEntry {
+                                pattern: Pattern::parse(&l.pattern).ok()?,
+                                mode: l.mode,
+                                ack: l.ack,
+                            })
+                        })
+                        .collect();
+                    let service = Arc::from(c.service.as_str());
+                    (c.id, RemoteCell { service, listens })
+                })
+                .collect();
+            remote.insert(
+                n.id,
+                RemoteNode {
+                    command: n.command,
+                    cells,
+                },
+            );
+        }
+        let old = std::mem::replace(&mut self.remote, remote);
+        self.routes.clear();
+        let gone: Vec<Thid> = old
+            .iter()
+            .flat_map(|(node, n)| n.cells.keys().map(move |c| (node, c)))
+            .filter(|(node, c)| {
+                !self
+                    .remote
+                    .get(node)
+                    .is_some_and(|n| n.cells.contains_key(c))
+            })
+            .map(|(_, c)| *c)
+            .filter(|c| !self.cells.contains_key(c))
+            .collect();
+        for cell in &gone {
+            self.redeliver_all_of(cell, now, out);
+        }
+        self.proxied
+            .retain(|_, origin| self.remote.contains_key(origin));
+    }
+
+    /// The other transmitters: THID and command endpoint.
+    pub fn nodes(&self) -> impl Iterator<Item = (&Thid, &str)> {
+        self.remote.iter().map(|(id, n)| (id, n.command.as_str()))
+    }
+
+    /// The local cells as JSON for the mesh, if they changed since the
+    /// last call.
+    pub fn take_local_view(&mut self) -> Option<String> {
+        if !self.view_dirty {
+            return None;
+        }
+        self.view_dirty = false;
+        let records: Vec<CellRecord> = self
+            .cells
+            .iter()
+            .map(|(id, c)| CellRecord {
+                id: *id,
+                service: c.service.to_string(),
+                metadata: c.metadata.clone(),
+                listens: c
+                    .listens
+                    .iter()
+                    .map(|l| ListenRecord {
+                        pattern: l.pattern.as_str().to_owned(),
+                        mode: l.mode,
+                        ack: l.ack,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Some(serde_json::to_string(&records).expect("cell records serialize"))
+    }
+
+    /// Redelivers every unacked delivery held by `cell`.
+    fn redeliver_all_of(&mut self, cell: &Thid, now: Instant, out: &mut Vec<Output>) {
+        let orphans: Vec<(Thid, Thid)> = self
+            .in_flight
+            .keys()
+            .filter(|(_, c)| c == cell)
+            .copied()
+            .collect();
+        for key in orphans {
+            if let Some(f) = self.in_flight.remove(&key) {
+                self.redeliver(f, Some(cell), now, out);
+            }
         }
     }
 
@@ -623,7 +891,11 @@ impl Router {
             .iter()
             .find(|sr| sr.service == f.service)
             .and_then(|sr| {
-                let others: Vec<_> = sr.cells.iter().filter(|(c, _)| Some(c) != failed).collect();
+                let others: Vec<_> = sr
+                    .cells
+                    .iter()
+                    .filter(|t| Some(&t.cell) != failed)
+                    .collect();
                 let pool = if others.is_empty() {
                     sr.cells.iter().collect()
                 } else {
@@ -631,12 +903,10 @@ impl Router {
                 };
                 let cursor = self.cursors.entry(sr.service.clone()).or_insert(0);
                 *cursor = cursor.wrapping_add(1);
-                pool.get(*cursor % pool.len().max(1)).map(|(c, a)| (*c, *a))
+                pool.get(*cursor % pool.len().max(1)).map(|t| **t)
             });
         match target {
-            Some((cell, ack)) => {
-                self.deliver(&f.event, &f.service, &cell, ack, f.attempt + 1, now, out)
-            }
+            Some(t) => self.deliver(&f.event, &f.service, t, f.attempt + 1, now, out),
             None => {
                 let queue = self.backlog.entry(f.service.clone()).or_default();
                 if queue.len() >= MAX_BACKLOG_PER_SERVICE {
@@ -663,33 +933,58 @@ impl Router {
         }
     }
 
+    /// Forgets cached routes and notes that the mesh must hear of the change.
+    fn invalidate(&mut self) {
+        self.routes.clear();
+        self.view_dirty = true;
+    }
+
     /// The cached route of `channel`, computed on first use.
     fn route(&mut self, channel: &str) -> Arc<Route> {
         if let Some(r) = self.routes.get(channel) {
             return r.clone();
         }
         let mut route = Route::default();
-        for (id, cell) in &self.cells {
+        let local = self
+            .cells
+            .iter()
+            .map(|(id, c)| (id, &c.service, &c.listens, None));
+        let remote = self.remote.iter().flat_map(|(node, n)| {
+            n.cells
+                .iter()
+                .filter(|(id, _)| !self.cells.contains_key(id))
+                .map(move |(id, c)| (id, &c.service, &c.listens, Some(*node)))
+        });
+        for (id, service, listens, node) in local.chain(remote) {
             let mut matched_any = None;
-            for l in cell.listens.iter().filter(|l| l.pattern.matches(channel)) {
-                match l.mode {
-                    Mode::Multi => route.multi = true,
-                    Mode::Any => matched_any = matched_any.or(Some(l.ack)),
+            for l in listens.iter().filter(|l| l.pattern.matches(channel)) {
+                match (l.mode, node) {
+                    (Mode::Multi, None) => route.multi = true,
+                    (Mode::Multi, Some(n)) if !route.multi_nodes.contains(&n) => {
+                        route.multi_nodes.push(n)
+                    }
+                    (Mode::Multi, Some(_)) => {}
+                    (Mode::Any, _) => matched_any = matched_any.or(Some(l.ack)),
                 }
             }
             if let Some(ack) = matched_any {
-                match route.any.iter_mut().find(|sr| sr.service == cell.service) {
-                    Some(sr) => sr.cells.push((*id, ack)),
+                let target = Target {
+                    cell: *id,
+                    ack,
+                    node,
+                };
+                match route.any.iter_mut().find(|sr| sr.service == *service) {
+                    Some(sr) => sr.cells.push(target),
                     None => route.any.push(ServiceRoute {
-                        service: cell.service.clone(),
-                        cells: vec![(*id, ack)],
+                        service: service.clone(),
+                        cells: vec![target],
                     }),
                 }
             }
         }
-        // Stable order so round robin is fair whatever the map's order.
+        // Stable order so round robin is fair whatever the maps' order.
         for sr in &mut route.any {
-            sr.cells.sort_unstable_by_key(|(id, _)| *id);
+            sr.cells.sort_unstable_by_key(|t| t.cell);
         }
         if self.routes.len() >= MAX_CACHED_ROUTES {
             self.routes.clear();
@@ -753,17 +1048,19 @@ impl Router {
             self.cells.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        self.routes.clear();
-        let orphans: Vec<(Thid, Thid)> = self
-            .in_flight
-            .keys()
-            .filter(|(_, c)| c == id)
-            .copied()
-            .collect();
-        for key in orphans {
-            if let Some(f) = self.in_flight.remove(&key) {
-                self.redeliver(f, Some(id), now, out);
+        self.invalidate();
+        self.redeliver_all_of(id, now, out);
+        // Deliveries other transmitters handed to it go back to them.
+        let mut handed_back: HashMap<Thid, Vec<Thid>> = HashMap::new();
+        self.proxied.retain(|(event, cell), origin| {
+            if cell != id {
+                return true;
             }
+            handed_back.entry(*origin).or_default().push(*event);
+            false
+        });
+        for (origin, ids) in handed_back {
+            out.push(mesh_ack(origin, ids, *id, false));
         }
     }
 
@@ -806,6 +1103,15 @@ fn is_cell_verb(verb: Verb) -> bool {
             | Verb::PONG
             | Verb::GBYE
     )
+}
+
+/// A `MACK` to the transmitter that awaits the answer for `ids`.
+fn mesh_ack(origin: Thid, ids: Vec<Thid>, cell: Thid, ok: bool) -> Output {
+    Output::ToNode {
+        node: origin,
+        frame: frame::encode_json(Verb::MACK, &MeshAck { ids, cell, ok }),
+        binary: None,
+    }
 }
 
 fn to_peer(peer: &[u8], frame: Vec<u8>) -> Output {
@@ -866,6 +1172,7 @@ mod tests {
             self.router.handle(
                 peer.as_bytes(),
                 &[frame.as_bytes()],
+                true,
                 self.now,
                 &mut self.out,
             );
@@ -882,6 +1189,9 @@ mod tests {
                     ),
                     Output::Publish { frame, .. } => {
                         ("PUB".into(), String::from_utf8(frame).unwrap())
+                    }
+                    Output::ToNode { node, frame, .. } => {
+                        (format!("node:{node}"), String::from_utf8(frame).unwrap())
                     }
                 })
                 .collect()
@@ -1052,6 +1362,94 @@ mod tests {
         let r = h.send("a2", r#"J LSTN {"pattern":"c","mode":"any"}"#);
         assert_eq!(r.len(), 2, "{r:?}");
         assert!(r[1].1.contains(r#""attempt":2"#));
+    }
+
+    fn remote_node(node: Thid, cell: Thid, service: &str, mode: &str) -> NodeRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": node, "command": "tcp://127.0.0.1:1",
+            "cells": [{"id": cell, "service": service,
+                       "listens": [{"pattern": "jobs::*", "mode": mode, "ack": true}]}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn events_reach_remote_cells_through_their_transmitter_and_acks_come_back() {
+        let mut h = Harness::new();
+        let (node, cell) = (Thid::random(), Thid::random());
+        h.router
+            .set_view(vec![remote_node(node, cell, "w", "any")], h.now, &mut h.out);
+        h.join("pub", "p");
+        let r = h.send("pub", r#"J EVNT {"channel":"jobs::1","payload":1}"#);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, format!("node:{node}"));
+        assert!(r[0].1.starts_with("J MDLV "), "{}", r[0].1);
+        assert!(r[0].1.contains(&format!(r#""cell":"{cell}""#)));
+        let id = delivery_id(&r[0].1.replace("J MDLV ", "J DLVR "));
+        assert_eq!(h.router.in_flight_count(), 1);
+        let ack = format!(r#"J MACK {{"ids":["{id}"],"cell":"{cell}","ok":true}}"#);
+        assert!(h.send("node-peer", &ack).is_empty());
+        assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn a_transmitter_leaving_the_view_hands_its_deliveries_to_other_cells() {
+        let mut h = Harness::new();
+        let (node, cell) = (Thid::random(), Thid::random());
+        h.router
+            .set_view(vec![remote_node(node, cell, "w", "any")], h.now, &mut h.out);
+        h.join("pub", "p");
+        h.send("pub", r#"J EVNT {"channel":"jobs::1"}"#);
+        h.join("local", "w");
+        h.listen("local", "jobs::*", "any");
+        h.router.set_view(Vec::new(), h.now, &mut h.out);
+        let r = h.drain();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, "local");
+        assert!(r[0].1.contains(r#""attempt":2"#));
+    }
+
+    #[test]
+    fn forwarded_deliveries_go_to_the_local_cell_and_its_ack_goes_to_the_origin() {
+        let mut h = Harness::new();
+        let cell = h.join("c", "w");
+        let (origin, event) = (Thid::random(), Thid::random());
+        let mdlv = format!(
+            r#"J MDLV {{"id":"{event}","channel":"jobs::1","from":"{origin}","attempt":1,"cell":"{cell}","origin":"{origin}","ack":true}}"#
+        );
+        let r = h.send("node-peer", &mdlv);
+        assert_eq!(r[0].0, "c");
+        assert!(r[0].1.starts_with("J DLVR "));
+        let r = h.send("c", &format!(r#"J ACKN {{"id":"{event}"}}"#));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, format!("node:{origin}"));
+        assert!(
+            r[0].1.starts_with("J MACK ") && r[0].1.contains(r#""ok":true"#),
+            "{}",
+            r[0].1
+        );
+    }
+
+    #[test]
+    fn multicatch_events_go_once_to_each_transmitter_with_listeners() {
+        let mut h = Harness::new();
+        let (n1, n2) = (Thid::random(), Thid::random());
+        h.router.set_view(
+            vec![
+                remote_node(n1, Thid::random(), "a", "multi"),
+                remote_node(n2, Thid::random(), "b", "multi"),
+            ],
+            h.now,
+            &mut h.out,
+        );
+        h.join("pub", "p");
+        let mut r = h.send("pub", r#"J EVNT {"channel":"jobs::1"}"#);
+        r.sort();
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r.iter().all(|(_, f)| f.starts_with("J MEVT ")));
+        let r = h.send("node-peer", &r[0].1.clone());
+        assert_eq!(r[0].0, "PUB");
+        assert!(r[0].1.starts_with("EVNT jobs::1 {"));
     }
 
     #[test]

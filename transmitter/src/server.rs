@@ -14,8 +14,11 @@ use thynapse_protocol::frame::SYNC_TOPIC;
 use thynapse_protocol::limits::ZAP_DOMAIN;
 use thynapse_protocol::Thid;
 
-use crate::auth;
+use std::collections::HashMap;
+
+use crate::auth::{self, MESH_USER};
 use crate::config::{Config, DEFAULT_HWM, LINGER, TICK};
+use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
 use crate::router::{Output, Router};
 
@@ -35,7 +38,16 @@ pub enum StartError {
         /// libzmq's error.
         source: zmq::Error,
     },
+    /// The mesh could not start.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// Settings that do not go together.
+    #[error("{0}")]
+    Config(&'static str),
 }
+
+/// Where the router thread and the mesh thread talk.
+const MESH_PAIR: &str = "inproc://thynapse-mesh";
 
 /// A running transmitter. Dropping it shuts it down.
 #[derive(Debug)]
@@ -54,6 +66,8 @@ pub struct Transmitter {
     thread: Option<JoinHandle<()>>,
     /// The ZAP thread, when a token is set; it ends with the context.
     zap: Option<JoinHandle<()>>,
+    /// The mesh thread, when gossip runs; it ends with the stop flag.
+    mesh: Option<JoinHandle<()>>,
 }
 
 fn socket_err<'a>(
@@ -86,8 +100,8 @@ fn bind(socket: &zmq::Socket, endpoint: &str) -> Result<String, StartError> {
         .unwrap_or_else(|_| endpoint.to_owned()))
 }
 
-/// The endpoint cells should connect their SUB to: the advertised one, or
-/// the bound one with a wildcard host replaced by loopback.
+/// The endpoint peers should connect to: the advertised one, or the bound
+/// one with a wildcard host replaced by loopback.
 fn announced(bound: &str, advertise: Option<&str>) -> String {
     if let Some(a) = advertise {
         return a.to_owned();
@@ -95,7 +109,7 @@ fn announced(bound: &str, advertise: Option<&str>) -> String {
     if bound.contains("0.0.0.0") {
         tracing::warn!(
             endpoint = bound,
-            "event socket bound to 0.0.0.0 without --advertise; announcing 127.0.0.1"
+            "socket bound to 0.0.0.0 without --advertise; announcing 127.0.0.1"
         );
         return bound.replace("0.0.0.0", "127.0.0.1");
     }
@@ -108,10 +122,16 @@ impl Transmitter {
     /// # Errors
     /// [`StartError`] when a socket cannot be created or bound.
     pub fn start(config: Config) -> Result<Transmitter, StartError> {
+        if config.mesh_secret.is_some() && config.token.is_none() {
+            return Err(StartError::Config(
+                "a mesh secret needs a token: both sockets then authenticate with PLAIN",
+            ));
+        }
         let ctx = zmq::Context::new();
         let zap = match &config.token {
             Some(token) => Some(
-                auth::start(&ctx, token.clone()).map_err(socket_err("bind", auth::ZAP_ENDPOINT))?,
+                auth::start(&ctx, token.clone(), config.mesh_secret.clone())
+                    .map_err(socket_err("bind", auth::ZAP_ENDPOINT))?,
             ),
             None => None,
         };
@@ -155,12 +175,42 @@ impl Transmitter {
             metrics.clone(),
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let (pair, mesh) = if config.mesh {
+            let pair = ctx
+                .socket(zmq::PAIR)
+                .map_err(socket_err("create", MESH_PAIR))?;
+            pair.bind(MESH_PAIR)
+                .map_err(socket_err("bind", MESH_PAIR))?;
+            let command = announced(&command_endpoint, None);
+            let settings = MeshSettings {
+                id,
+                gossip: mesh::gossip_addr(&command)?,
+                command,
+                join: config.join.clone(),
+                secret: config.mesh_secret.clone(),
+            };
+            let thread = mesh::start(&ctx, MESH_PAIR, settings, stop.clone())?;
+            (Some(pair), Some(thread))
+        } else {
+            (None, None)
+        };
+        let switchboard = Switchboard {
+            router,
+            commands,
+            events,
+            mesh: pair,
+            nodes: HashMap::new(),
+            ctx: ctx.clone(),
+            node_password: config.mesh_secret.clone().or(config.token.clone()),
+            mesh_needs_auth: config.mesh_secret.is_some(),
+            out: Vec::with_capacity(BATCH),
+        };
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("thynapse-router".into())
                 .spawn(move || {
-                    run(router, commands, events, &stop);
+                    switchboard.run(&stop);
                     drop(ctx);
                 })
                 .expect("spawning a thread at startup")
@@ -174,6 +224,7 @@ impl Transmitter {
             stop,
             thread: Some(thread),
             zap,
+            mesh,
         })
     }
 
@@ -215,6 +266,9 @@ impl Transmitter {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some(m) = self.mesh.take() {
+            let _ = m.join();
+        }
         if let Some(z) = self.zap.take() {
             let _ = z.join();
         }
@@ -227,54 +281,193 @@ impl Drop for Transmitter {
     }
 }
 
-/// The router thread's loop.
-fn run(mut router: Router, commands: zmq::Socket, events: zmq::Socket, stop: &AtomicBool) {
-    let mut out = Vec::with_capacity(BATCH);
-    let mut inbox = Inbox::default();
-    let mut next_tick = Instant::now() + TICK;
-    while !stop.load(Ordering::Relaxed) {
-        let timeout = next_tick
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i64;
-        let mut items = [
-            commands.as_poll_item(zmq::POLLIN),
-            events.as_poll_item(zmq::POLLIN),
-        ];
-        if zmq::poll(&mut items, timeout).is_err() {
-            break;
-        }
-        for _ in 0..BATCH {
-            let now = Instant::now();
-            match inbox.recv(&commands) {
-                Ok(()) => inbox.handle(&mut router, now, &mut out),
-                Err(zmq::Error::EAGAIN) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "command socket receive failed");
-                    break;
+/// What the router thread owns: the sockets and the router.
+struct Switchboard {
+    router: Router,
+    /// The ROUTER command socket.
+    commands: zmq::Socket,
+    /// The XPUB event socket.
+    events: zmq::Socket,
+    /// The PAIR socket to the mesh thread, when gossip runs.
+    mesh: Option<zmq::Socket>,
+    /// A DEALER to each other transmitter's command socket.
+    nodes: HashMap<Thid, (String, zmq::Socket)>,
+    /// For creating node DEALERs.
+    ctx: zmq::Context,
+    /// PLAIN password for node DEALERs (the mesh secret, else the token).
+    node_password: Option<String>,
+    /// Whether mesh verbs need a peer authenticated as `mesh`.
+    mesh_needs_auth: bool,
+    /// Outputs waiting to be sent.
+    out: Vec<Output>,
+}
+
+impl Switchboard {
+    /// The router thread's loop.
+    fn run(mut self, stop: &AtomicBool) {
+        let mut inbox = Inbox::default();
+        let mut next_tick = Instant::now() + TICK;
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = next_tick
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i64;
+            let mut items = vec![
+                self.commands.as_poll_item(zmq::POLLIN),
+                self.events.as_poll_item(zmq::POLLIN),
+            ];
+            if let Some(m) = &self.mesh {
+                items.push(m.as_poll_item(zmq::POLLIN));
+            }
+            if zmq::poll(&mut items, timeout).is_err() {
+                break;
+            }
+            for _ in 0..BATCH {
+                let now = Instant::now();
+                match inbox.recv(&self.commands) {
+                    Ok(()) => {
+                        inbox.handle(&mut self.router, self.mesh_needs_auth, now, &mut self.out)
+                    }
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "command socket receive failed");
+                        break;
+                    }
+                }
+                self.flush();
+            }
+            for _ in 0..BATCH {
+                match self.events.recv_bytes(zmq::DONTWAIT) {
+                    Ok(sub) => self.answer_subscription(&sub),
+                    Err(_) => break,
                 }
             }
-            flush(&mut router, &commands, &events, &mut out);
-        }
-        for _ in 0..BATCH {
-            match events.recv_bytes(zmq::DONTWAIT) {
-                Ok(sub) => answer_subscription(&sub, &events, &router),
-                Err(_) => break,
+            self.receive_view();
+            let now = Instant::now();
+            if now >= next_tick {
+                self.router.tick(now, &mut self.out);
+                self.flush();
+                if let (Some(m), Some(view)) = (&self.mesh, self.router.take_local_view()) {
+                    let _ = m.send(view.as_bytes(), zmq::DONTWAIT);
+                }
+                next_tick = now + TICK;
             }
         }
-        let now = Instant::now();
-        if now >= next_tick {
-            router.tick(now, &mut out);
-            flush(&mut router, &commands, &events, &mut out);
-            next_tick = now + TICK;
+        self.router.shutdown(&mut self.out);
+        self.flush();
+        tracing::info!(
+            cells = self.router.cell_count(),
+            in_flight = self.router.in_flight_count(),
+            "transmitter stopped"
+        );
+    }
+
+    /// Takes the latest mesh view, if one came, and opens or closes the
+    /// DEALERs to other transmitters to match it.
+    fn receive_view(&mut self) {
+        let Some(mesh) = &self.mesh else { return };
+        let mut latest = None;
+        while let Ok(view) = mesh.recv_bytes(zmq::DONTWAIT) {
+            latest = Some(view);
+        }
+        let Some(view) = latest else { return };
+        let nodes: Vec<NodeRecord> = match serde_json::from_slice(&view) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable mesh view");
+                return;
+            }
+        };
+        self.router.set_view(nodes, Instant::now(), &mut self.out);
+        let wanted: HashMap<Thid, String> = self
+            .router
+            .nodes()
+            .map(|(id, cmd)| (*id, cmd.to_owned()))
+            .collect();
+        self.nodes.retain(|id, (cmd, _)| {
+            let keep = wanted.get(id).is_some_and(|w| w == cmd);
+            if !keep {
+                tracing::info!(node = %id, "transmitter left the view");
+            }
+            keep
+        });
+        for (id, cmd) in wanted {
+            if self.nodes.contains_key(&id) {
+                continue;
+            }
+            match self.node_socket(&cmd) {
+                Ok(socket) => {
+                    tracing::info!(node = %id, command = %cmd, "transmitter joined the view");
+                    self.nodes.insert(id, (cmd, socket));
+                }
+                Err(e) => {
+                    tracing::warn!(node = %id, command = %cmd, error = %e, "cannot reach transmitter")
+                }
+            }
+        }
+        self.flush();
+    }
+
+    /// A DEALER to another transmitter's command socket.
+    fn node_socket(&self, endpoint: &str) -> Result<zmq::Socket, zmq::Error> {
+        let s = self.ctx.socket(zmq::DEALER)?;
+        s.set_sndhwm(DEFAULT_HWM)?;
+        s.set_rcvhwm(DEFAULT_HWM)?;
+        s.set_linger(0)?;
+        if let Some(password) = &self.node_password {
+            s.set_plain_username(Some(MESH_USER))?;
+            s.set_plain_password(Some(password))?;
+        }
+        s.connect(endpoint)?;
+        Ok(s)
+    }
+
+    /// A subscription frame is `\x01topic` (subscribe) or `\x00topic`. A new
+    /// `SYNC <token>` subscription is answered at once with a `SYNC <token>`
+    /// frame, proving to the cell that its earlier subscriptions arrived.
+    fn answer_subscription(&self, sub: &[u8]) {
+        if let [1, topic @ ..] = sub {
+            if topic.starts_with(SYNC_TOPIC) {
+                let _ = self.events.send(topic, zmq::DONTWAIT);
+                Metrics::incr(&self.router.metrics().syncs);
+            }
         }
     }
-    router.shutdown(&mut out);
-    flush(&mut router, &commands, &events, &mut out);
-    tracing::info!(
-        cells = router.cell_count(),
-        in_flight = router.in_flight_count(),
-        "transmitter stopped"
-    );
+
+    /// Sends every pending output; unreachable cells are reported back to
+    /// the router, full queues are counted.
+    fn flush(&mut self) {
+        while !self.out.is_empty() {
+            let batch = std::mem::take(&mut self.out);
+            for o in batch {
+                let sent = match &o {
+                    Output::ToPeer {
+                        peer,
+                        frame,
+                        binary,
+                    } => send(&self.commands, Some(peer), frame, binary.as_deref()),
+                    Output::Publish { frame, binary } => {
+                        send(&self.events, None, frame, binary.as_deref())
+                    }
+                    Output::ToNode {
+                        node,
+                        frame,
+                        binary,
+                    } => match self.nodes.get(node) {
+                        Some((_, s)) => send(s, None, frame, binary.as_deref()),
+                        None => Err(zmq::Error::EHOSTUNREACH),
+                    },
+                };
+                match (sent, &o) {
+                    (Ok(()), _) => {}
+                    (Err(zmq::Error::EHOSTUNREACH), Output::ToPeer { peer, .. }) => {
+                        self.router
+                            .peer_unreachable(peer, Instant::now(), &mut self.out);
+                    }
+                    (Err(_), _) => Metrics::incr(&self.router.metrics().dropped_hwm),
+                }
+            }
+        }
+    }
 }
 
 /// Reusable buffers for one incoming message: the routing id, the command
@@ -318,55 +511,24 @@ impl Inbox {
         Ok(())
     }
 
-    /// Hands the message to the router.
-    fn handle(&self, router: &mut Router, now: Instant, out: &mut Vec<Output>) {
+    /// Hands the message to the router. When a mesh secret is set, only
+    /// connections that authenticated as `mesh` may send mesh verbs.
+    fn handle(
+        &mut self,
+        router: &mut Router,
+        mesh_needs_auth: bool,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        let mesh_ok = !mesh_needs_auth || self.parts[1].gets("User-Id") == Some(MESH_USER);
         let [peer, command, binary] = &self.parts;
         match self.count {
-            1 => router.handle(peer, &[], now, out),
-            2 => router.handle(peer, &[command], now, out),
-            3 => router.handle(peer, &[command, binary], now, out),
+            1 => router.handle(peer, &[], mesh_ok, now, out),
+            2 => router.handle(peer, &[command], mesh_ok, now, out),
+            3 => router.handle(peer, &[command, binary], mesh_ok, now, out),
             n => {
                 let filler: Vec<&[u8]> = vec![&[][..]; n - 1];
-                router.handle(peer, &filler, now, out)
-            }
-        }
-    }
-}
-
-/// A subscription frame is `\x01topic` (subscribe) or `\x00topic`. A new
-/// `SYNC <token>` subscription is answered at once with a `SYNC <token>`
-/// frame, proving to the cell that its earlier subscriptions arrived.
-fn answer_subscription(sub: &[u8], events: &zmq::Socket, router: &Router) {
-    if let [1, topic @ ..] = sub {
-        if topic.starts_with(SYNC_TOPIC) {
-            let _ = events.send(topic, zmq::DONTWAIT);
-            Metrics::incr(&router.metrics().syncs);
-        }
-    }
-}
-
-/// Sends every pending output; unreachable cells are reported back to the
-/// router, full queues are counted.
-fn flush(router: &mut Router, commands: &zmq::Socket, events: &zmq::Socket, out: &mut Vec<Output>) {
-    while !out.is_empty() {
-        let batch = std::mem::take(out);
-        for o in batch {
-            let sent = match &o {
-                Output::ToPeer {
-                    peer,
-                    frame,
-                    binary,
-                } => send(commands, Some(peer), frame, binary.as_deref()),
-                Output::Publish { frame, binary } => send(events, None, frame, binary.as_deref()),
-            };
-            match sent {
-                Ok(()) => {}
-                Err(zmq::Error::EHOSTUNREACH) => {
-                    if let Output::ToPeer { peer, .. } = &o {
-                        router.peer_unreachable(peer, Instant::now(), out);
-                    }
-                }
-                Err(_) => Metrics::incr(&router.metrics().dropped_hwm),
+                router.handle(peer, &filler, mesh_ok, now, out)
             }
         }
     }
