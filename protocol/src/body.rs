@@ -38,7 +38,7 @@ pub struct Hello {
 /// Limits a transmitter announces in `WLCM`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    /// Largest message accepted, in bytes (all frames together).
+    /// Largest frame accepted, in bytes (each frame of a message).
     pub max_frame: usize,
     /// Time to ACKN a delivery before it is redelivered.
     pub ack_timeout_ms: u64,

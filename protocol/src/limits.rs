@@ -4,7 +4,7 @@
 pub const DEFAULT_COMMAND_ENDPOINT: &str = "tcp://127.0.0.1:5454";
 /// Default event endpoint of a transmitter.
 pub const DEFAULT_EVENT_ENDPOINT: &str = "tcp://127.0.0.1:5455";
-/// Default largest message (all frames) a transmitter accepts: 1 MiB.
+/// Default largest frame (each frame of a message) a transmitter accepts: 1 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
 /// Default interval at which cells send PING when otherwise silent.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 1000;

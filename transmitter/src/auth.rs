@@ -7,6 +7,8 @@
 //! that keep failing, without holding up anyone else.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,8 @@ pub const FREE_FAILURES: u32 = 3;
 pub const FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay before a denial is sent.
 pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// How often the handler looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// Failures are forgotten after this long without another one.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(60);
 
@@ -45,8 +49,7 @@ pub fn denial_delay(failures: u32) -> Duration {
     (FIRST_DELAY * 2u32.pow(exp)).min(MAX_DELAY)
 }
 
-/// Starts the ZAP handler thread on `ctx`; it stops when the context is
-/// terminated.
+/// Starts the ZAP handler thread on `ctx`; it stops when `stop` rises.
 ///
 /// # Errors
 /// When the inproc endpoint cannot be bound (another handler exists).
@@ -54,13 +57,14 @@ pub fn start(
     ctx: &zmq::Context,
     token: String,
     mesh_secret: Option<String>,
+    stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, zmq::Error> {
     let socket = ctx.socket(zmq::ROUTER)?;
     socket.set_linger(0)?;
     socket.bind(ZAP_ENDPOINT)?;
     Ok(std::thread::Builder::new()
         .name("thynapse-zap".into())
-        .spawn(move || serve(socket, token, mesh_secret))
+        .spawn(move || serve(socket, token, mesh_secret, stop))
         .expect("spawning a thread at startup"))
 }
 
@@ -86,16 +90,18 @@ pub fn identify(
     token_ok.then_some(CELL_USER)
 }
 
-fn serve(socket: zmq::Socket, token: String, mesh_secret: Option<String>) {
+fn serve(socket: zmq::Socket, token: String, mesh_secret: Option<String>, stop: Arc<AtomicBool>) {
     let mut failures: HashMap<String, Failures> = HashMap::new();
     let mut delayed: Vec<(Instant, Vec<Vec<u8>>)> = Vec::new();
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let timeout = delayed
             .iter()
-            .map(|(due, _)| due.saturating_duration_since(now).as_millis() as i64)
+            .map(|(due, _)| due.saturating_duration_since(now))
+            .chain([STOP_CHECK])
             .min()
-            .unwrap_or(-1);
+            .unwrap_or(STOP_CHECK)
+            .as_millis() as i64;
         match socket.poll(zmq::POLLIN, timeout) {
             Ok(_) => {}
             Err(_) => return,

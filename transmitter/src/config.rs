@@ -25,7 +25,7 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Shared secret every cell must present (PLAIN password); none = open.
     pub token: Option<String>,
-    /// Largest message accepted, in bytes; larger ones cut the connection.
+    /// Largest frame accepted, in bytes; a larger one cuts the connection.
     pub max_frame: usize,
     /// Heartbeat interval announced to cells.
     pub heartbeat: Duration,

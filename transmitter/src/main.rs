@@ -39,7 +39,7 @@ struct TransmitterArgs {
     /// Shared secret every connection must present (PLAIN password).
     #[arg(long, env = "THYNAPSE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Largest message accepted, in bytes.
+    /// Largest frame accepted, in bytes (each frame of a message).
     #[arg(long, env = "THYNAPSE_MAX_FRAME", default_value_t = limits::DEFAULT_MAX_FRAME)]
     max_frame: usize,
     /// Heartbeat interval announced to cells, in milliseconds.

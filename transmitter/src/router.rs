@@ -62,6 +62,9 @@ pub enum DisconnectReason {
     HeartbeatTimeout,
     /// Its connection is gone (the socket could not reach it).
     Unreachable,
+    /// A new connection said HELO with its THID after the old one fell
+    /// silent.
+    Replaced,
 }
 
 /// One listened pattern of a cell.
@@ -407,11 +410,24 @@ impl Router {
             }
             _ => {}
         }
+        // A cell whose connection dropped and came back (libzmq reconnects
+        // under a new routing id) takes its THID over once the old
+        // connection has missed a heartbeat; a live one keeps it.
+        let stale = self
+            .cells
+            .get(&h.id)
+            .is_some_and(|c| c.peer != peer && now.duration_since(c.last_seen) > self.heartbeat);
+        if stale {
+            self.remove_cell(&h.id, DisconnectReason::Replaced, now, out);
+        }
         if let Some(existing) = self.cells.get_mut(&h.id) {
             if existing.peer != peer {
                 return Err(Failure::new(
                     ErrorCode::ThidInUse,
-                    format!("cell {} is connected on another connection", h.id),
+                    format!(
+                        "cell {} is connected on another connection; retry after one heartbeat if that one is dead",
+                        h.id
+                    ),
                     re,
                 ));
             }
@@ -1450,6 +1466,22 @@ mod tests {
         let r = h.send("node-peer", &r[0].1.clone());
         assert_eq!(r[0].0, "PUB");
         assert!(r[0].1.starts_with("EVNT jobs::1 {"));
+    }
+
+    #[test]
+    fn a_reconnected_cell_takes_its_thid_over_once_the_old_connection_fell_silent() {
+        let mut h = Harness::new();
+        let id = h.join("old", "s");
+        let helo = format!(r#"J HELO {{"id":"{id}","service":"s"}}"#);
+        assert_eq!(code(&h.send("new", &helo)), "thid_in_use");
+        h.now += Duration::from_millis(1500);
+        let r = h.send("new", &helo);
+        assert!(r[0].1.starts_with("J WLCM"), "{r:?}");
+        assert_eq!(h.router.cell_count(), 1);
+        assert_eq!(
+            code(&h.send("old", r#"J LSTN {"pattern":"a","mode":"any"}"#)),
+            "not_welcomed"
+        );
     }
 
     #[test]

@@ -128,10 +128,16 @@ impl Transmitter {
             ));
         }
         let ctx = zmq::Context::new();
+        let stop = Arc::new(AtomicBool::new(false));
         let zap = match &config.token {
             Some(token) => Some(
-                auth::start(&ctx, token.clone(), config.mesh_secret.clone())
-                    .map_err(socket_err("bind", auth::ZAP_ENDPOINT))?,
+                auth::start(
+                    &ctx,
+                    token.clone(),
+                    config.mesh_secret.clone(),
+                    stop.clone(),
+                )
+                .map_err(socket_err("bind", auth::ZAP_ENDPOINT))?,
             ),
             None => None,
         };
@@ -174,7 +180,6 @@ impl Transmitter {
             &config,
             metrics.clone(),
         );
-        let stop = Arc::new(AtomicBool::new(false));
         let (pair, mesh) = if config.mesh {
             let pair = ctx
                 .socket(zmq::PAIR)
