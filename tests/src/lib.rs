@@ -1105,14 +1105,27 @@ impl Monitor {
         event: zmq::SocketEvent,
         timeout: Duration,
     ) -> anyhow::Result<Vec<zmq::SocketEvent>> {
+        self.expect_one_of(&[event], timeout).map(|(_, seen)| seen)
+    }
+
+    /// Waits up to `timeout` for any of `events`, skipping others; returns
+    /// the one that came and the events skipped before it.
+    ///
+    /// # Errors
+    /// When none comes in time (naming the events seen).
+    pub fn expect_one_of(
+        &self,
+        events: &[zmq::SocketEvent],
+        timeout: Duration,
+    ) -> anyhow::Result<(zmq::SocketEvent, Vec<zmq::SocketEvent>)> {
         let end = Instant::now() + timeout;
         let mut seen = Vec::new();
         loop {
             let left = end.saturating_duration_since(Instant::now());
             match self.next(left)? {
-                Some(e) if e == event => return Ok(seen),
+                Some(e) if events.contains(&e) => return Ok((e, seen)),
                 Some(e) => seen.push(e),
-                None => bail!("no {event:?} within {timeout:?}; saw {seen:?}"),
+                None => bail!("none of {events:?} within {timeout:?}; saw {seen:?}"),
             }
         }
     }

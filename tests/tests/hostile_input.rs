@@ -343,8 +343,9 @@ fn a_message_above_max_frame_cuts_off_only_its_sender() -> anyhow::Result<()> {
         big.ping()?;
         big.send(r#"J LSTN {"pattern":"big::*","mode":"any","ref":"r-after"}"#)?;
         assert_eq!(big.expect_error("not_welcomed")?["re"], "r-after");
-        // Its THID is freed once the old connection expires (3 heartbeats,
-        // 3 s by default); until then a HELO with it is thid_in_use.
+        // Its THID is taken over once the old connection counts as gone
+        // (PROTOCOL.md §4 Reconnects: at most 3 heartbeats, 3 s by
+        // default); until then a HELO with it gets thid_in_use.
         let mut welcomed = false;
         wait_until(
             "the THID of the cut-off cell to be free again",
