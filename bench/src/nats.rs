@@ -1,0 +1,300 @@
+//! The NATS side, over `async-nats`: the same client shape as the Thynapse
+//! runs (one publisher connection, one connection per cell, all in this
+//! process on one tokio runtime).
+//!
+//! - `anycatch_noack`: a core NATS queue group of N subscribers.
+//! - `anycatch_ack`: a JetStream work-queue stream in memory storage, one
+//!   durable pull consumer with explicit acks, N workers pulling from it
+//!   (each on its own connection), each message acked.
+//! - `multicatch`: N plain subscribers, each gets every message.
+//! - memory: N idle connections, the server's resident size before/after.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::payload;
+use crate::procfs::{self, CpuMark};
+use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
+use crate::{Load, Scenario};
+
+/// The subject of the anycatch and multicatch runs.
+const SUBJECT: &str = "bench.events";
+/// The queue group of the anycatch run.
+const QUEUE: &str = "bench-workers";
+/// The JetStream stream of the acked anycatch run.
+const STREAM: &str = "BENCH";
+/// Its durable consumer.
+const CONSUMER: &str = "bench-workers";
+
+/// How the JetStream publisher hands events to the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JsPublish {
+    /// Core publish, no publish ack: the same fire-and-forget as a Thynapse
+    /// EVNT without `confirm`.
+    Core,
+    /// JetStream publish, awaiting every publish ack with a window of
+    /// outstanding ones.
+    Acked,
+}
+
+/// Tuning of the JetStream run.
+#[derive(Debug, Clone, Copy)]
+pub struct JsTuning {
+    /// How the publisher publishes.
+    pub publish: JsPublish,
+    /// The consumer's `max_ack_pending`.
+    pub max_ack_pending: i64,
+    /// Messages requested per pull.
+    pub batch: usize,
+}
+
+impl Default for JsTuning {
+    fn default() -> Self {
+        JsTuning {
+            publish: JsPublish::Core,
+            max_ack_pending: 20_000,
+            batch: 500,
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 18)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// Runs one throughput scenario against the server at `url`.
+///
+/// # Errors
+/// When connecting or setting up subscriptions or the stream fails.
+pub async fn run(
+    url: &str,
+    scenario: Scenario,
+    load: &Load,
+    js: JsTuning,
+) -> anyhow::Result<Report> {
+    let begin = Instant::now();
+    let clock = Arc::new(RunClock::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = connect(url).await?;
+
+    // The cells.
+    let mut cells = Vec::new();
+    match scenario {
+        Scenario::AnycatchNoack | Scenario::Multicatch => {
+            for _ in 0..load.cells {
+                let c = connect(url).await?;
+                let sub = if scenario == Scenario::Multicatch {
+                    c.subscribe(SUBJECT).await?
+                } else {
+                    c.queue_subscribe(SUBJECT, QUEUE.into()).await?
+                };
+                // The PING/PONG of a flush proves the SUB reached the server.
+                c.flush().await?;
+                let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
+                cells.push(tokio::spawn(async move {
+                    let mut sub = sub;
+                    let mut tally = Tally::new(msgs);
+                    loop {
+                        tokio::select! {
+                            m = sub.next() => match m {
+                                Some(m) => {
+                                    tally.record(payload::seq_of(&m.payload));
+                                    clock.delivered_now(1);
+                                }
+                                None => break,
+                            },
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                                if stop.load(Ordering::Relaxed) { break; }
+                            }
+                        }
+                    }
+                    drop(c);
+                    tally
+                }));
+            }
+        }
+        Scenario::AnycatchAck => {
+            let ctx = jetstream::new(publisher.clone());
+            let _ = ctx.delete_stream(STREAM).await;
+            let stream = ctx
+                .create_stream(jetstream::stream::Config {
+                    name: STREAM.into(),
+                    subjects: vec![SUBJECT.into()],
+                    retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                    storage: jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                })
+                .await
+                .context("creating the work-queue stream")?;
+            stream
+                .create_consumer(jetstream::consumer::pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    max_ack_pending: js.max_ack_pending,
+                    ..Default::default()
+                })
+                .await
+                .context("creating the consumer")?;
+            for _ in 0..load.cells {
+                let c = connect(url).await?;
+                let cctx = jetstream::new(c.clone());
+                let consumer: jetstream::consumer::PullConsumer = cctx
+                    .get_stream(STREAM)
+                    .await?
+                    .get_consumer(CONSUMER)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("getting the consumer: {e}"))?;
+                let mut messages = consumer
+                    .stream()
+                    .max_messages_per_batch(js.batch)
+                    .messages()
+                    .await?;
+                let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
+                cells.push(tokio::spawn(async move {
+                    let mut tally = Tally::new(msgs);
+                    loop {
+                        tokio::select! {
+                            m = messages.next() => match m {
+                                Some(Ok(m)) => {
+                                    tally.record(payload::seq_of(&m.payload));
+                                    // Explicit ack (fire-and-forget, as a
+                                    // Thynapse ACKN is).
+                                    if m.ack().await.is_err() { break; }
+                                    clock.delivered_now(1);
+                                }
+                                Some(Err(_)) => continue,
+                                None => break,
+                            },
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                                if stop.load(Ordering::Relaxed) { break; }
+                            }
+                        }
+                    }
+                    drop(c);
+                    tally
+                }));
+            }
+        }
+    }
+
+    // The publisher.
+    let published = Arc::new(AtomicBool::new(false));
+    let mark = CpuMark::now(load.server_pid);
+    clock.restart();
+    let pub_begin = Instant::now();
+    let pub_task = {
+        let (published, msgs, size, deadline) =
+            (published.clone(), load.msgs, load.payload, load.deadline);
+        let publisher = publisher.clone();
+        let acked = scenario == Scenario::AnycatchAck && js.publish == JsPublish::Acked;
+        tokio::spawn(async move {
+            let mut template = payload::template(size);
+            let ctx = jetstream::new(publisher.clone());
+            let mut window = std::collections::VecDeque::new();
+            let mut sent = 0;
+            for seq in 0..msgs {
+                if begin.elapsed() > deadline {
+                    break;
+                }
+                payload::stamp(&mut template, seq);
+                let p = Bytes::copy_from_slice(&template);
+                if acked {
+                    window.push_back(ctx.publish(SUBJECT, p).await?);
+                    if window.len() >= 256 {
+                        if let Some(f) = window.pop_front() {
+                            f.await?;
+                        }
+                    }
+                } else {
+                    publisher.publish(SUBJECT, p).await?;
+                }
+                sent += 1;
+            }
+            for f in window {
+                f.await?;
+            }
+            publisher.flush().await?;
+            published.store(true, Ordering::Relaxed);
+            anyhow::Ok((sent, pub_begin.elapsed()))
+        })
+    };
+
+    let expected = if scenario.fan_out() {
+        load.msgs * load.cells as u64
+    } else {
+        load.msgs
+    };
+    {
+        let (clock, published, deadline, idle) =
+            (clock.clone(), published.clone(), load.deadline, load.idle);
+        tokio::task::spawn_blocking(move || {
+            wait_for_deliveries(&clock, expected, begin, deadline, idle, || {
+                published.load(Ordering::Relaxed)
+            })
+        })
+        .await?;
+    }
+    let cpu = mark.since();
+    stop.store(true, Ordering::Relaxed);
+    let (sent, publish_took) = pub_task.await??;
+    let mut tally = Tally::new(load.msgs);
+    for c in cells {
+        tally.merge(&c.await?);
+    }
+
+    let mut r = Report::new("nats", scenario.name());
+    r.payload = load.payload;
+    r.cells = load.cells;
+    r.msgs = sent;
+    r.publish_secs = publish_took.as_secs_f64();
+    r.fill(&clock, &tally, scenario.fan_out(), load.cells);
+    r.cpu(cpu);
+    if scenario == Scenario::AnycatchAck {
+        r.note = Some(format!(
+            "JetStream work queue, memory storage, pull consumer, explicit acks, max_ack_pending {}, batch {}, publish {:?}",
+            js.max_ack_pending, js.batch, js.publish
+        ));
+        let _ = jetstream::new(publisher.clone())
+            .delete_stream(STREAM)
+            .await;
+    }
+    Ok(r)
+}
+
+/// Opens `conns` idle connections and reports the server's resident size
+/// before and with them.
+///
+/// # Errors
+/// When the server's `/proc` entry cannot be read or a connection fails.
+pub async fn memory(url: &str, pid: u32, conns: usize, settle: Duration) -> anyhow::Result<Report> {
+    let idle = procfs::rss_kib(pid)?;
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let c = async_nats::connect(url)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        clients.push(c);
+    }
+    for c in &clients {
+        c.flush().await?;
+    }
+    tokio::time::sleep(settle).await;
+    let loaded = procfs::rss_kib(pid)?;
+    drop(clients);
+    let mut r = Report::new("nats", "memory");
+    r.cells = conns;
+    r.rss_idle_kib = Some(idle);
+    r.rss_loaded_kib = Some(loaded);
+    r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
+    Ok(r)
+}

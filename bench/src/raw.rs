@@ -1,0 +1,437 @@
+//! A Thynapse client on raw libzmq frames, independent of the cell SDK: it
+//! speaks PROTOCOL.md's `J VERB {json}` frames directly and acks in
+//! batches (`ACKN {"ids":[...]}`, flushed when the socket has nothing more
+//! to read or 64 ids are pending). It shows what the transmitter can move
+//! when the client costs as little as possible; the SDK runs show what
+//! users get.
+//!
+//! Each cell is a thread with its own libzmq context (its own I/O thread),
+//! as separate processes would have; the publisher likewise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use thynapse_protocol::{frame, Thid, Verb};
+
+use crate::payload;
+use crate::procfs::{self, CpuMark};
+use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
+use crate::{Load, Scenario};
+
+/// The channel every run publishes on.
+pub const CHANNEL: &str = "bench::events";
+/// The service of the listening cells.
+pub const CELL_SERVICE: &str = "bench-cells";
+/// The service of the publisher.
+pub const PUBLISHER_SERVICE: &str = "bench-publisher";
+/// Most ids in one ACKN.
+pub const ACK_BATCH: usize = 64;
+/// How often an otherwise silent client pings (the transmitter expires a
+/// cell after 3 silent heartbeats, 1 s each by default).
+pub const PING_EVERY: Duration = Duration::from_millis(500);
+/// How long to wait for a reply during setup.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A welcomed connection.
+struct Joined {
+    dealer: zmq::Socket,
+    /// The event socket endpoint from WLCM.
+    event_endpoint: String,
+    id: Thid,
+}
+
+fn send_cmd(s: &zmq::Socket, verb: Verb, body: &str) -> anyhow::Result<()> {
+    s.send(frame::encode(verb, body.as_bytes()), 0)?;
+    Ok(())
+}
+
+/// Receives until a frame with `verb` arrives; an ERRR is an error.
+fn expect(s: &zmq::Socket, verb: Verb) -> anyhow::Result<Vec<u8>> {
+    let until = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no {verb} within {SETUP_TIMEOUT:?}");
+        }
+        if s.poll(zmq::POLLIN, left.as_millis() as i64)? == 0 {
+            continue;
+        }
+        let parts = s.recv_multipart(0)?;
+        let Some(first) = parts.first() else { continue };
+        let Ok(f) = frame::decode(first) else {
+            continue;
+        };
+        if f.verb == verb {
+            return Ok(f.body.to_vec());
+        }
+        if f.verb == Verb::ERRR {
+            bail!(
+                "{verb} expected, got ERRR {}",
+                String::from_utf8_lossy(f.body)
+            );
+        }
+    }
+}
+
+fn join(ctx: &zmq::Context, command: &str, service: &str) -> anyhow::Result<Joined> {
+    let dealer = ctx.socket(zmq::DEALER)?;
+    dealer.set_linger(1000)?;
+    dealer
+        .connect(command)
+        .with_context(|| format!("connecting to {command}"))?;
+    let id = Thid::random();
+    send_cmd(
+        &dealer,
+        Verb::HELO,
+        &format!(r#"{{"id":"{id}","service":"{service}"}}"#),
+    )?;
+    let body = expect(&dealer, Verb::WLCM)?;
+    let w: serde_json::Value = serde_json::from_slice(&body)?;
+    let event_endpoint = w["pub"].as_str().context("WLCM without pub")?.to_owned();
+    Ok(Joined {
+        dealer,
+        event_endpoint,
+        id,
+    })
+}
+
+/// The id of a DLVR body, which the transmitter writes first:
+/// `{"id":"<40 hex>",...`.
+fn delivery_id(body: &[u8]) -> Option<&[u8]> {
+    let rest = body.strip_prefix(br#"{"id":""#)?;
+    rest.get(..40)
+}
+
+struct CellLoop {
+    join: Joined,
+    sub: Option<zmq::Socket>,
+    ack: bool,
+    tally: Tally,
+    pending: Vec<u8>,
+    pending_n: usize,
+    last_sent: Instant,
+    errors: u64,
+}
+
+impl CellLoop {
+    fn flush_acks(&mut self) -> anyhow::Result<()> {
+        if self.pending_n == 0 {
+            return Ok(());
+        }
+        self.pending.extend_from_slice(b"]}");
+        self.join.dealer.send(&self.pending[..], 0)?;
+        self.pending.clear();
+        self.pending.extend_from_slice(br#"J ACKN {"ids":["#);
+        self.pending_n = 0;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    fn on_command(&mut self, parts: &[Vec<u8>], clock: &RunClock) -> anyhow::Result<()> {
+        let Some(Ok(f)) = parts.first().map(|p| frame::decode(p)) else {
+            return Ok(());
+        };
+        match f.verb {
+            Verb::DLVR => {
+                self.tally
+                    .record(parts.get(1).and_then(|p| payload::seq_of(p)));
+                clock.delivered_now(1);
+                if self.ack {
+                    if let Some(id) = delivery_id(f.body) {
+                        if self.pending_n > 0 {
+                            self.pending.push(b',');
+                        }
+                        self.pending.push(b'"');
+                        self.pending.extend_from_slice(id);
+                        self.pending.push(b'"');
+                        self.pending_n += 1;
+                        if self.pending_n >= ACK_BATCH {
+                            self.flush_acks()?;
+                        }
+                    }
+                }
+            }
+            Verb::ERRR => {
+                if self.errors == 0 {
+                    eprintln!("cell got ERRR {}", String::from_utf8_lossy(f.body));
+                }
+                self.errors += 1;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn run(mut self, clock: &RunClock, stop: &AtomicBool) -> anyhow::Result<Tally> {
+        while !stop.load(Ordering::Relaxed) {
+            let (cmd_ready, sub_ready) = {
+                let mut items = vec![self.join.dealer.as_poll_item(zmq::POLLIN)];
+                if let Some(s) = &self.sub {
+                    items.push(s.as_poll_item(zmq::POLLIN));
+                }
+                zmq::poll(&mut items, 50)?;
+                (
+                    items[0].is_readable(),
+                    items.get(1).is_some_and(|i| i.is_readable()),
+                )
+            };
+            if cmd_ready {
+                for _ in 0..1024 {
+                    match self.join.dealer.recv_multipart(zmq::DONTWAIT) {
+                        Ok(parts) => self.on_command(&parts, clock)?,
+                        Err(zmq::Error::EAGAIN) => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                self.flush_acks()?;
+            }
+            if sub_ready {
+                if let Some(sub) = &self.sub {
+                    let mut n = 0;
+                    for _ in 0..1024 {
+                        match sub.recv_multipart(zmq::DONTWAIT) {
+                            Ok(parts) => {
+                                if parts[0].starts_with(frame::EVENT_TOPIC) {
+                                    self.tally
+                                        .record(parts.get(1).and_then(|p| payload::seq_of(p)));
+                                    n += 1;
+                                }
+                            }
+                            Err(zmq::Error::EAGAIN) => break,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    clock.delivered_now(n);
+                }
+            }
+            if self.last_sent.elapsed() >= PING_EVERY {
+                send_cmd(&self.join.dealer, Verb::PING, "{}")?;
+                self.last_sent = Instant::now();
+            }
+        }
+        let _ = send_cmd(&self.join.dealer, Verb::GBYE, "{}");
+        Ok(self.tally)
+    }
+}
+
+fn setup_cell(command: &str, scenario: Scenario, msgs: u64) -> anyhow::Result<CellLoop> {
+    let ctx = zmq::Context::new();
+    let join = join(&ctx, command, CELL_SERVICE)?;
+    let mut sub = None;
+    match scenario {
+        Scenario::AnycatchNoack | Scenario::AnycatchAck => {
+            let ack = scenario == Scenario::AnycatchAck;
+            send_cmd(
+                &join.dealer,
+                Verb::LSTN,
+                &format!(r#"{{"pattern":"{CHANNEL}","mode":"any","ack":{ack}}}"#),
+            )?;
+            expect(&join.dealer, Verb::OKAY)?;
+        }
+        Scenario::Multicatch => {
+            let s = ctx.socket(zmq::SUB)?;
+            s.set_rcvhwm(100_000)?;
+            s.connect(&join.event_endpoint)?;
+            let mut topic = frame::EVENT_TOPIC.to_vec();
+            topic.extend_from_slice(CHANNEL.as_bytes());
+            s.set_subscribe(&topic)?;
+            send_cmd(
+                &join.dealer,
+                Verb::LSTN,
+                &format!(r#"{{"pattern":"{CHANNEL}","mode":"multi"}}"#),
+            )?;
+            expect(&join.dealer, Verb::OKAY)?;
+            // Subscription sync: once our SYNC token comes back, the EVNT
+            // subscription is in place at the transmitter.
+            let mut token = frame::SYNC_TOPIC.to_vec();
+            token.extend_from_slice(join.id.to_hex().as_bytes());
+            s.set_subscribe(&token)?;
+            let until = Instant::now() + SETUP_TIMEOUT;
+            loop {
+                if Instant::now() > until {
+                    bail!("no SYNC from the event socket");
+                }
+                if s.poll(zmq::POLLIN, 100)? == 0 {
+                    continue;
+                }
+                if s.recv_bytes(0)? == token {
+                    break;
+                }
+            }
+            s.set_unsubscribe(&token)?;
+            sub = Some(s);
+        }
+    }
+    // Each socket holds its context, so dropping this handle is fine.
+    drop(ctx);
+    Ok(CellLoop {
+        join,
+        sub,
+        ack: scenario == Scenario::AnycatchAck,
+        tally: Tally::new(msgs),
+        pending: br#"J ACKN {"ids":["#.to_vec(),
+        pending_n: 0,
+        last_sent: Instant::now(),
+        errors: 0,
+    })
+}
+
+/// Runs one throughput scenario against the transmitter whose command
+/// socket is `command`.
+///
+/// # Errors
+/// When a cell cannot join or listen, or a socket fails.
+pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Report> {
+    let begin = Instant::now();
+    let clock = Arc::new(RunClock::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(load.cells + 1));
+    let mut cells = Vec::new();
+    for _ in 0..load.cells {
+        let (command, clock, stop, ready, msgs) = (
+            command.to_owned(),
+            clock.clone(),
+            stop.clone(),
+            ready.clone(),
+            load.msgs,
+        );
+        cells.push(std::thread::spawn(move || -> anyhow::Result<Tally> {
+            let cell = setup_cell(&command, scenario, msgs);
+            ready.wait();
+            cell?.run(&clock, &stop)
+        }));
+    }
+    ready.wait();
+
+    let pctx = zmq::Context::new();
+    let publisher = join(&pctx, command, PUBLISHER_SERVICE)?;
+    let published = Arc::new(AtomicBool::new(false));
+    let mark = CpuMark::now(load.server_pid);
+    let pub_thread = {
+        let (published, clock, stop, msgs, size, deadline) = (
+            published.clone(),
+            clock.clone(),
+            stop.clone(),
+            load.msgs,
+            load.payload,
+            load.deadline,
+        );
+        std::thread::spawn(move || -> anyhow::Result<(u64, Duration)> {
+            let head = frame::encode(
+                Verb::EVNT,
+                format!(r#"{{"channel":"{CHANNEL}"}}"#).as_bytes(),
+            );
+            let mut p = payload::template(size);
+            clock.restart();
+            let t0 = Instant::now();
+            let mut sent = 0;
+            for seq in 0..msgs {
+                if begin.elapsed() > deadline {
+                    break;
+                }
+                payload::stamp(&mut p, seq);
+                publisher.dealer.send(&head[..], zmq::SNDMORE)?;
+                publisher.dealer.send(&p[..], 0)?;
+                sent += 1;
+            }
+            let took = t0.elapsed();
+            published.store(true, Ordering::Relaxed);
+            // Stay joined (and alive) until the cells are done.
+            let mut last_ping = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+                if last_ping.elapsed() >= PING_EVERY {
+                    send_cmd(&publisher.dealer, Verb::PING, "{}")?;
+                    last_ping = Instant::now();
+                }
+            }
+            let _ = send_cmd(&publisher.dealer, Verb::GBYE, "{}");
+            Ok((sent, took))
+        })
+    };
+
+    let expected = if scenario.fan_out() {
+        load.msgs * load.cells as u64
+    } else {
+        load.msgs
+    };
+    wait_for_deliveries(&clock, expected, begin, load.deadline, load.idle, || {
+        published.load(Ordering::Relaxed)
+    });
+    let cpu = mark.since();
+    stop.store(true, Ordering::Relaxed);
+    let (sent, took) = pub_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
+    let mut tally = Tally::new(load.msgs);
+    for c in cells {
+        tally.merge(&c.join().map_err(|_| anyhow::anyhow!("cell panicked"))??);
+    }
+    let mut r = Report::new("thynapse-raw", scenario.name());
+    r.payload = load.payload;
+    r.cells = load.cells;
+    r.msgs = sent;
+    r.publish_secs = took.as_secs_f64();
+    r.fill(&clock, &tally, scenario.fan_out(), load.cells);
+    r.cpu(cpu);
+    Ok(r)
+}
+
+/// Joins `conns` idle cells (each a DEALER that said HELO, plus a SUB on
+/// the event socket when `with_sub`) and reports the transmitter's
+/// resident size before and with them. The cells ping to stay alive.
+///
+/// # Errors
+/// When the transmitter's `/proc` entry cannot be read or a cell cannot join.
+pub fn memory(
+    command: &str,
+    pid: u32,
+    conns: usize,
+    with_sub: bool,
+    settle: Duration,
+) -> anyhow::Result<Report> {
+    let idle = procfs::rss_kib(pid)?;
+    // libzmq allows 1023 sockets per context: take a new one every 400.
+    let mut ctx = zmq::Context::new();
+    let mut cells = Vec::with_capacity(conns);
+    let mut subs = Vec::new();
+    for i in 0..conns {
+        if i > 0 && i % 400 == 0 {
+            ctx = zmq::Context::new();
+        }
+        let j = join(&ctx, command, CELL_SERVICE)?;
+        if with_sub {
+            let s = ctx.socket(zmq::SUB)?;
+            s.connect(&j.event_endpoint)?;
+            subs.push(s);
+        }
+        cells.push(j);
+    }
+    let until = Instant::now() + settle;
+    while Instant::now() < until {
+        for c in &cells {
+            send_cmd(&c.dealer, Verb::PING, "{}")?;
+        }
+        std::thread::sleep(PING_EVERY);
+        for c in &cells {
+            while c.dealer.recv_multipart(zmq::DONTWAIT).is_ok() {}
+        }
+    }
+    let loaded = procfs::rss_kib(pid)?;
+    for c in &cells {
+        let _ = send_cmd(&c.dealer, Verb::GBYE, "{}");
+    }
+    let mut r = Report::new("thynapse-raw", "memory");
+    r.cells = conns;
+    r.rss_idle_kib = Some(idle);
+    r.rss_loaded_kib = Some(loaded);
+    r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
+    r.note = Some(if with_sub {
+        "each cell: DEALER (HELO) + SUB connected to the event socket".into()
+    } else {
+        "each cell: DEALER (HELO)".into()
+    });
+    Ok(r)
+}

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Reads thynapse-bench JSON lines and prints one Markdown table of medians
+with Thynapse/NATS ratios (bench/compare.sh calls it; run it by hand on a
+saved results file too)."""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+SCENARIOS = [
+    ("1a", "anycatch_noack", "anycatch, ack: false vs NATS queue group (msgs/s)"),
+    ("1b", "anycatch_ack", "anycatch, acked vs JetStream work queue, explicit acks (msgs/s)"),
+    ("2", "multicatch", "multicatch to 4 cells vs 4 subscribers (deliveries/s)"),
+]
+# Lower is better for memory: the ratio target is <= 1.0.
+THYNAPSE = ["thynapse-sdk", "thynapse-raw"]
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+    return rows
+
+
+def fmt_rate(x):
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    return f"{x / 1e3:.0f} k"
+
+
+def main():
+    rows = load(sys.argv[1])
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["system"], r["scenario"], r.get("payload", 0))].append(r)
+
+    def med(system, scenario, payload, key="msgs_per_sec"):
+        g = groups.get((system, scenario, payload))
+        if not g:
+            return None, 0, 0, 0
+        vals = [r[key] for r in g if r.get(key) is not None]
+        lost = sum(r.get("lost", 0) for r in g)
+        dup = sum(r.get("dup", 0) for r in g)
+        return (statistics.median(vals) if vals else None), len(g), lost, dup
+
+    systems = [s for s in THYNAPSE if any(k[0] == s for k in groups)]
+    payloads = sorted({k[2] for k in groups if k[1] in {s for _, s, _ in SCENARIOS}})
+
+    print("| # | scenario | payload | NATS | " + " | ".join(
+        f"{s} | {s}/NATS" for s in systems) + " | lost/dup (NATS; " + "; ".join(systems) + ") | runs |")
+    print("|---|---|---|---|" + "---|---|" * len(systems) + "---|---|")
+    for num, scen, desc in SCENARIOS:
+        for p in payloads:
+            n, nruns, nl, nd = med("nats", scen, p)
+            cells = []
+            losses = [f"{nl}/{nd}"]
+            runs = [nruns]
+            for s in systems:
+                t, truns, tl, td = med(s, scen, p)
+                ratio = f"**{t / n:.2f}**" if (t and n) else "-"
+                cells.append(f"{fmt_rate(t)} | {ratio}")
+                losses.append(f"{tl}/{td}")
+                runs.append(truns)
+            if n is None and all(c.startswith("-") for c in cells):
+                continue
+            print(f"| {num} | {desc} | {p} B | {fmt_rate(n)} | " + " | ".join(cells)
+                  + f" | {'; '.join(losses)} | {'/'.join(map(str, runs))} |")
+    print("| 4 | request/reply | - | not yet | " + " | ".join(
+        "not yet implemented in Thynapse | -" for _ in systems) + " | - | 0 |")
+    print("| 5 | three-transmitter mesh | - | not yet | " + " | ".join(
+        "not yet implemented in Thynapse | -" for _ in systems) + " | - | 0 |")
+
+    # Memory.
+    mem_sys = {k[0] for k in groups if k[1] == "memory"}
+    if mem_sys:
+        print()
+        print("| 6 | memory | idle RSS | RSS with cells | per cell | ratio per cell / NATS | runs |")
+        print("|---|---|---|---|---|---|---|")
+        nats_pc, _, _, _ = med("nats", "memory", 0, "per_cell_bytes")
+        for s in ["nats"] + [x for x in sorted(mem_sys) if x != "nats"]:
+            for note in sorted({r.get("note", "") for r in groups.get((s, "memory", 0), [])}):
+                g = [r for r in groups[(s, "memory", 0)] if r.get("note", "") == note]
+                idle = statistics.median(r["rss_idle_kib"] for r in g)
+                loaded = statistics.median(r["rss_loaded_kib"] for r in g)
+                pc = statistics.median(r["per_cell_bytes"] for r in g)
+                cells = g[0]["cells"]
+                ratio = f"**{pc / nats_pc:.2f}**" if (nats_pc and s != "nats") else "-"
+                label = s + (f" ({note})" if note else "")
+                print(f"| 6 | {label}, {cells} idle | {idle / 1024:.1f} MiB | {loaded / 1024:.1f} MiB "
+                      f"| {pc / 1024:.1f} KiB | {ratio} | {len(g)} |")
+
+    z = groups.get(("zmq", "dealer_router", 128))
+    if z:
+        v = statistics.median(r["msgs_per_sec"] for r in z)
+        print()
+        print(f"Raw libzmq DEALER->ROUTER, 128 B, median of {len(z)}: {fmt_rate(v)} msgs/s")
+
+
+if __name__ == "__main__":
+    main()
