@@ -458,13 +458,11 @@ mod spec_divergences {
     }
 
     #[test]
-    #[ignore = "transmitter bug: a JSON array body is read as the struct's fields (serde's sequence form) and answered OKAY"]
     fn a_body_that_is_a_json_array_is_refused_with_bad_json() -> anyhow::Result<()> {
         one_case(br#"J LSTN ["a::*","any"]"#, "bad_json", Value::Null)
     }
 
     #[test]
-    #[ignore = "transmitter bug: UNLS does not validate its pattern and answers not_listening"]
     fn unls_of_an_invalid_pattern_is_refused_with_bad_pattern() -> anyhow::Result<()> {
         one_case(
             br#"J UNLS {"pattern":"a b","ref":"r-unls-bad"}"#,

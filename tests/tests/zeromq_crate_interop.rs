@@ -162,7 +162,6 @@ async fn a_cell_written_with_the_pure_rust_zeromq_crate_joins_listens_both_ways_
 }
 
 #[tokio::test]
-#[ignore = "transmitter bug: Transmitter::start panics inside a tokio runtime (mesh.rs block_on: 'Cannot start a runtime from within a runtime')"]
 async fn a_transmitter_can_be_started_inside_a_tokio_runtime() -> anyhow::Result<()> {
     let t = Transmitter::start(Config::for_tests())?;
     tokio::task::spawn_blocking(move || drop(t)).await?;

@@ -156,10 +156,6 @@ pub fn start(
         .map_err(|e| gossip_err(e.to_string()))?;
     pair.connect(pair_endpoint)
         .map_err(|e| gossip_err(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| gossip_err(e.to_string()))?;
     let generation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -185,14 +181,50 @@ pub fn start(
         (KEY_COMMAND.to_owned(), settings.command.clone()),
         (KEY_CELLS.to_owned(), "[]".to_owned()),
     ];
-    let handle = runtime
-        .block_on(spawn_chitchat(config, initial, &UdpTransport))
-        .map_err(|e| gossip_err(format!("{e:#}")))?;
-    tracing::info!(gossip = %settings.gossip, join = ?settings.join, "mesh gossip started");
-    Ok(std::thread::Builder::new()
+    // The runtime lives on the mesh thread, so a transmitter can be
+    // started from inside another tokio runtime; startup errors come back
+    // over a channel.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
         .name("thynapse-mesh".into())
-        .spawn(move || runtime.block_on(exchange(handle, pair, stop)))
-        .expect("spawning a thread at startup"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match spawn_chitchat(config, initial, &UdpTransport).await {
+                    Ok(handle) => {
+                        let _ = started_tx.send(Ok(()));
+                        exchange(handle, pair, stop).await;
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(format!("{e:#}")));
+                    }
+                }
+            });
+        })
+        .expect("spawning a thread at startup");
+    match started_rx.recv() {
+        Ok(Ok(())) => {
+            tracing::info!(gossip = %settings.gossip, join = ?settings.join, "mesh gossip started");
+            Ok(thread)
+        }
+        Ok(Err(message)) => {
+            let _ = thread.join();
+            Err(gossip_err(message))
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(gossip_err("the mesh thread ended at startup".to_owned()))
+        }
+    }
 }
 
 /// Meshes with different secrets must not merge: the secret's hash names

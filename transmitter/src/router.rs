@@ -506,6 +506,10 @@ impl Router {
 
     fn unlisten(&mut self, peer: &[u8], id: &Thid, body: &[u8], out: &mut Vec<Output>) -> Handled {
         let u: Unlisten = parse(body)?;
+        Pattern::parse(&u.pattern)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), u.reference.clone()))?;
+        Pattern::parse(&u.pattern)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), u.reference.clone()))?;
         let cell = self.cells.get_mut(id).expect("welcomed peers have a cell");
         let before = cell.listens.len();
         cell.listens.retain(|e| e.pattern.as_str() != u.pattern);
@@ -1145,6 +1149,14 @@ fn ok(reference: Option<Value>) -> Vec<u8> {
 /// Parses a body, turning JSON errors into `bad_json` with the `ref` if
 /// one can still be read.
 fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Failure> {
+    // serde would also read a struct from a JSON array of its fields.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Failure::new(
+            ErrorCode::BadJson,
+            "the body must be a JSON object",
+            None,
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         Failure::new(
             ErrorCode::BadJson,
