@@ -18,6 +18,7 @@
 //!   work queue with explicit acks, fan-out, idle connections).
 //! - [`raw`]: a Thynapse client written on raw libzmq frames (the spec's
 //!   `J VERB {json}` frames, batched `ACKN`), independent of the cell SDK.
+//! - [`sdk`]: the same runs on the cell SDK (`thynapse-cell`).
 //!
 //! Every load loop is bounded in count (`--msgs`) and in time (`--secs`);
 //! traffic goes to loopback endpoints only.
@@ -27,6 +28,7 @@ pub mod payload;
 pub mod procfs;
 pub mod raw;
 pub mod report;
+pub mod sdk;
 pub mod zmq_ceiling;
 
 use std::time::Duration;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use thynapse_bench::nats::{JsPublish, JsTuning};
-use thynapse_bench::{nats, raw, zmq_ceiling, Load, Scenario};
+use thynapse_bench::{nats, raw, sdk, zmq_ceiling, Load, Scenario};
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +96,31 @@ enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// A throughput scenario against a transmitter, on the cell SDK.
+    Sdk {
+        /// The transmitter's command endpoint (loopback).
+        #[arg(long)]
+        command: String,
+        /// The scenario.
+        scenario: Scenario,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Transmitter resident size idle and with N idle SDK clients.
+    SdkMemory {
+        /// The transmitter's command endpoint (loopback).
+        #[arg(long)]
+        command: String,
+        /// The transmitter's process id.
+        #[arg(long)]
+        pid: u32,
+        /// Idle clients to connect.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Seconds to wait with every client joined before measuring.
+        #[arg(long, default_value_t = 3)]
+        settle_secs: u64,
+    },
     /// Server resident size idle and with N idle NATS connections.
     NatsMemory {
         /// Server URL (loopback).
@@ -165,6 +190,22 @@ fn main() -> anyhow::Result<()> {
             scenario,
             load,
         } => raw::run(&command, scenario, &load.load())?,
+        Command::Sdk {
+            command,
+            scenario,
+            load,
+        } => tokio_runtime()?.block_on(sdk::run(&command, scenario, &load.load()))?,
+        Command::SdkMemory {
+            command,
+            pid,
+            conns,
+            settle_secs,
+        } => tokio_runtime()?.block_on(sdk::memory(
+            &command,
+            pid,
+            conns,
+            Duration::from_secs(settle_secs),
+        ))?,
         Command::NatsMemory {
             url,
             pid,

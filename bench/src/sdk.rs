@@ -1,0 +1,168 @@
+//! The Thynapse side on the cell SDK (`thynapse-cell`): what users get.
+//! Same shape as the NATS runs: one publisher [`Client`], one `Client` per
+//! cell, all in this process on one tokio runtime. Each `Client` owns its
+//! sockets on its own background thread (the SDK's design).
+//!
+//! - `anycatch_noack`: `listen_with(pattern, ListenOptions::any_unacked())`.
+//! - `anycatch_ack`: `ListenOptions::any()`; every event is acked when
+//!   dropped, the SDK batches the ACKNs.
+//! - `multicatch`: `ListenOptions::multi()`.
+//!
+//! Payloads go as binary frames (`publish_bytes`), as NATS payloads are
+//! opaque bytes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use thynapse_cell::{Client, ListenOptions, Options};
+
+use crate::payload;
+use crate::procfs::{self, CpuMark};
+use crate::raw::{CELL_SERVICE, CHANNEL, PUBLISHER_SERVICE};
+use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
+use crate::{Load, Scenario};
+
+async fn connect(command: &str, service: &str) -> anyhow::Result<Client> {
+    Client::connect(command, Options::new(service))
+        .await
+        .with_context(|| format!("joining {command}"))
+}
+
+/// Runs one throughput scenario against the transmitter whose command
+/// socket is `command`.
+///
+/// # Errors
+/// When a client cannot join or listen, or publishing fails.
+pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Report> {
+    let begin = Instant::now();
+    let clock = Arc::new(RunClock::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let options = match scenario {
+        Scenario::AnycatchNoack => ListenOptions::any_unacked(),
+        Scenario::AnycatchAck => ListenOptions::any(),
+        Scenario::Multicatch => ListenOptions::multi(),
+    };
+    let mut cells = Vec::new();
+    for _ in 0..load.cells {
+        let c = connect(command, CELL_SERVICE).await?;
+        // Returns once the listen (and for multicatch the subscription) is
+        // in place at the transmitter.
+        let mut sub = c.listen_with(CHANNEL, options).await?;
+        let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
+        cells.push(tokio::spawn(async move {
+            let mut tally = Tally::new(msgs);
+            loop {
+                tokio::select! {
+                    e = sub.next_event() => match e {
+                        Some(e) => {
+                            tally.record(e.binary().and_then(payload::seq_of));
+                            clock.delivered_now(1);
+                            // Dropping the event acks it (acked listens).
+                            drop(e);
+                        }
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if stop.load(Ordering::Relaxed) { break; }
+                    }
+                }
+            }
+            drop(sub);
+            c.close().await;
+            tally
+        }));
+    }
+
+    let publisher = connect(command, PUBLISHER_SERVICE).await?;
+    let published = Arc::new(AtomicBool::new(false));
+    let mark = CpuMark::now(load.server_pid);
+    clock.restart();
+    let pub_task = {
+        let (published, msgs, size, deadline) =
+            (published.clone(), load.msgs, load.payload, load.deadline);
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut template = payload::template(size);
+            let mut sent = 0;
+            for seq in 0..msgs {
+                if begin.elapsed() > deadline {
+                    break;
+                }
+                payload::stamp(&mut template, seq);
+                publisher.publish_bytes(CHANNEL, template.clone()).await?;
+                sent += 1;
+            }
+            let took = t0.elapsed();
+            published.store(true, Ordering::Relaxed);
+            anyhow::Ok((sent, took))
+        })
+    };
+
+    let expected = if scenario.fan_out() {
+        load.msgs * load.cells as u64
+    } else {
+        load.msgs
+    };
+    {
+        let (clock, published, deadline, idle) =
+            (clock.clone(), published.clone(), load.deadline, load.idle);
+        tokio::task::spawn_blocking(move || {
+            wait_for_deliveries(&clock, expected, begin, deadline, idle, || {
+                published.load(Ordering::Relaxed)
+            })
+        })
+        .await?;
+    }
+    let cpu = mark.since();
+    stop.store(true, Ordering::Relaxed);
+    let (sent, took) = pub_task.await??;
+    let mut tally = Tally::new(load.msgs);
+    for c in cells {
+        tally.merge(&c.await?);
+    }
+    publisher.close().await;
+
+    let mut r = Report::new("thynapse-sdk", scenario.name());
+    r.payload = load.payload;
+    r.cells = load.cells;
+    r.msgs = sent;
+    r.publish_secs = took.as_secs_f64();
+    r.fill(&clock, &tally, scenario.fan_out(), load.cells);
+    r.cpu(cpu);
+    Ok(r)
+}
+
+/// Joins `conns` idle SDK clients (each a DEALER and a SUB, on its own
+/// thread) and reports the transmitter's resident size before and with
+/// them.
+///
+/// # Errors
+/// When the transmitter's `/proc` entry cannot be read or a client cannot
+/// join.
+pub async fn memory(
+    command: &str,
+    pid: u32,
+    conns: usize,
+    settle: Duration,
+) -> anyhow::Result<Report> {
+    let idle = procfs::rss_kib(pid)?;
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        clients.push(connect(command, CELL_SERVICE).await?);
+    }
+    tokio::time::sleep(settle).await;
+    let loaded = procfs::rss_kib(pid)?;
+    for c in &clients {
+        c.close().await;
+    }
+    let mut r = Report::new("thynapse-sdk", "memory");
+    r.cells = conns;
+    r.rss_idle_kib = Some(idle);
+    r.rss_loaded_kib = Some(loaded);
+    r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
+    r.note = Some("each cell: SDK Client (DEALER + SUB)".into());
+    Ok(r)
+}
