@@ -10,7 +10,8 @@
 //! - [`eventually`] and [`wait_until`]: poll a condition until a deadline;
 //!   tests never sleep a fixed time, they wait on a reply or poll.
 //! - [`watchdog`]: runs a test body on its own thread and fails the test if
-//!   it is still running after a deadline, so a test fails and never hangs.
+//!   it is still running after a deadline, so a test fails and never hangs;
+//!   [`binary_watchdog`] builds the binary first, outside the deadline.
 //! - [`TransmitterProcess`]: the real `thynapse transmitter` as a child
 //!   process, built once per test binary, killed on drop.
 //! - [`RawCell`]: a cell written by hand over a libzmq DEALER, with helpers
@@ -143,6 +144,21 @@ where
             Err(panic) => std::panic::resume_unwind(panic),
         },
     }
+}
+
+/// [`watchdog`] with [`TEST_DEADLINE`] for a test of the `thynapse`
+/// binary: builds the binary first, outside the deadline, since the build
+/// may wait for other builds of the same target folder; only the test
+/// itself must finish in time.
+///
+/// # Errors
+/// When the binary cannot be built, or as [`watchdog`].
+pub fn binary_watchdog<F>(name: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce() -> anyhow::Result<()> + Send + 'static,
+{
+    thynapse_binary()?;
+    watchdog(name, TEST_DEADLINE, body)
 }
 
 // ---------------------------------------------------------------------------

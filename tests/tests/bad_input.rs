@@ -204,6 +204,18 @@ fn every_bad_input_gets_its_error_code_and_is_counted_while_a_healthy_cell_keeps
                 json!("r-long"),
             ),
             case(
+                "a body that is a JSON array",
+                r#"J LSTN ["a::*","any"]"#,
+                "bad_json",
+                Value::Null,
+            ),
+            case(
+                "UNLS of an invalid pattern",
+                r#"J UNLS {"pattern":"a b","ref":"r-unls-bad"}"#,
+                "bad_pattern",
+                json!("r-unls-bad"),
+            ),
+            case(
                 "a wildcard in a published channel",
                 r#"J EVNT {"channel":"a::*","payload":{},"ref":"r-wild"}"#,
                 "bad_pattern",
@@ -438,36 +450,4 @@ fn a_cell_that_went_silent_is_expired_gets_not_welcomed_and_may_join_again() -> 
         assert_eq!(d["id"], okay["id"]);
         Ok(())
     })
-}
-
-/// Cases where the transmitter does not do what PROTOCOL.md §2 and §11
-/// say; ignored until it does (`cargo test -- --ignored` runs them).
-/// (PROTOCOL.md §2: "The body is a JSON object"; §11: `bad_pattern` for
-/// "`LSTN`/`UNLS` with an invalid pattern".)
-mod spec_divergences {
-    use super::*;
-
-    fn one_case(frame: &[u8], code: &str, re: Value) -> anyhow::Result<()> {
-        let t = Transmitter::start(Config::for_tests())?;
-        let mut cell = RawCell::open(t.command_endpoint())?;
-        cell.hello("divergent")?;
-        cell.send_parts(&[frame])?;
-        let err = cell.expect_error(code)?;
-        assert_eq!(err["re"], re);
-        Ok(())
-    }
-
-    #[test]
-    fn a_body_that_is_a_json_array_is_refused_with_bad_json() -> anyhow::Result<()> {
-        one_case(br#"J LSTN ["a::*","any"]"#, "bad_json", Value::Null)
-    }
-
-    #[test]
-    fn unls_of_an_invalid_pattern_is_refused_with_bad_pattern() -> anyhow::Result<()> {
-        one_case(
-            br#"J UNLS {"pattern":"a b","ref":"r-unls-bad"}"#,
-            "bad_pattern",
-            json!("r-unls-bad"),
-        )
-    }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::json;
 use thynapse_tests::{
-    wait_until, watchdog, BackgroundProbe, FlowProbe, RawCell, Signal, TransmitterProcess,
-    REPLY_TIMEOUT, TEST_DEADLINE,
+    binary_watchdog, wait_until, BackgroundProbe, FlowProbe, RawCell, Signal, TransmitterProcess,
+    REPLY_TIMEOUT,
 };
 
 /// Pause between two background probe events.
@@ -127,7 +127,7 @@ fn still_healthy_then_shut_down(
 
 #[test]
 fn a_frame_header_claiming_a_terabyte_is_cut_off_while_events_keep_flowing() -> anyhow::Result<()> {
-    watchdog("terabyte", TEST_DEADLINE, || {
+    binary_watchdog("terabyte", || {
         let (t, probe) = start(&[])?;
         let terabyte = long_frame_header(1 << 40);
 
@@ -177,7 +177,7 @@ fn a_frame_header_claiming_a_terabyte_is_cut_off_while_events_keep_flowing() -> 
 #[test]
 fn garbage_bytes_do_not_disturb_the_transmitter_and_a_bad_mechanism_is_cut_off(
 ) -> anyhow::Result<()> {
-    watchdog("garbage", TEST_DEADLINE, || {
+    binary_watchdog("garbage", || {
         let (t, probe) = start(&[])?;
 
         // Deterministic pseudo-random bytes (xorshift), 64 KiB.
@@ -247,7 +247,7 @@ const FLOOD: [(&str, &str); 5] = [
 #[test]
 fn ten_thousand_malformed_commands_get_ten_thousand_errors_while_events_keep_flowing(
 ) -> anyhow::Result<()> {
-    watchdog("flood", TEST_DEADLINE, || {
+    binary_watchdog("flood", || {
         let (t, probe) = start(&[])?;
         let flooder = RawCell::open(t.command_endpoint())?;
         const N: usize = 10_000;
@@ -299,7 +299,7 @@ fn ten_thousand_malformed_commands_get_ten_thousand_errors_while_events_keep_flo
 
 #[test]
 fn a_message_above_max_frame_cuts_off_only_its_sender() -> anyhow::Result<()> {
-    watchdog("max_frame", TEST_DEADLINE, || {
+    binary_watchdog("max_frame", || {
         const MAX: usize = 64 * 1024;
         let (t, probe) = start(&["--max-frame", "65536"])?;
 

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use thynapse_tests::{
-    run_with_deadline, watchdog, workspace_root, Output, TransmitterProcess, TEST_DEADLINE,
+    binary_watchdog, run_with_deadline, workspace_root, Output, TransmitterProcess,
 };
 
 /// Deadline of each wait inside the script, in seconds.
@@ -50,9 +50,8 @@ fn selftest(command: &str, token: Option<&str>) -> anyhow::Result<Output> {
     run_with_deadline(&mut cmd, SCRIPT_DEADLINE)
 }
 
-/// Requires a passing selftest, with the transmitter still up after it.
-/// (Shutdown is checked in `shutdown.rs`: with a token it currently
-/// hangs.)
+/// Requires a passing selftest, with the transmitter still up after it
+/// (shutdown itself is checked in `shutdown.rs`).
 fn passes_against(args: &[&str], token: Option<&str>) -> anyhow::Result<()> {
     require_pyzmq();
     let mut t = TransmitterProcess::spawn(args)?;
@@ -91,19 +90,19 @@ fn is_refused(args: &[&str], token: Option<&str>) -> anyhow::Result<()> {
 #[test]
 fn the_python_raw_cell_passes_its_selftest_against_the_binary_without_a_token() -> anyhow::Result<()>
 {
-    watchdog("python_open", TEST_DEADLINE, || passes_against(&[], None))
+    binary_watchdog("python_open", || passes_against(&[], None))
 }
 
 #[test]
 fn the_python_raw_cell_passes_its_selftest_with_the_token_on_both_sides() -> anyhow::Result<()> {
-    watchdog("python_token", TEST_DEADLINE, || {
+    binary_watchdog("python_token", || {
         passes_against(&["--token", "s3cret-token"], Some("s3cret-token"))
     })
 }
 
 #[test]
 fn the_python_raw_cell_with_a_wrong_token_is_never_welcomed() -> anyhow::Result<()> {
-    watchdog("python_wrong_token", TEST_DEADLINE, || {
+    binary_watchdog("python_wrong_token", || {
         is_refused(&["--token", "s3cret-token"], Some("not-the-token"))
     })
 }
@@ -111,7 +110,7 @@ fn the_python_raw_cell_with_a_wrong_token_is_never_welcomed() -> anyhow::Result<
 #[test]
 fn the_python_raw_cell_without_a_token_is_never_welcomed_by_a_transmitter_that_wants_one(
 ) -> anyhow::Result<()> {
-    watchdog("python_no_token", TEST_DEADLINE, || {
+    binary_watchdog("python_no_token", || {
         is_refused(&["--token", "s3cret-token"], None)
     })
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use thynapse_tests::{
-    watchdog, FlowProbe, RawCell, Signal, TransmitterProcess, REPLY_TIMEOUT, TEST_DEADLINE,
+    binary_watchdog, watchdog, FlowProbe, RawCell, Signal, TransmitterProcess, REPLY_TIMEOUT,
 };
 use thynapse_transmitter::{Config, Transmitter};
 
@@ -34,21 +34,21 @@ fn signal_says_gbye_and_exits_zero(
 
 #[test]
 fn sigterm_says_gbye_to_every_cell_and_exits_zero() -> anyhow::Result<()> {
-    watchdog("sigterm", TEST_DEADLINE, || {
+    binary_watchdog("sigterm", || {
         signal_says_gbye_and_exits_zero(&[], None, Signal::SIGTERM)
     })
 }
 
 #[test]
 fn sigint_says_gbye_to_every_cell_and_exits_zero() -> anyhow::Result<()> {
-    watchdog("sigint", TEST_DEADLINE, || {
+    binary_watchdog("sigint", || {
         signal_says_gbye_and_exits_zero(&[], None, Signal::SIGINT)
     })
 }
 
 #[test]
 fn sigterm_with_a_token_says_gbye_to_every_cell_and_exits_zero() -> anyhow::Result<()> {
-    watchdog("sigterm_token", TEST_DEADLINE, || {
+    binary_watchdog("sigterm_token", || {
         signal_says_gbye_and_exits_zero(&["--token", "tok"], Some("tok"), Signal::SIGTERM)
     })
 }
