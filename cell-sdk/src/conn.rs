@@ -160,8 +160,6 @@ struct Conn {
     heartbeat_override: Option<Duration>,
     /// PING after this much silence.
     heartbeat: Duration,
-    /// How long a HELO may go unanswered.
-    connect_timeout: Duration,
     /// The event endpoint the SUB is connected to.
     pub_endpoint: Option<String>,
     /// When we last sent anything.
@@ -190,6 +188,9 @@ struct Conn {
     rewelcome: Option<Instant>,
     /// Requests to resend once welcomed again.
     after_welcome: Vec<u64>,
+    /// Set when the DEALER lost its connection: its next successful
+    /// handshake is a new peer to the transmitter.
+    reconnecting: bool,
     /// Callers of `close()`.
     close_replies: Vec<oneshot::Sender<()>>,
     /// Set when the loop must end.
@@ -249,7 +250,6 @@ impl Conn {
             metadata: start.options.metadata,
             heartbeat_override: start.options.heartbeat,
             heartbeat,
-            connect_timeout: start.options.connect_timeout,
             pub_endpoint: None,
             last_sent: Instant::now(),
             pending: HashMap::new(),
@@ -264,6 +264,7 @@ impl Conn {
             outbox: VecDeque::new(),
             rewelcome: None,
             after_welcome: Vec::new(),
+            reconnecting: false,
             close_replies: Vec::new(),
             stop: None,
         })
@@ -459,7 +460,17 @@ impl Conn {
                             "the transmitter refused our token on reconnect"
                         ),
                         zmq::SocketEvent::DISCONNECTED => {
-                            info!(endpoint = %self.endpoint, "disconnected; libzmq reconnects")
+                            info!(endpoint = %self.endpoint, "disconnected; libzmq reconnects");
+                            self.reconnecting = true;
+                        }
+                        zmq::SocketEvent::HANDSHAKE_SUCCEEDED if self.reconnecting => {
+                            self.reconnecting = false;
+                            // A new connection is a new peer to the
+                            // transmitter (it may have restarted): it knows
+                            // nothing of us, and would answer our PINGs all
+                            // the same. Join again.
+                            info!(endpoint = %self.endpoint, "reconnected; joining again");
+                            self.start_rewelcome(true);
                         }
                         _ => trace!(?event, value, "socket event"),
                     }
@@ -476,7 +487,7 @@ impl Conn {
             deadline = deadline.min(d);
         }
         if let Some(t) = self.rewelcome {
-            deadline = deadline.min(t + self.connect_timeout);
+            deadline = deadline.min(t + self.heartbeat);
         }
         if deadline <= now {
             0
@@ -488,11 +499,24 @@ impl Conn {
     /// Timers: heartbeat PING, re-HELO retry, sweeping abandoned requests.
     fn tick(&mut self, now: Instant) {
         if let Some(t) = self.rewelcome {
-            if now >= t + self.connect_timeout {
+            if now >= t + self.heartbeat {
+                // No WLCM yet: the HELO was lost with a connection, or the
+                // old connection still holds our THID (`thid_in_use`) until
+                // the transmitter expires it. HELO is idempotent: again.
                 debug!("no WLCM after re-HELO; sending HELO again");
-                self.rewelcome = None;
-                self.start_rewelcome();
+                self.start_rewelcome(true);
             }
+        }
+        if now >= self.last_sent + self.heartbeat * 5 / 2 {
+            // This thread was stalled long enough for the transmitter to
+            // expire us. A PING would not tell (it is answered before HELO
+            // too), so join again; if we were not expired, HELO and LSTN are
+            // idempotent.
+            warn!(
+                silent_ms = (now - self.last_sent).as_millis() as u64,
+                "silent for over 2.5 heartbeats; joining again"
+            );
+            self.start_rewelcome(false);
         }
         if now >= self.last_sent + self.heartbeat {
             self.send(vec![wire::ping(None)]);
@@ -641,7 +665,7 @@ impl Conn {
             // the SYNC frame proves the event subscription is in place.
             let prefix = wire::event_prefix(pattern.literal_prefix());
             self.sync_counter += 1;
-            let topic = wire::sync_topic(&format!("{}-{}", self.id, self.sync_counter));
+            let topic = wire::sync_topic(&format!("{}-{}.", self.id, self.sync_counter));
             let subscribed = self
                 .sub
                 .set_subscribe(&prefix)
@@ -829,6 +853,7 @@ impl Conn {
                     debug!("unexpected WLCM");
                     return;
                 }
+                self.pending.retain(|_, p| !matches!(p, Pending::Hello));
                 info!(transmitter = %welcome.id, "welcomed again; re-listening");
                 if let Err(e) = self.welcomed(&welcome) {
                     error!(error = %e, "cannot follow the new event endpoint");
@@ -866,7 +891,7 @@ impl Conn {
         if code == "not_welcomed" {
             // The transmitter expired us (or restarted): HELO again, then
             // LSTN everything again; resend the request that bounced.
-            self.start_rewelcome();
+            self.start_rewelcome(false);
             if let Some(r) = reference {
                 match self.pending.get(&r) {
                     Some(Pending::Confirm { .. } | Pending::Flush { .. }) => {
@@ -906,16 +931,23 @@ impl Conn {
                 let _ = reply.send(Err(Error::from_reply(code, message)));
             }
             Some((_, Pending::Hello)) => {
-                error!(code, message, "re-HELO refused");
-                self.rewelcome = None;
+                // Retried every heartbeat (`tick`): `thid_in_use` clears when
+                // the transmitter expires our previous connection.
+                if code == "thid_in_use" {
+                    debug!(message, "re-HELO: our old connection still holds the THID");
+                } else {
+                    warn!(code, message, "re-HELO refused; retrying");
+                }
             }
             Some((_, Pending::Unlisten)) => debug!(code, "UNLS refused"),
             None => warn!(code, message, "error from the transmitter"),
         }
     }
 
-    fn start_rewelcome(&mut self) {
-        if self.rewelcome.is_some() {
+    /// Says HELO again (then LSTN again on WLCM). Without `force`, does
+    /// nothing while a re-HELO is under way.
+    fn start_rewelcome(&mut self, force: bool) {
+        if self.rewelcome.is_some() && !force {
             return;
         }
         let r = self.link.next_ref();

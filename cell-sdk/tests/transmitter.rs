@@ -1,0 +1,482 @@
+//! The SDK against a real, in-process transmitter on loopback port 0.
+//!
+//! Every test starts its own transmitter, has a watchdog timeout, and
+//! polls with a deadline instead of sleeping.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use thynapse_cell::{Client, ErrorKind, Event, ListenOptions, Mode, Options, Subscription};
+use thynapse_transmitter::{Config, Transmitter};
+
+/// Upper bound for any one test.
+const WATCHDOG: Duration = Duration::from_secs(20);
+/// How long to wait for something that should happen.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+fn config() -> Config {
+    let mut c = Config::for_tests();
+    c.mesh = false;
+    c
+}
+
+fn start(config: Config) -> Transmitter {
+    Transmitter::start(config).expect("transmitter starts")
+}
+
+async fn client(t: &Transmitter, service: &str) -> Client {
+    Client::connect(t.command_endpoint(), Options::new(service))
+        .await
+        .expect("client connects")
+}
+
+/// Runs a test body under a watchdog. The watchdog is a thread, not a
+/// tokio timer, so it fires even if something blocks the runtime (a
+/// synchronous call that hangs): it then ends the process with a message.
+async fn watchdog<F: Future<Output = ()>>(body: F) {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let name = std::thread::current().name().unwrap_or("test").to_owned();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(WATCHDOG) {
+            eprintln!("watchdog: {name} still running after {WATCHDOG:?}; aborting");
+            std::process::exit(101);
+        }
+    });
+    body.await;
+    let _ = done.send(());
+}
+
+/// The next event, or a panic after `PATIENCE`.
+async fn next(sub: &mut Subscription) -> Event {
+    tokio::time::timeout(PATIENCE, sub.next_event())
+        .await
+        .expect("an event within the deadline")
+        .expect("the subscription is open")
+}
+
+/// Whether an event arrives within `wait` (for checking that none does).
+async fn arrives_within(sub: &mut Subscription, wait: Duration) -> Option<Event> {
+    tokio::time::timeout(wait, sub.next_event())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Polls `cond` until it holds or `PATIENCE` runs out.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn metric(t: &Transmitter, name: &str) -> u64 {
+    t.metrics().snapshot().get(name).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_is_welcomed_and_learns_the_event_endpoint() {
+    watchdog(async {
+        let t = start(config());
+        let c = client(&t, "billing").await;
+        assert_eq!(c.transmitter_id(), t.id());
+        assert_eq!(c.event_endpoint(), t.event_endpoint());
+        assert_eq!(c.service(), "billing");
+        assert_eq!(c.heartbeat(), Duration::from_millis(1000));
+        assert!(c.limits().max_frame > 0);
+        eventually("the cell is counted", || metric(&t, "cells") == 1).await;
+        c.flush().await.expect("a PING round trip");
+        c.close().await;
+        eventually("the cell left", || metric(&t, "cells") == 0).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_service_is_rejected_with_its_code() {
+    watchdog(async {
+        let t = start(config());
+        let err = Client::connect(t.command_endpoint(), Options::new("has space"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected);
+        assert_eq!(err.code(), Some("bad_service"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_times_out() {
+    watchdog(async {
+        // A port nothing listens on: bind one, then free it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = Options::new("svc").connect_timeout(Duration::from_millis(300));
+        let err = Client::connect(&format!("tcp://127.0.0.1:{port}"), options)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn anycatch_delivers_to_one_cell_and_the_ack_reaches_the_transmitter() {
+    watchdog(async {
+        let t = start(config());
+        let worker = client(&t, "workers").await;
+        let publisher = client(&t, "api").await;
+        let mut jobs = worker.listen("jobs::*", Mode::Any).await.unwrap();
+
+        let confirm = publisher
+            .publish_confirmed("jobs::resize", json!({"w": 640}))
+            .await
+            .unwrap();
+        assert_eq!(confirm.routed, 1);
+
+        let event = next(&mut jobs).await;
+        assert_eq!(event.id(), confirm.id);
+        assert_eq!(event.channel(), "jobs::resize");
+        assert_eq!(event.payload_value(), json!({"w": 640}));
+        assert_eq!(event.from(), publisher.id());
+        assert_eq!(event.attempt(), 1);
+        assert_eq!(event.mode(), Mode::Any);
+        assert!(event.needs_ack());
+        drop(event); // the handler is done: acked (batched)
+
+        eventually("the ack is counted", || metric(&t, "acks") == 1).await;
+        assert_eq!(metric(&t, "redeliveries"), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_acks_travel_in_batches_and_all_arrive() {
+    watchdog(async {
+        let t = start(config());
+        let worker = client(&t, "workers").await;
+        let publisher = client(&t, "api").await;
+        let mut jobs = worker.listen("jobs::*", Mode::Any).await.unwrap();
+        const N: u64 = 500;
+        for i in 0..N {
+            publisher.publish("jobs::n", i).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        for _ in 0..N {
+            seen.push(next(&mut jobs).await.payload::<u64>().unwrap());
+        }
+        // One publisher, one channel, one cell: publish order.
+        assert_eq!(seen, (0..N).collect::<Vec<_>>());
+        eventually("every ack is counted", || metric(&t, "acks") == N).await;
+        assert_eq!(metric(&t, "errors.unknown_delivery"), 0);
+        // Batching: far fewer frames than acks reached the transmitter.
+        let commands = metric(&t, "commands");
+        assert!(
+            commands < 2 * N,
+            "{commands} commands for {N} events and acks"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nacked_delivery_is_redelivered_with_the_next_attempt() {
+    watchdog(async {
+        let t = start(config());
+        let a = client(&t, "workers").await;
+        let b = client(&t, "workers").await;
+        let publisher = client(&t, "api").await;
+        let mut sa = a.listen("jobs::*", Mode::Any).await.unwrap();
+        let mut sb = b.listen("jobs::*", Mode::Any).await.unwrap();
+
+        let id = publisher.publish("jobs::x", "payload").await.unwrap();
+        let (mut first, other) = tokio::select! {
+            e = next(&mut sa) => (e, &mut sb),
+            e = next(&mut sb) => (e, &mut sa),
+        };
+        assert_eq!(first.id(), id);
+        first.nack();
+        drop(first);
+        let again = next(other).await;
+        assert_eq!(again.id(), id);
+        assert_eq!(again.attempt(), 2);
+        drop(again);
+        eventually("the redelivery is acked", || metric(&t, "acks") == 1).await;
+        assert_eq!(metric(&t, "nacks"), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_redelivery_of_an_event_in_flight_is_not_yielded_twice() {
+    watchdog(async {
+        let mut cfg = config();
+        cfg.ack_timeout = Duration::from_millis(200);
+        let t = start(cfg);
+        let worker = client(&t, "workers").await;
+        let publisher = client(&t, "api").await;
+        let mut jobs = worker.listen("jobs::*", Mode::Any).await.unwrap();
+
+        publisher.publish("jobs::slow", 1).await.unwrap();
+        let slow = next(&mut jobs).await;
+        // The handler outlives the ack timeout: the transmitter redelivers
+        // (to this cell, the only one); the SDK holds the duplicate back.
+        eventually("a redelivery happened", || metric(&t, "redeliveries") >= 1).await;
+        worker.flush().await.unwrap();
+        assert!(jobs.try_next_event().is_none(), "duplicate yielded");
+        drop(slow);
+        worker.flush().await.unwrap();
+        assert!(
+            arrives_within(&mut jobs, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "the event came back after its ack"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn multicatch_reaches_every_listening_cell_and_filters_by_the_full_pattern() {
+    watchdog(async {
+        let t = start(config());
+        let a = client(&t, "dash").await;
+        let b = client(&t, "audit").await;
+        let publisher = client(&t, "api").await;
+        let mut sa = a.listen("news::*", Mode::Multi).await.unwrap();
+        let mut sb = b.listen("news::*::eu", Mode::Multi).await.unwrap();
+
+        // Published right after listen() returned: must not be missed.
+        publisher
+            .publish("news::sport::us", json!({"n": 1}))
+            .await
+            .unwrap();
+        publisher
+            .publish("news::sport::eu", json!({"n": 2}))
+            .await
+            .unwrap();
+
+        let e1 = next(&mut sa).await;
+        let e2 = next(&mut sa).await;
+        assert_eq!(
+            (e1.channel(), e2.channel()),
+            ("news::sport::us", "news::sport::eu")
+        );
+        assert_eq!(e1.mode(), Mode::Multi);
+        assert!(!e1.needs_ack());
+        // b's SUB prefix "EVNT news::" lets both through; the glob keeps one.
+        let only = next(&mut sb).await;
+        assert_eq!(only.channel(), "news::sport::eu");
+        assert_eq!(only.payload_value(), json!({"n": 2}));
+        b.flush().await.unwrap();
+        assert!(sb.try_next_event().is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_subscriptions_of_one_client_each_get_multicatch_events() {
+    watchdog(async {
+        let t = start(config());
+        let c = client(&t, "dash").await;
+        let mut s1 = c.listen("a::*", Mode::Multi).await.unwrap();
+        let mut s2 = c.listen("a::b", Mode::Multi).await.unwrap();
+        let mut s3 = c.listen("a::*", Mode::Multi).await.unwrap();
+        c.publish("a::b", "x").await.unwrap();
+        for s in [&mut s1, &mut s2, &mut s3] {
+            assert_eq!(next(s).await.channel(), "a::b");
+        }
+        // Same pattern, other mode: refused locally.
+        let err = c.listen("a::*", Mode::Any).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_confirmed_publish_nobody_listens_to_fails_with_no_listeners() {
+    watchdog(async {
+        let t = start(config());
+        let c = client(&t, "api").await;
+        let err = c
+            .publish_confirmed("nobody::here", json!(null))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NoListeners);
+        assert_eq!(err.code(), Some("no_listeners"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn binary_payloads_travel_as_a_second_frame() {
+    watchdog(async {
+        let t = start(config());
+        let worker = client(&t, "workers").await;
+        let viewer = client(&t, "viewer").await;
+        let mut any = worker.listen("blob::*", Mode::Any).await.unwrap();
+        let mut multi = viewer.listen("blob::*", Mode::Multi).await.unwrap();
+        let bytes: Vec<u8> = (0..=255).collect();
+        let confirm = worker
+            .publish_bytes_confirmed("blob::png", bytes.clone())
+            .await
+            .unwrap();
+        assert_eq!(confirm.routed, 2);
+        let e = next(&mut any).await;
+        assert_eq!(e.binary(), Some(bytes.as_slice()));
+        assert_eq!(e.payload_raw(), None);
+        let e = next(&mut multi).await;
+        assert_eq!(e.binary(), Some(bytes.as_slice()));
+        assert_eq!(e.id(), confirm.id);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn anycatch_without_acks_sends_no_ack() {
+    watchdog(async {
+        let t = start(config());
+        let worker = client(&t, "workers").await;
+        let mut jobs = worker
+            .listen_with("jobs::*", ListenOptions::any_unacked())
+            .await
+            .unwrap();
+        worker.publish("jobs::x", 1).await.unwrap();
+        let e = next(&mut jobs).await;
+        assert!(!e.needs_ack());
+        drop(e);
+        worker.flush().await.unwrap();
+        assert_eq!(metric(&t, "acks"), 0);
+        assert_eq!(metric(&t, "errors.unknown_delivery"), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_patterns_and_channels_fail_locally() {
+    watchdog(async {
+        let t = start(config());
+        let c = client(&t, "svc").await;
+        let err = c.listen("has space", Mode::Any).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidPattern);
+        let err = c.publish("a::*", 1).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidChannel);
+        let too_big = vec![0u8; c.limits().max_frame + 1];
+        let err = c.publish_bytes("a::b", too_big).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        // The connection is still fine.
+        c.flush().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_is_required_when_the_transmitter_has_one() {
+    watchdog(async {
+        let mut cfg = config();
+        cfg.token = Some("s3cret".into());
+        let t = start(cfg);
+        let err = Client::connect(t.command_endpoint(), Options::new("svc").token("wrong"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+        let err = Client::connect(
+            t.command_endpoint(),
+            Options::new("svc").connect_timeout(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::Unauthorized | ErrorKind::TimedOut),
+            "{err}"
+        );
+
+        // The right token opens both sockets.
+        let c = Client::connect(t.command_endpoint(), Options::new("svc").token("s3cret"))
+            .await
+            .unwrap();
+        let mut s = c.listen("a::*", Mode::Multi).await.unwrap();
+        c.publish("a::b", 1).await.unwrap();
+        assert_eq!(next(&mut s).await.payload::<u8>().unwrap(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_expired_cell_joins_again_and_listens_again() {
+    watchdog(async {
+        let mut cfg = config();
+        cfg.heartbeat = Duration::from_millis(100);
+        let t = start(cfg);
+        // A client that pings far too rarely gets expired after 300 ms.
+        let options = Options::new("workers").heartbeat(Duration::from_secs(60));
+        let c = Client::connect(t.command_endpoint(), options)
+            .await
+            .unwrap();
+        let mut jobs = c.listen("jobs::*", Mode::Any).await.unwrap();
+        eventually("the cell expired", || metric(&t, "expired_cells") == 1).await;
+
+        // Its next command bounces with not_welcomed; the SDK says HELO,
+        // LSTNs again and resends the command.
+        let confirm = c.publish_confirmed("jobs::x", 7).await.unwrap();
+        assert_eq!(confirm.routed, 1);
+        let e = next(&mut jobs).await;
+        assert_eq!(e.payload::<u8>().unwrap(), 7);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn closing_ends_subscriptions_and_fails_later_calls() {
+    watchdog(async {
+        let t = start(config());
+        let c = client(&t, "svc").await;
+        let other = c.clone();
+        let mut s = c.listen("a::*", Mode::Any).await.unwrap();
+        c.close().await;
+        assert!(other.is_closed());
+        assert!(s.next_event().await.is_none());
+        let err = other.publish("a::b", 1).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Disconnected);
+        c.close().await; // twice is harmless
+        eventually("the cell left", || metric(&t, "cells") == 0).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_leaves_the_transmitter() {
+    watchdog(async {
+        let t = start(config());
+        let c = client(&t, "svc").await;
+        let _s = c.listen("a::*", Mode::Any).await.unwrap();
+        eventually("the cell is counted", || metric(&t, "cells") == 1).await;
+        drop(c);
+        eventually("the cell left", || metric(&t, "cells") == 0).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_transmitter_shutdown_ends_subscriptions_with_disconnected() {
+    watchdog(async {
+        let mut t = start(config());
+        let c = client(&t, "svc").await;
+        let mut s = c.listen("a::*", Mode::Multi).await.unwrap();
+        tokio::task::spawn_blocking(move || t.shutdown())
+            .await
+            .unwrap();
+        assert!(tokio::time::timeout(PATIENCE, s.next_event())
+            .await
+            .expect("the stream ends")
+            .is_none());
+        let err = c.flush().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Disconnected);
+    })
+    .await;
+}
