@@ -234,12 +234,81 @@ error_codes! {
     TooLarge = "too_large",
     /// The transmitter is shutting down.
     ShuttingDown = "shutting_down",
+    /// Metadata with bad keys or values; the message names every one.
+    BadMetadata = "bad_metadata",
+    /// A query that does not parse.
+    BadQuery = "bad_query",
+    /// A targeted send that no cell matches (and that is not droppable).
+    NoRoute = "no_route",
 }
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `META`: change the cell's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetaUpdate {
+    /// The keys to set.
+    pub metadata: Map<String, Value>,
+    /// Replace all metadata (true) or merge into it (false, the default).
+    #[serde(default)]
+    pub replace: bool,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
+}
+
+/// `SEND`: a payload for one (or every) cell of a service whose metadata
+/// matches a query. Borrowed from the frame so the payload is forwarded
+/// without re-serializing.
+#[derive(Debug, Deserialize)]
+pub struct Targeted<'a> {
+    /// The service whose cells are candidates.
+    pub service: String,
+    /// A selector string or a JSON query (see the query module); absent:
+    /// every cell of the service matches.
+    #[serde(default, rename = "where")]
+    pub query: Option<Value>,
+    /// Every matching cell (true) or one (false, the default).
+    #[serde(default)]
+    pub all: bool,
+    /// The channel the cells see (default `send::<service>`).
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// The JSON payload, as raw text.
+    #[serde(default, borrow)]
+    pub payload: Option<&'a RawValue>,
+    /// No match falls back to any cell of the service.
+    #[serde(default)]
+    pub optional: bool,
+    /// No match is not an error: the send is dropped.
+    #[serde(default)]
+    pub droppable: bool,
+    /// Consistent choice: the same key goes to the same cell.
+    #[serde(default)]
+    pub key: Option<Value>,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref")]
+    pub reference: Option<Value>,
+}
+
+/// `DISC`: a question about the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Discover {
+    /// `services`, `instances`, `hosts`, `regions`, `versions` or `topology`.
+    pub what: String,
+    /// Only cells of this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Only cells whose metadata matches (selector string or JSON query).
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub query: Option<Value>,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Value>,
 }
 
 /// `MACK`, transmitter → transmitter: the cell that got forwarded

@@ -53,6 +53,13 @@ verbs! {
     ERRR,
     /// transmitter → cell: success.
     OKAY,
+    /// cell → transmitter: change this cell's metadata.
+    META,
+    /// cell → transmitter: send to one or every cell of a service whose
+    /// metadata matches a query.
+    SEND,
+    /// cell → transmitter: ask about the mesh (services, instances, ...).
+    DISC,
     /// transmitter → transmitter: deliver an anycatch event to a local cell.
     MDLV,
     /// transmitter → transmitter: a cell acked or refused a forwarded delivery.
@@ -218,6 +225,10 @@ pub const EVENT_TOPIC: &[u8] = b"EVNT ";
 /// The topic prefix a cell subscribes to to learn that its subscriptions
 /// have reached the transmitter: `SYNC <token>`.
 pub const SYNC_TOPIC: &[u8] = b"SYNC ";
+
+/// The topic prefix of membership events on the event socket:
+/// `MEMB <service> {json}`.
+pub const MEMBERSHIP_TOPIC: &[u8] = b"MEMB ";
 
 /// Encodes an event-socket frame `EVNT <channel> body`.
 pub fn encode_event(channel: &str, body: &[u8]) -> Vec<u8> {

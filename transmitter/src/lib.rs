@@ -8,6 +8,7 @@
 //! - [`router`]: the routing state machine (cells, listens, deliveries,
 //!   acks), free of I/O.
 //! - [`server`]: the router thread that owns the ROUTER and XPUB sockets.
+//! - [`discovery`]: answers about services, instances, hosts, regions.
 //! - [`mesh`]: gossip membership and the view of other transmitters' cells.
 //! - [`auth`]: the ZAP handler that checks the token at every handshake.
 //! - [`metrics`]: lock-free counters.
@@ -23,6 +24,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod discovery;
 pub mod mesh;
 pub mod metrics;
 pub mod router;

@@ -30,7 +30,7 @@ macro_rules! counters {
     };
 }
 
-const ERROR_CODES: usize = 15;
+const ERROR_CODES: usize = 18;
 
 counters! {
     /// Cells currently welcomed (a gauge).

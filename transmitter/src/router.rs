@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use thynapse_protocol::body::{
-    self, Ack, Confirm, ErrorReply, Goodbye, Hello, Limits, Listen, MeshAck, MeshDelivery, Publish,
-    Ref, Unlisten, Welcome,
+    self, Ack, Confirm, Discover, ErrorReply, Goodbye, Hello, Limits, Listen, MeshAck,
+    MeshDelivery, MetaUpdate, Publish, Ref, Targeted, Unlisten, Welcome,
 };
 use thynapse_protocol::limits::{HEARTBEAT_MISSES, MAX_LISTENS_PER_CELL, MAX_SERVICE_LEN};
+use thynapse_protocol::query::{Outcome, Query};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
 
 use crate::config::{Config, MAX_BACKLOG_PER_SERVICE};
+use crate::discovery::{self, Instance, InstanceListen};
 use crate::mesh::{CellRecord, ListenRecord, NodeRecord};
 use crate::metrics::Metrics;
 
@@ -82,8 +84,7 @@ struct Cell {
     peer: PeerId,
     /// Its service; anycatch picks one cell per service.
     service: Arc<str>,
-    /// Its metadata as given at HELO (queried by later features).
-    #[allow(dead_code)]
+    /// Its metadata, with the reserved keys the transmitter sets.
     metadata: Map<String, Value>,
     /// What it listens to.
     listens: Vec<ListenEntry>,
@@ -103,12 +104,24 @@ struct EventData {
     from: Thid,
 }
 
+/// Where a delivery goes when its cell fails it.
+#[derive(Debug, Clone)]
+enum Retarget {
+    /// Any other cell of the service that listens to the channel.
+    Service,
+    /// Another such cell whose metadata matches the query (`SEND`).
+    Query(Arc<Query>),
+    /// Nowhere: the delivery went to every matching cell already.
+    Never,
+}
+
 /// A delivery awaiting ACKN, keyed by (event, cell).
 #[derive(Debug)]
 struct InFlight {
     event: Arc<EventData>,
     service: Arc<str>,
     attempt: u32,
+    retarget: Retarget,
 }
 
 /// One cell an anycatch event may go to.
@@ -144,6 +157,7 @@ struct Route {
 #[derive(Debug)]
 struct RemoteCell {
     service: Arc<str>,
+    metadata: Map<String, Value>,
     listens: Vec<ListenEntry>,
 }
 
@@ -182,7 +196,7 @@ pub struct Router {
     /// so this is also deadline order); stale entries are skipped.
     deadlines: VecDeque<(Instant, Thid, Thid, u32)>,
     /// Redeliveries waiting for a cell of their service to listen again.
-    backlog: HashMap<Arc<str>, VecDeque<(Arc<EventData>, u32)>>,
+    backlog: HashMap<Arc<str>, VecDeque<InFlight>>,
     /// The other transmitters of the mesh and their cells.
     remote: HashMap<Thid, RemoteNode>,
     /// Deliveries other transmitters forwarded to our cells, by (event,
@@ -190,6 +204,9 @@ pub struct Router {
     proxied: HashMap<(Thid, Thid), Thid>,
     /// Whether the local cells changed since the mesh last heard of them.
     view_dirty: bool,
+    /// Network addresses of connections that sent HELO, noted by the socket
+    /// thread, taken into the cell's `host` metadata.
+    addresses: HashMap<PeerId, String>,
     /// Counters shared with the rest of the process.
     metrics: Arc<Metrics>,
     /// Set once shutdown began: new cells are refused.
@@ -237,6 +254,7 @@ impl Router {
             remote: HashMap::new(),
             proxied: HashMap::new(),
             view_dirty: true,
+            addresses: HashMap::new(),
             metrics,
             stopping: false,
             scratch: Vec::with_capacity(256),
@@ -355,6 +373,9 @@ impl Router {
             (Verb::LSTN, Some(id)) => self.listen(peer, &id, f.body, now, out),
             (Verb::UNLS, Some(id)) => self.unlisten(peer, &id, f.body, out),
             (Verb::EVNT, Some(id)) => self.publish(peer, &id, f.body, binary, now, out),
+            (Verb::META, Some(id)) => self.update_metadata(peer, &id, f.body, out),
+            (Verb::SEND, Some(id)) => self.targeted(peer, &id, f.body, binary, now, out),
+            (Verb::DISC, Some(_)) => self.discover(peer, f.body, out),
             (Verb::ACKN, Some(id)) => self.ack(&id, f.body, now, out, true),
             (Verb::NACK, Some(id)) => self.ack(&id, f.body, now, out, false),
             (verb, Some(_)) => Err(Failure::new(
@@ -397,6 +418,11 @@ impl Router {
                 re,
             ));
         }
+        let mut metadata = h.metadata;
+        check_metadata(&metadata)
+            .map_err(|m| Failure::new(ErrorCode::BadMetadata, m, re.clone()))?;
+        let address = self.addresses.remove(peer);
+        self.add_reserved(&mut metadata, address);
         match current {
             Some(id) if id != h.id => {
                 return Err(Failure::new(
@@ -432,20 +458,22 @@ impl Router {
                 ));
             }
             existing.service = Arc::from(h.service.as_str());
-            existing.metadata = h.metadata;
+            existing.metadata = metadata;
             self.invalidate();
+            self.announce(&h.id, "updated", out);
         } else {
             self.cells.insert(
                 h.id,
                 Cell {
                     peer: peer.to_vec(),
                     service: Arc::from(h.service.as_str()),
-                    metadata: h.metadata,
+                    metadata,
                     listens: Vec::new(),
                     last_seen: now,
                     seq: 0,
                 },
             );
+            self.announce(&h.id, "joined", out);
             self.peers.insert(peer.to_vec(), h.id);
             self.metrics.cells.store(
                 self.cells.len() as u64,
@@ -596,7 +624,7 @@ impl Router {
                 let cursor = self.cursors.entry(sr.service.clone()).or_insert(0);
                 let target = sr.cells[*cursor % sr.cells.len()];
                 *cursor = cursor.wrapping_add(1);
-                self.deliver(&event, &sr.service, target, 1, now, out);
+                self.deliver(&event, &sr.service, target, 1, Retarget::Service, now, out);
                 routed += 1;
             }
         }
@@ -622,12 +650,14 @@ impl Router {
 
     /// Sends one anycatch delivery, to a local cell or through the
     /// transmitter that owns it, and, when it must be acked, remembers it.
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &mut self,
         event: &Arc<EventData>,
         service: &Arc<str>,
         target: Target,
         attempt: u32,
+        retarget: Retarget,
         now: Instant,
         out: &mut Vec<Output>,
     ) {
@@ -679,6 +709,7 @@ impl Router {
                     event: event.clone(),
                     service: service.clone(),
                     attempt,
+                    retarget,
                 },
             );
             self.deadlines
@@ -816,7 +847,15 @@ impl Router {
                         })
                         .collect();
                     let service = Arc::from(c.service.as_str());
-                    (c.id, RemoteCell { service, listens })
+                    let metadata = c.metadata;
+                    (
+                        c.id,
+                        RemoteCell {
+                            service,
+                            metadata,
+                            listens,
+                        },
+                    )
                 })
                 .collect();
             remote.insert(
@@ -829,6 +868,7 @@ impl Router {
         }
         let old = std::mem::replace(&mut self.remote, remote);
         self.routes.clear();
+        self.announce_remote_changes(&old, out);
         let gone: Vec<Thid> = old
             .iter()
             .flat_map(|(node, n)| n.cells.keys().map(move |c| (node, c)))
@@ -905,34 +945,45 @@ impl Router {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
+        let query = match &f.retarget {
+            Retarget::Never => return,
+            Retarget::Service => None,
+            Retarget::Query(q) => Some(q.clone()),
+        };
         let route = self.route(&f.event.channel);
+        let empty = Map::new();
         let target = route
             .any
             .iter()
             .find(|sr| sr.service == f.service)
             .and_then(|sr| {
-                let others: Vec<_> = sr
+                let eligible: Vec<&Target> = sr
                     .cells
                     .iter()
+                    .filter(|t| {
+                        query
+                            .as_ref()
+                            .is_none_or(|q| q.matches(self.metadata_of(&t.cell).unwrap_or(&empty)))
+                    })
+                    .collect();
+                let others: Vec<_> = eligible
+                    .iter()
+                    .copied()
                     .filter(|t| Some(&t.cell) != failed)
                     .collect();
-                let pool = if others.is_empty() {
-                    sr.cells.iter().collect()
-                } else {
-                    others
-                };
+                let pool = if others.is_empty() { eligible } else { others };
                 let cursor = self.cursors.entry(sr.service.clone()).or_insert(0);
                 *cursor = cursor.wrapping_add(1);
                 pool.get(*cursor % pool.len().max(1)).map(|t| **t)
             });
         match target {
-            Some(t) => self.deliver(&f.event, &f.service, t, f.attempt + 1, now, out),
+            Some(t) => self.deliver(&f.event, &f.service, t, f.attempt + 1, f.retarget, now, out),
             None => {
                 let queue = self.backlog.entry(f.service.clone()).or_default();
                 if queue.len() >= MAX_BACKLOG_PER_SERVICE {
                     Metrics::incr(&self.metrics.dropped_backlog_full);
                 } else {
-                    queue.push_back((f.event, f.attempt));
+                    queue.push_back(f);
                 }
             }
         }
@@ -943,13 +994,253 @@ impl Router {
         let Some(queue) = self.backlog.remove(service) else {
             return;
         };
-        for (event, attempt) in queue {
-            let f = InFlight {
-                event,
-                service: service.clone(),
-                attempt,
-            };
+        for f in queue {
             self.redeliver(f, None, now, out);
+        }
+    }
+
+    /// Notes the network address of a connection that is saying HELO; it
+    /// becomes the cell's `host` metadata.
+    pub fn note_address(&mut self, peer: &[u8], address: &str) {
+        self.addresses.insert(peer.to_vec(), address.to_owned());
+    }
+
+    /// Sets the keys only the transmitter may set: the cell's host and its
+    /// transmitter.
+    fn add_reserved(&self, metadata: &mut Map<String, Value>, address: Option<String>) {
+        if let Some(a) = address {
+            metadata.insert("host".to_owned(), Value::String(a));
+        }
+        metadata.insert("transmitter".to_owned(), Value::String(self.id.to_hex()));
+    }
+
+    /// `META`: merges into or replaces the cell's metadata.
+    fn update_metadata(
+        &mut self,
+        peer: &[u8],
+        id: &Thid,
+        body: &[u8],
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        let m: MetaUpdate = parse(body)?;
+        check_metadata(&m.metadata)
+            .map_err(|e| Failure::new(ErrorCode::BadMetadata, e, m.reference.clone()))?;
+        let cell = self.cells.get_mut(id).expect("welcomed peers have a cell");
+        let reserved: Vec<(String, Value)> = RESERVED_KEYS
+            .iter()
+            .filter_map(|k| Some((k.to_string(), cell.metadata.get(*k)?.clone())))
+            .collect();
+        if m.replace {
+            cell.metadata = m.metadata;
+        } else {
+            cell.metadata.extend(m.metadata);
+        }
+        cell.metadata.extend(reserved);
+        let effective = Value::Object(cell.metadata.clone());
+        self.invalidate();
+        self.announce(id, "updated", out);
+        let reply = serde_json::json!({"ref": m.reference, "metadata": effective});
+        out.push(to_peer(peer, frame::encode_json(Verb::OKAY, &reply)));
+        Ok(())
+    }
+
+    /// The metadata of a cell anywhere in the view.
+    fn metadata_of(&self, cell: &Thid) -> Option<&Map<String, Value>> {
+        self.cells.get(cell).map(|c| &c.metadata).or_else(|| {
+            self.remote
+                .values()
+                .find_map(|n| n.cells.get(cell).map(|c| &c.metadata))
+        })
+    }
+
+    /// `SEND`: delivers to one, or every, cell of a service whose metadata
+    /// matches the query, among the cells that listen anycatch to the
+    /// channel.
+    fn targeted(
+        &mut self,
+        peer: &[u8],
+        from: &Thid,
+        body: &[u8],
+        binary: Option<&[u8]>,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        let t: Targeted<'_> = parse(body)?;
+        let re = t.reference.clone();
+        let mut query = parse_query(t.query.as_ref())
+            .map_err(|e| Failure::new(ErrorCode::BadQuery, e, re.clone()))?;
+        query.optional |= t.optional;
+        query.droppable |= t.droppable;
+        if let Some(key) = &t.key {
+            query.key = Some(match key {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        }
+        let channel = t
+            .channel
+            .clone()
+            .unwrap_or_else(|| format!("send::{}", t.service));
+        pattern::validate_channel(&channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
+        let candidates: Vec<Target> = self
+            .route(&channel)
+            .any
+            .iter()
+            .find(|sr| *sr.service == *t.service)
+            .map(|sr| sr.cells.clone())
+            .unwrap_or_default();
+        let candidates: Vec<(Target, Map<String, Value>)> = candidates
+            .into_iter()
+            .map(|c| (c, self.metadata_of(&c.cell).cloned().unwrap_or_default()))
+            .collect();
+        let choice = query.choose(&candidates, |c| &c.1, |c| c.0.cell.as_bytes());
+        let targets: Vec<Target> = match (&choice.outcome, t.all) {
+            (Outcome::NoMatch, _) => {
+                return Err(Failure::new(
+                    ErrorCode::NoRoute,
+                    format!(
+                        "no cell of {:?} listening to {channel:?} matches the query",
+                        t.service
+                    ),
+                    re,
+                ))
+            }
+            (Outcome::Drop, _) => Vec::new(),
+            (_, true) => choice.matched.iter().map(|c| c.0).collect(),
+            (Outcome::One(c), false) => vec![c.0],
+            (Outcome::Any(list), false) => {
+                let cursor = self
+                    .cursors
+                    .entry(Arc::from(t.service.as_str()))
+                    .or_insert(0);
+                *cursor = cursor.wrapping_add(1);
+                vec![list[*cursor % list.len()].0]
+            }
+        };
+        let cell = self
+            .cells
+            .get_mut(from)
+            .expect("welcomed peers have a cell");
+        cell.seq += 1;
+        let payload = t.payload.map(|r| r.get().as_bytes());
+        let id = Thid::for_event(
+            from,
+            cell.seq,
+            &channel,
+            binary.or(payload).unwrap_or_default(),
+        );
+        let event = Arc::new(EventData {
+            id,
+            channel,
+            payload: payload.map(<[u8]>::to_vec),
+            binary: binary.map(|b| Arc::new(b.to_vec())),
+            from: *from,
+        });
+        let service: Arc<str> = Arc::from(t.service.as_str());
+        let retarget = if t.all {
+            Retarget::Never
+        } else {
+            Retarget::Query(Arc::new(query))
+        };
+        for target in &targets {
+            self.deliver(&event, &service, *target, 1, retarget.clone(), now, out);
+        }
+        let reply = Confirm {
+            reference: t.reference,
+            id: Some(id),
+            routed: targets.len() as u32,
+        };
+        out.push(to_peer(peer, frame::encode_json(Verb::OKAY, &reply)));
+        Ok(())
+    }
+
+    /// Every cell of the view, local and remote.
+    fn instances(&self) -> Vec<Instance> {
+        let listens = |l: &Vec<ListenEntry>| {
+            l.iter()
+                .map(|e| InstanceListen {
+                    pattern: e.pattern.as_str().to_owned(),
+                    mode: e.mode,
+                })
+                .collect()
+        };
+        let local = self.cells.iter().map(|(id, c)| Instance {
+            id: *id,
+            service: c.service.to_string(),
+            metadata: c.metadata.clone(),
+            transmitter: self.id,
+            listens: listens(&c.listens),
+        });
+        let remote = self.remote.iter().flat_map(|(node, n)| {
+            n.cells
+                .iter()
+                .filter(|(id, _)| !self.cells.contains_key(id))
+                .map(move |(id, c)| Instance {
+                    id: *id,
+                    service: c.service.to_string(),
+                    metadata: c.metadata.clone(),
+                    transmitter: *node,
+                    listens: listens(&c.listens),
+                })
+        });
+        let mut all: Vec<Instance> = local.chain(remote).collect();
+        all.sort_by(|a, b| (&a.service, a.id).cmp(&(&b.service, b.id)));
+        all
+    }
+
+    /// `DISC`: answers a question about the whole mesh.
+    fn discover(&mut self, peer: &[u8], body: &[u8], out: &mut Vec<Output>) -> Handled {
+        let d: Discover = parse(body)?;
+        let re = d.reference.clone();
+        let query = parse_query(d.query.as_ref())
+            .map_err(|e| Failure::new(ErrorCode::BadQuery, e, re.clone()))?;
+        let instances: Vec<Instance> = self
+            .instances()
+            .into_iter()
+            .filter(|i| d.service.as_deref().is_none_or(|s| s == i.service))
+            .filter(|i| query.matches(&i.metadata))
+            .collect();
+        let result = discovery::answer(&d.what, &instances).ok_or_else(|| {
+            Failure::new(
+                ErrorCode::BadJson,
+                format!(
+                    "unknown question {:?}; ask one of {}",
+                    d.what,
+                    discovery::WHATS.join(", ")
+                ),
+                re.clone(),
+            )
+        })?;
+        let reply = serde_json::json!({"ref": d.reference, "what": d.what, "result": result});
+        out.push(to_peer(peer, frame::encode_json(Verb::OKAY, &reply)));
+        Ok(())
+    }
+
+    /// Publishes membership events for remote cells that joined, left or
+    /// changed metadata between two views.
+    fn announce_remote_changes(&self, old: &HashMap<Thid, RemoteNode>, out: &mut Vec<Output>) {
+        let (before, after) = (remote_cells(old), remote_cells(&self.remote));
+        for (id, (node, c)) in &after {
+            match before.get(id) {
+                None => out.push(membership("joined", id, &c.service, &c.metadata, node)),
+                Some((_, b)) if b.metadata != c.metadata => {
+                    out.push(membership("updated", id, &c.service, &c.metadata, node))
+                }
+                Some(_) => {}
+            }
+        }
+        for (id, (node, c)) in &before {
+            if !after.contains_key(id) && !self.cells.contains_key(id) {
+                out.push(membership("left", id, &c.service, &c.metadata, node));
+            }
+        }
+    }
+
+    /// Publishes a membership event for a local cell on the event socket.
+    fn announce(&self, id: &Thid, event: &str, out: &mut Vec<Output>) {
+        if let Some(c) = self.cells.get(id) {
+            out.push(membership(event, id, &c.service, &c.metadata, &self.id));
         }
     }
 
@@ -1059,6 +1350,7 @@ impl Router {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
+        self.announce(id, "left", out);
         let Some(cell) = self.cells.remove(id) else {
             return;
         };
@@ -1109,6 +1401,97 @@ impl Router {
     }
 }
 
+/// Metadata keys only the transmitter sets.
+pub const RESERVED_KEYS: &[&str] = &["host", "transmitter"];
+/// Longest metadata key, in bytes.
+pub const MAX_METADATA_KEY: usize = 64;
+/// Deepest nesting of a metadata value.
+pub const MAX_METADATA_DEPTH: usize = 8;
+/// Largest metadata of one cell, as JSON text.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Checks metadata a cell sent; the error names every bad key and why.
+fn check_metadata(metadata: &Map<String, Value>) -> Result<(), String> {
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let mut bad = Vec::new();
+    for (k, v) in metadata {
+        let why = if RESERVED_KEYS.contains(&k.as_str()) {
+            Some("reserved: the transmitter sets it")
+        } else if k.is_empty() || k.len() > MAX_METADATA_KEY {
+            Some("a key has 1 to 64 bytes")
+        } else if k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Some("a key has no whitespace")
+        } else if v.is_null() {
+            Some("null is not a value; leave the key out")
+        } else if depth(v) > MAX_METADATA_DEPTH {
+            Some("nested deeper than 8 levels")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            bad.push(format!("{k:?} ({why})"));
+        }
+    }
+    if !bad.is_empty() {
+        return Err(format!("bad metadata keys: {}", bad.join(", ")));
+    }
+    let size = serde_json::to_string(metadata)
+        .map(|s| s.len())
+        .unwrap_or(0);
+    if size > MAX_METADATA_BYTES {
+        return Err(format!(
+            "metadata of {size} bytes exceeds {MAX_METADATA_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a `where`: a selector string, a JSON query, or nothing (every
+/// cell matches).
+fn parse_query(q: Option<&Value>) -> Result<Query, String> {
+    match q {
+        None | Some(Value::Null) => Query::parse_selector(""),
+        Some(Value::String(s)) => Query::parse_selector(s),
+        Some(v) => Query::from_json(v),
+    }
+    .map_err(|e| format!("bad query: {e}"))
+}
+
+/// Every remote cell of a view, with the transmitter that owns it.
+fn remote_cells(view: &HashMap<Thid, RemoteNode>) -> HashMap<Thid, (Thid, &RemoteCell)> {
+    view.iter()
+        .flat_map(|(node, n)| n.cells.iter().map(move |(id, c)| (*id, (*node, c))))
+        .collect()
+}
+
+/// A `MEMB <service> {json}` frame for the event socket.
+fn membership(
+    event: &str,
+    id: &Thid,
+    service: &str,
+    metadata: &Map<String, Value>,
+    transmitter: &Thid,
+) -> Output {
+    let body = serde_json::json!({
+        "event": event,
+        "cell": {"id": id, "service": service, "metadata": metadata, "transmitter": transmitter},
+    });
+    let mut frame = frame::MEMBERSHIP_TOPIC.to_vec();
+    frame.extend_from_slice(service.as_bytes());
+    frame.push(b' ');
+    frame.extend_from_slice(body.to_string().as_bytes());
+    Output::Publish {
+        frame,
+        binary: None,
+    }
+}
+
 /// Verbs a cell may send.
 fn is_cell_verb(verb: Verb) -> bool {
     matches!(
@@ -1122,6 +1505,9 @@ fn is_cell_verb(verb: Verb) -> bool {
             | Verb::PING
             | Verb::PONG
             | Verb::GBYE
+            | Verb::META
+            | Verb::SEND
+            | Verb::DISC
     )
 }
 
@@ -1176,11 +1562,14 @@ fn reference(body: &[u8]) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     struct Harness {
         router: Router,
         now: Instant,
         out: Vec<Output>,
+        /// Membership events seen, kept apart from the other outputs.
+        membership: Vec<String>,
     }
 
     impl Harness {
@@ -1193,6 +1582,7 @@ mod tests {
                 router: Router::new(Thid::random(), "tcp://x:1".into(), &config, Arc::default()),
                 now: Instant::now(),
                 out: Vec::new(),
+                membership: Vec::new(),
             }
         }
 
@@ -1208,8 +1598,16 @@ mod tests {
         }
 
         fn drain(&mut self) -> Vec<(String, String)> {
-            self.out
-                .drain(..)
+            let all: Vec<Output> = self.out.drain(..).collect();
+            let (memb, rest): (Vec<Output>, Vec<Output>) = all.into_iter().partition(|o| {
+                matches!(o, Output::Publish { frame, .. } if frame.starts_with(frame::MEMBERSHIP_TOPIC))
+            });
+            for m in memb {
+                if let Output::Publish { frame, .. } = m {
+                    self.membership.push(String::from_utf8(frame).unwrap());
+                }
+            }
+            rest.into_iter()
                 .map(|o| match o {
                     Output::ToPeer { peer, frame, .. } => (
                         String::from_utf8(peer).unwrap(),
@@ -1494,6 +1892,217 @@ mod tests {
             code(&h.send("old", r#"J LSTN {"pattern":"a","mode":"any"}"#)),
             "not_welcomed"
         );
+    }
+
+    fn ok_body(reply: &[(String, String)]) -> Value {
+        assert!(reply[0].1.starts_with("J OKAY "), "{reply:?}");
+        serde_json::from_str(&reply[0].1["J OKAY ".len()..]).unwrap()
+    }
+
+    fn join_with(h: &mut Harness, peer: &str, service: &str, meta: Value) -> Thid {
+        let id = Thid::random();
+        let helo = serde_json::json!({"id": id, "service": service, "metadata": meta});
+        let r = h.send(peer, &format!("J HELO {helo}"));
+        assert!(r[0].1.starts_with("J WLCM"), "{r:?}");
+        id
+    }
+
+    #[test]
+    fn metadata_is_validated_merged_replaced_and_keeps_its_reserved_keys() {
+        let mut h = Harness::new();
+        h.router.note_address(b"c", "10.1.2.3");
+        join_with(&mut h, "c", "s", serde_json::json!({"version": "1.0.0"}));
+        let r = h.send("c", r#"J META {"metadata":{"region":"eu"}}"#);
+        let m = &ok_body(&r)["metadata"];
+        assert_eq!(m["version"], "1.0.0");
+        assert_eq!(m["region"], "eu");
+        assert_eq!(m["host"], "10.1.2.3");
+        assert_eq!(m["transmitter"], h.router.id().to_hex());
+        let r = h.send("c", r#"J META {"metadata":{"tier":"gold"},"replace":true}"#);
+        let m = &ok_body(&r)["metadata"];
+        assert!(m.get("version").is_none());
+        assert_eq!(m["host"], "10.1.2.3");
+        let r = h.send(
+            "c",
+            r#"J META {"metadata":{"host":"x","a b":1,"n":null,"ok":1},"ref":3}"#,
+        );
+        assert_eq!(code(&r), "bad_metadata");
+        let err: Value = serde_json::from_str(&r[0].1["J ERRR ".len()..]).unwrap();
+        let message = err["message"].as_str().unwrap();
+        for key in ["\"host\"", "\"a b\"", "\"n\""] {
+            assert!(message.contains(key), "{key} named in {message}");
+        }
+        assert!(!message.contains("\"ok\""));
+        assert!(r[0].1.contains(r#""re":3"#));
+        let helo = r#"J HELO {"id":"0000000000000000000000000000000000000009","service":"s","metadata":{"transmitter":"me"}}"#;
+        assert_eq!(code(&h.send("d", helo)), "bad_metadata");
+        assert_eq!(
+            h.membership.len(),
+            3,
+            "joined, updated, updated: {:?}",
+            h.membership
+        );
+        assert!(h.membership[0].starts_with("MEMB s {"));
+        assert!(h.membership[0].contains(r#""event":"joined""#));
+    }
+
+    #[test]
+    fn targeted_sends_reach_one_or_all_matching_cells_and_no_match_is_no_route() {
+        let mut h = Harness::new();
+        let v1 = join_with(
+            &mut h,
+            "v1",
+            "backend",
+            serde_json::json!({"version": "1.9.0"}),
+        );
+        let v2 = join_with(
+            &mut h,
+            "v2",
+            "backend",
+            serde_json::json!({"version": "2.10.0"}),
+        );
+        let v3 = join_with(
+            &mut h,
+            "v3",
+            "backend",
+            serde_json::json!({"version": "2.2.0"}),
+        );
+        for p in ["v1", "v2", "v3"] {
+            h.listen(p, "send::backend", "any");
+        }
+        h.join("pub", "p");
+        let mut seen = HashSet::new();
+        for _ in 0..6 {
+            let r = h.send(
+                "pub",
+                r#"J SEND {"service":"backend","where":"version>=2.0.0","payload":1}"#,
+            );
+            assert_eq!(r.len(), 2, "{r:?}");
+            assert!(r[0].0 == "v2" || r[0].0 == "v3", "{r:?}");
+            seen.insert(r[0].0.clone());
+            assert_eq!(ok_body(&r[1..])["routed"], 1);
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "one-cell sends spread over the matching cells"
+        );
+        let r = h.send(
+            "pub",
+            r#"J SEND {"service":"backend","where":"version>=2.0.0","all":true}"#,
+        );
+        assert_eq!(r.len(), 3, "{r:?}");
+        let r = h.send(
+            "pub",
+            r#"J SEND {"service":"backend","where":"version>=3","ref":"q"}"#,
+        );
+        assert_eq!(code(&r), "no_route");
+        assert!(r[0].1.contains(r#""re":"q""#));
+        let r = h.send(
+            "pub",
+            r#"J SEND {"service":"backend","where":"version>=3","droppable":true}"#,
+        );
+        assert_eq!(ok_body(&r)["routed"], 0);
+        let r = h.send(
+            "pub",
+            r#"J SEND {"service":"backend","where":"version>=3","optional":true}"#,
+        );
+        assert_eq!(r.len(), 2, "optional falls back to any cell: {r:?}");
+        let r = h.send("pub", r#"J SEND {"service":"backend","where":"version>>"}"#);
+        assert_eq!(code(&r), "bad_query");
+        let key = |h: &mut Harness| {
+            h.send("pub", r#"J SEND {"service":"backend","key":"user-123"}"#)[0]
+                .0
+                .clone()
+        };
+        let first = key(&mut h);
+        assert!(
+            (0..5).all(|_| key(&mut h) == first),
+            "a key sticks to one cell"
+        );
+        let _ = (v1, v2, v3);
+    }
+
+    #[test]
+    fn a_failed_targeted_send_is_redelivered_only_to_another_matching_cell() {
+        let mut h = Harness::new();
+        join_with(
+            &mut h,
+            "old",
+            "backend",
+            serde_json::json!({"version": "1.0.0"}),
+        );
+        join_with(
+            &mut h,
+            "new1",
+            "backend",
+            serde_json::json!({"version": "2.0.0"}),
+        );
+        join_with(
+            &mut h,
+            "new2",
+            "backend",
+            serde_json::json!({"version": "2.1.0"}),
+        );
+        for p in ["old", "new1", "new2"] {
+            h.listen(p, "send::backend", "any");
+        }
+        h.join("pub", "p");
+        let r = h.send(
+            "pub",
+            r#"J SEND {"service":"backend","where":"version>=2"}"#,
+        );
+        let (first, frame) = r[0].clone();
+        let id = delivery_id(&frame);
+        assert_ne!(first, "old");
+        let mut holder = first;
+        for _ in 0..4 {
+            let r = h.send(&holder, &format!(r#"J NACK {{"id":"{id}"}}"#));
+            holder = r[0].0.clone();
+            assert_ne!(holder, "old", "never to a cell outside the query");
+        }
+        h.send(&holder, &format!(r#"J ACKN {{"id":"{id}"}}"#));
+        assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn discovery_answers_for_the_whole_view() {
+        let mut h = Harness::new();
+        join_with(
+            &mut h,
+            "a",
+            "backend",
+            serde_json::json!({"version": "2.0.0", "region": "eu"}),
+        );
+        join_with(
+            &mut h,
+            "b",
+            "backend",
+            serde_json::json!({"version": "1.0.0", "region": "us"}),
+        );
+        let node = Thid::random();
+        let mut remote = remote_node(node, Thid::random(), "gateway", "any");
+        remote.cells[0].metadata = serde_json::json!({"region": "eu"})
+            .as_object()
+            .unwrap()
+            .clone();
+        h.router.set_view(vec![remote], h.now, &mut h.out);
+        h.drain();
+        assert!(h
+            .membership
+            .iter()
+            .any(|m| m.starts_with("MEMB gateway ") && m.contains("joined")));
+        let r = h.send("a", r#"J DISC {"what":"services","ref":1}"#);
+        let b = ok_body(&r);
+        assert_eq!(b["ref"], 1);
+        assert_eq!(b["result"].as_array().unwrap().len(), 2);
+        let r = h.send("a", r#"J DISC {"what":"instances","where":"region=eu"}"#);
+        let items = ok_body(&r)["result"].as_array().unwrap().clone();
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().any(|i| i["transmitter"] == node.to_hex()));
+        let r = h.send("a", r#"J DISC {"what":"versions","service":"backend"}"#);
+        assert_eq!(ok_body(&r)["result"].as_array().unwrap().len(), 2);
+        assert_eq!(code(&h.send("a", r#"J DISC {"what":"moons"}"#)), "bad_json");
     }
 
     #[test]

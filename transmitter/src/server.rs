@@ -526,6 +526,14 @@ impl Inbox {
         out: &mut Vec<Output>,
     ) {
         let mesh_ok = !mesh_needs_auth || self.parts[1].gets("User-Id") == Some(MESH_USER);
+        let hello = self.parts[1].starts_with(b"J HELO") || self.parts[1].starts_with(b"HELO");
+        if hello {
+            // The cell's `host` metadata: where its connection comes from.
+            if let Some(address) = self.parts[1].gets("Peer-Address") {
+                let address = address.to_owned();
+                router.note_address(&self.parts[0], &address);
+            }
+        }
         let [peer, command, binary] = &self.parts;
         match self.count {
             1 => router.handle(peer, &[], mesh_ok, now, out),
