@@ -78,12 +78,17 @@ enum Command {
         /// JetStream run: how the publisher publishes.
         #[arg(long, value_enum, default_value = "core")]
         js_publish: JsPublish,
-        /// JetStream run: the consumer's max_ack_pending.
-        #[arg(long, default_value_t = 20_000)]
+        /// JetStream run: the consumer's max_ack_pending (the server's
+        /// default is 1000).
+        #[arg(long, default_value_t = 1_000)]
         js_max_ack_pending: i64,
-        /// JetStream run: messages per pull request.
-        #[arg(long, default_value_t = 500)]
+        /// JetStream run: messages per pull request (async-nats's default
+        /// is 200).
+        #[arg(long, default_value_t = 200)]
         js_batch: usize,
+        /// JetStream run, acked publishing: most publish acks outstanding.
+        #[arg(long, default_value_t = 1024)]
+        js_window: usize,
     },
     /// A throughput scenario against a transmitter, with the raw-frame
     /// client.
@@ -177,11 +182,13 @@ fn main() -> anyhow::Result<()> {
             js_publish,
             js_max_ack_pending,
             js_batch,
+            js_window,
         } => {
             let js = JsTuning {
                 publish: js_publish,
                 max_ack_pending: js_max_ack_pending,
                 batch: js_batch,
+                window: js_window,
             };
             tokio_runtime()?.block_on(nats::run(&url, scenario, &load.load(), js))?
         }

@@ -52,21 +52,25 @@ pub struct JsTuning {
     pub max_ack_pending: i64,
     /// Messages requested per pull.
     pub batch: usize,
+    /// Acked publishing: most publish acks outstanding.
+    pub window: usize,
 }
 
 impl Default for JsTuning {
     fn default() -> Self {
         JsTuning {
             publish: JsPublish::Core,
-            max_ack_pending: 20_000,
-            batch: 500,
+            max_ack_pending: 1_000,
+            batch: 200,
+            window: 1024,
         }
     }
 }
 
+/// Connects with the client's defaults (a subscription buffers up to 64 Ki
+/// messages, like the SDK's 100 k socket high-water mark).
 async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 18)
         .connect(url)
         .await
         .with_context(|| format!("connecting to {url}"))
@@ -197,6 +201,7 @@ pub async fn run(
             (published.clone(), load.msgs, load.payload, load.deadline);
         let publisher = publisher.clone();
         let acked = scenario == Scenario::AnycatchAck && js.publish == JsPublish::Acked;
+        let js_window = js.window.max(1);
         tokio::spawn(async move {
             let mut template = payload::template(size);
             let ctx = jetstream::new(publisher.clone());
@@ -210,7 +215,7 @@ pub async fn run(
                 let p = Bytes::copy_from_slice(&template);
                 if acked {
                     window.push_back(ctx.publish(SUBJECT, p).await?);
-                    if window.len() >= 256 {
+                    if window.len() >= js_window {
                         if let Some(f) = window.pop_front() {
                             f.await?;
                         }
@@ -261,8 +266,8 @@ pub async fn run(
     r.cpu(cpu);
     if scenario == Scenario::AnycatchAck {
         r.note = Some(format!(
-            "JetStream work queue, memory storage, pull consumer, explicit acks, max_ack_pending {}, batch {}, publish {:?}",
-            js.max_ack_pending, js.batch, js.publish
+            "JetStream work queue, memory storage, pull consumer, explicit acks, max_ack_pending {}, batch {}, publish {:?} (window {})",
+            js.max_ack_pending, js.batch, js.publish, js.window
         ));
         let _ = jetstream::new(publisher.clone())
             .delete_stream(STREAM)
