@@ -87,7 +87,7 @@ pub(crate) fn ack_batch(verb: Verb, ids: &[Thid]) -> Vec<u8> {
             out.push(b',');
         }
         out.push(b'"');
-        out.extend_from_slice(id.to_hex().as_bytes());
+        push_hex(&mut out, id);
         out.push(b'"');
     }
     out.extend_from_slice(b"]}");
@@ -112,7 +112,7 @@ pub(crate) fn publish(
         out.extend_from_slice(p);
     }
     out.extend_from_slice(b",\"id\":\"");
-    out.extend_from_slice(id.to_hex().as_bytes());
+    push_hex(&mut out, id);
     out.extend_from_slice(b"\",\"seq\":");
     out.extend_from_slice(seq.to_string().as_bytes());
     if let Some(r) = confirm_ref {
@@ -121,6 +121,16 @@ pub(crate) fn publish(
     }
     out.push(b'}');
     out
+}
+
+/// Appends the 40 lowercase hex characters of a THID, without the
+/// intermediate `String` of [`Thid::to_hex`] (this is per event and per ack).
+pub(crate) fn push_hex(out: &mut Vec<u8>, id: &Thid) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in id.as_bytes() {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0x0f)]);
+    }
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
@@ -330,6 +340,14 @@ mod tests {
         let p: Publish<'_> = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
         assert!(p.payload.is_none());
         assert!(!p.confirm);
+    }
+
+    #[test]
+    fn hex_matches_the_protocol_spelling() {
+        let id = Thid::random();
+        let mut out = Vec::new();
+        push_hex(&mut out, &id);
+        assert_eq!(out, id.to_hex().as_bytes());
     }
 
     #[test]
