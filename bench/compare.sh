@@ -102,7 +102,7 @@ wait_port() {
     return 1
 }
 
-start_servers() {
+start_nats() {
     local port
     port=$(free_port)
     rm -rf "$TMP/js"
@@ -111,7 +111,9 @@ start_servers() {
     NATS_PID=$!
     NATS_URL=nats://127.0.0.1:$port
     wait_port "$port"
+}
 
+start_thynapse() {
     : >"$TMP/thynapse.out"
     THYNAPSE_LOG=warn "$THYNAPSE" transmitter --command tcp://127.0.0.1:0 --event tcp://127.0.0.1:0 \
         >"$TMP/thynapse.out" 2>"$TMP/thynapse.log" &
@@ -124,6 +126,11 @@ start_servers() {
         sleep 0.1
     done
     [ -n "$THY_COMMAND" ] || { log "the transmitter did not start"; cat "$TMP/thynapse.log" >&2; exit 1; }
+}
+
+start_servers() {
+    start_nats
+    start_thynapse
 }
 
 # Thynapse clients: the raw-frame client always, the SDK one when built in.
@@ -148,21 +155,23 @@ for _ in $(seq 1 "$RUNS"); do
     run "$BENCH" zmq --payload 128 --msgs 2000000
 done
 
-log "memory: $CONNS idle cells / connections (fresh servers each run)"
+log "memory: $CONNS idle cells / connections (a fresh server for each measurement)"
 for _ in $(seq 1 "$RUNS"); do
-    start_servers
+    start_nats
     run "$BENCH" nats-memory --url "$NATS_URL" --pid "$NATS_PID" --conns "$CONNS"
-    for sys in $SYSTEMS; do
-        run "$BENCH" "$sys-memory" --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS"
-    done
     stop_servers
-    if [[ " $SYSTEMS " == *" raw "* ]]; then
-        # The raw cell with a SUB on the event socket too, as a cell that
-        # takes multicatch events has (fresh transmitter).
-        start_servers
-        run "$BENCH" raw-memory --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS" --with-sub
+    for sys in $SYSTEMS; do
+        start_thynapse
+        run "$BENCH" "$sys-memory" --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS"
         stop_servers
-    fi
+        if [ "$sys" = raw ]; then
+            # The raw cell with a SUB on the event socket too, as an SDK
+            # cell has.
+            start_thynapse
+            run "$BENCH" raw-memory --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS" --with-sub
+            stop_servers
+        fi
+    done
 done
 
 start_servers
