@@ -188,6 +188,10 @@ struct Conn {
     rewelcome: Option<Instant>,
     /// Requests to resend once welcomed again.
     after_welcome: Vec<u64>,
+    /// When anything last arrived on the command socket.
+    last_received: Instant,
+    /// Whether the current silence of the transmitter was logged.
+    silence_reported: bool,
     /// Set when the DEALER lost its connection: its next successful
     /// handshake is a new peer to the transmitter.
     reconnecting: bool,
@@ -265,6 +269,8 @@ impl Conn {
             rewelcome: None,
             after_welcome: Vec::new(),
             reconnecting: false,
+            last_received: Instant::now(),
+            silence_reported: false,
             close_replies: Vec::new(),
             stop: None,
         })
@@ -487,7 +493,7 @@ impl Conn {
             deadline = deadline.min(d);
         }
         if let Some(t) = self.rewelcome {
-            deadline = deadline.min(t + self.heartbeat);
+            deadline = deadline.min(t + self.hello_retry());
         }
         if deadline <= now {
             0
@@ -496,10 +502,16 @@ impl Conn {
         }
     }
 
+    /// How often an unanswered re-HELO is repeated: every few hundred ms
+    /// (PROTOCOL.md §4, reconnects).
+    fn hello_retry(&self) -> Duration {
+        (self.heartbeat / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
+    }
+
     /// Timers: heartbeat PING, re-HELO retry, sweeping abandoned requests.
     fn tick(&mut self, now: Instant) {
         if let Some(t) = self.rewelcome {
-            if now >= t + self.heartbeat {
+            if now >= t + self.hello_retry() {
                 // No WLCM yet: the HELO was lost with a connection, or the
                 // old connection still holds our THID (`thid_in_use`) until
                 // the transmitter expires it. HELO is idempotent: again.
@@ -517,6 +529,12 @@ impl Conn {
                 "silent for over 2.5 heartbeats; joining again"
             );
             self.start_rewelcome(false);
+        }
+        if now >= self.last_received + self.heartbeat * 3 && !self.silence_reported {
+            // libzmq reconnects by itself; failover to other endpoints is
+            // not implemented yet.
+            warn!(endpoint = %self.endpoint, "no answer from the transmitter for 3 heartbeats");
+            self.silence_reported = true;
         }
         if now >= self.last_sent + self.heartbeat {
             self.send(vec![wire::ping(None)]);
@@ -1110,7 +1128,11 @@ impl Conn {
     fn recv(&mut self, nonblocking: bool) -> Option<Vec<Vec<u8>>> {
         let flags = if nonblocking { zmq::DONTWAIT } else { 0 };
         match self.dealer.recv_multipart(flags) {
-            Ok(frames) => Some(frames),
+            Ok(frames) => {
+                self.last_received = Instant::now();
+                self.silence_reported = false;
+                Some(frames)
+            }
             Err(zmq::Error::EAGAIN) => None,
             Err(e) => {
                 warn!(error = %e, "command socket receive failed");
