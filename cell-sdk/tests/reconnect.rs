@@ -1,0 +1,173 @@
+//! The SDK against a scripted raw-socket transmitter, for what a real one
+//! cannot be made to do on demand: drop the TCP connection without GBYE.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use thynapse_cell::{Client, Mode, Options};
+
+/// Upper bound for the test; the scripted peer's receives time out sooner.
+const WATCHDOG: Duration = Duration::from_secs(20);
+
+/// One command from the cell: the verb and its JSON body.
+fn recv_command(router: &zmq::Socket) -> (Vec<u8>, String, Value) {
+    let frames = router.recv_multipart(0).expect("a message from the cell");
+    let peer = frames[0].clone();
+    let text = String::from_utf8(frames[1].clone()).expect("UTF-8 command");
+    let verb = text[2..6].to_owned();
+    let body = serde_json::from_str(text[6..].trim()).expect("JSON body");
+    (peer, verb, body)
+}
+
+/// The next command other than PING (PINGs are answered).
+fn expect(router: &zmq::Socket, verb: &str) -> (Vec<u8>, Value) {
+    loop {
+        let (peer, v, body) = recv_command(router);
+        if v == "PING" {
+            router
+                .send_multipart([peer.as_slice(), b"J PONG {}"], 0)
+                .unwrap();
+            continue;
+        }
+        assert_eq!(v, verb, "expected {verb}, got {v} {body}");
+        return (peer, body);
+    }
+}
+
+fn reply(router: &zmq::Socket, peer: &[u8], frame: String) {
+    router
+        .send_multipart([peer, frame.as_bytes()], 0)
+        .expect("reply");
+}
+
+/// A ROUTER bound to `endpoint`. libzmq closes sockets in the background,
+/// so rebinding a port just released is retried for a while.
+fn router(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
+    let s = ctx.socket(zmq::ROUTER).unwrap();
+    s.set_linger(0).unwrap();
+    s.set_rcvtimeo(10_000).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.bind(endpoint) {
+            Ok(()) => return s,
+            Err(zmq::Error::EADDRINUSE) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("bind {endpoint}: {e}"),
+        }
+    }
+}
+
+/// Plays a transmitter: welcome, accept the listen, drop the connection
+/// (close the socket, bind a fresh one on the same port), then expect the
+/// cell to say HELO again with the same THID and to LSTN again.
+fn scripted_transmitter(ctx: zmq::Context, command: zmq::Socket, events: String) {
+    let endpoint = command.get_last_endpoint().unwrap().expect("an endpoint");
+    let welcome = |r: &Value| {
+        format!(
+            r#"J WLCM {{"id":"{}","pub":"{events}","heartbeat_ms":1000,"limits":{{"max_frame":1048576,"ack_timeout_ms":30000}},"ref":{r}}}"#,
+            "ab".repeat(20)
+        )
+    };
+
+    let (peer, hello) = expect(&command, "HELO");
+    reply(&command, &peer, welcome(&hello["ref"]));
+    let (peer, listen) = expect(&command, "LSTN");
+    assert_eq!(listen["pattern"], "jobs::*");
+    reply(
+        &command,
+        &peer,
+        format!(r#"J OKAY {{"ref":{}}}"#, listen["ref"]),
+    );
+
+    // The "crash": the connection drops, a new transmitter takes the port.
+    drop(command);
+    let command = router(&ctx, &endpoint);
+    let (peer, again) = expect(&command, "HELO");
+    assert_eq!(again["id"], hello["id"], "the same cell THID");
+    assert_eq!(again["service"], "workers");
+    reply(&command, &peer, welcome(&again["ref"]));
+    let (peer, relisten) = expect(&command, "LSTN");
+    assert_eq!(relisten["pattern"], "jobs::*");
+    assert_eq!(relisten["mode"], "any");
+    reply(
+        &command,
+        &peer,
+        format!(r#"J OKAY {{"ref":{}}}"#, relisten["ref"]),
+    );
+
+    // Deliveries flow on the new connection.
+    let id = "cd".repeat(20);
+    let from = "ef".repeat(20);
+    reply(
+        &command,
+        &peer,
+        format!(
+            r#"J DLVR {{"id":"{id}","channel":"jobs::x","payload":1,"from":"{from}","attempt":1}}"#
+        ),
+    );
+    let (_, ack) = expect(&command, "ACKN");
+    assert_eq!(ack["ids"][0], Value::String(id));
+}
+
+#[tokio::test]
+async fn after_a_dropped_connection_the_cell_says_hello_again_and_listens_again() {
+    let ctx = zmq::Context::new();
+    let command = router(&ctx, "tcp://127.0.0.1:*");
+    let events = ctx.socket(zmq::XPUB).unwrap();
+    events.bind("tcp://127.0.0.1:*").unwrap();
+    let event_endpoint = events.get_last_endpoint().unwrap().unwrap();
+    let endpoint = command.get_last_endpoint().unwrap().unwrap();
+    let mut script =
+        tokio::task::spawn_blocking(move || scripted_transmitter(ctx, command, event_endpoint));
+
+    let cell = async {
+        let client = Client::connect(&endpoint, Options::new("workers"))
+            .await
+            .expect("welcomed");
+        let mut jobs = client
+            .listen("jobs::*", Mode::Any)
+            .await
+            .expect("listening");
+        let event = jobs
+            .next_event()
+            .await
+            .expect("a delivery after the reconnect");
+        assert_eq!(event.channel(), "jobs::x");
+        drop(event); // acked: the script waits for the ACKN
+        (client, jobs)
+    };
+    tokio::pin!(cell);
+    // A failed assertion in the script ends the test at once.
+    let run = async {
+        tokio::select! {
+            finished = &mut script => {
+                propagate(finished);
+                (cell.await, true)
+            }
+            kept = &mut cell => (kept, false),
+        }
+    };
+    let ((client, _jobs), script_finished) = tokio::time::timeout(WATCHDOG, run)
+        .await
+        .expect("test watchdog fired");
+    if !script_finished {
+        propagate(
+            tokio::time::timeout(WATCHDOG, script)
+                .await
+                .expect("the script ends"),
+        );
+    }
+    drop(events);
+    client.close().await;
+}
+
+/// Re-raises the scripted transmitter's panic in the test.
+fn propagate(finished: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = finished {
+        match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("the script did not finish: {e}"),
+        }
+    }
+}
