@@ -1,0 +1,324 @@
+//! The mesh end to end: three `thynapse` processes on loopback, cells spread
+//! across them, events published at every transmitter.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use thynapse_cell::{Client, Mode, Options};
+use thynapse_tests::{Signal, TransmitterProcess};
+
+/// What one cell received: channel, payload and attempt of each event.
+type Log = Arc<Mutex<Vec<(String, Value, u32)>>>;
+
+/// Whole-test deadline: a test fails, it never hangs.
+const WATCHDOG: Duration = Duration::from_secs(120);
+/// Interval between polls of a condition.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A cell of `service` on `endpoint` (and `failover` endpoints) listening
+/// to `pattern`; everything it receives lands in the returned log.
+async fn cell(
+    endpoint: &str,
+    failover: &[&str],
+    service: &str,
+    pattern: &str,
+    mode: Mode,
+) -> (Client, Log) {
+    let mut options = Options::new(service);
+    for f in failover {
+        options = options.endpoint(*f);
+    }
+    let client = Client::connect(endpoint, options)
+        .await
+        .expect("cell joins");
+    let mut sub = client.listen(pattern, mode).await.expect("cell listens");
+    let log = Log::default();
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Some(event) = sub.next_event().await {
+            let entry = (
+                event.channel().to_owned(),
+                event.payload_value(),
+                event.attempt(),
+            );
+            sink.lock().unwrap().push(entry);
+        }
+    });
+    (client, log)
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+async fn until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The (publisher, n) pairs of work events in `logs`, with how often each
+/// arrived and the highest attempt seen.
+fn work(logs: &[&Log]) -> HashMap<(u64, u64), (usize, u32)> {
+    let mut seen: HashMap<(u64, u64), (usize, u32)> = HashMap::new();
+    for log in logs {
+        for (channel, payload, attempt) in log.lock().unwrap().iter() {
+            if channel != "work::e" {
+                continue;
+            }
+            let key = (
+                payload["p"].as_u64().unwrap(),
+                payload["n"].as_u64().unwrap(),
+            );
+            let e = seen.entry(key).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(*attempt);
+        }
+    }
+    seen
+}
+
+/// Waits until every publisher's confirmed probe reaches `routed` places
+/// (every service's cells are in its view), then until every multicatch
+/// log has seen a probe from every publisher.
+async fn converge(publishers: &[&Client], routed: u32, multi: &[&Log]) {
+    for (i, p) in publishers.iter().enumerate() {
+        until("the mesh view to converge", Duration::from_secs(20), || {
+            futures_lite_block(p.publish_confirmed("work::probe", json!({"probe": i})))
+                .is_ok_and(|c| c.routed == routed)
+        })
+        .await;
+        let channel = format!("probe::{}", p.id());
+        until(
+            "multicatch cells to hear every transmitter",
+            Duration::from_secs(20),
+            || {
+                let _ = futures_lite_block(p.publish(&channel, json!({})));
+                multi
+                    .iter()
+                    .all(|l| l.lock().unwrap().iter().any(|(c, _, _)| *c == channel))
+            },
+        )
+        .await;
+    }
+}
+
+/// Runs a future to completion from inside a synchronous poll closure.
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+async fn publish_work(client: Client, p: u64, count: u64) {
+    for n in 0..count {
+        client
+            .publish("work::e", json!({"p": p, "n": n}))
+            .await
+            .expect("publish");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_from_every_transmitter_reach_each_service_once_and_every_multicatch_cell() {
+    tokio::time::timeout(WATCHDOG, async {
+        const PER_PUBLISHER: u64 = 10_000;
+        let t1 = TransmitterProcess::spawn(&[]).unwrap();
+        let t2 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()]).unwrap();
+        let t3 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()]).unwrap();
+        let eps = [
+            t1.command_endpoint(),
+            t2.command_endpoint(),
+            t3.command_endpoint(),
+        ];
+
+        let mut alpha = Vec::new();
+        for ep in eps {
+            alpha.push(cell(ep, &[], "alpha", "work::*", Mode::Any).await);
+        }
+        let beta = cell(eps[2], &[], "beta", "work::*", Mode::Any).await;
+        let gamma1 = cell(eps[0], &[], "gamma", "*", Mode::Multi).await;
+        let gamma2 = cell(eps[1], &[], "gamma", "*", Mode::Multi).await;
+        let mut publishers = Vec::new();
+        for ep in eps {
+            publishers.push(
+                Client::connect(ep, Options::new("publisher"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let refs: Vec<&Client> = publishers.iter().collect();
+        converge(&refs, 3, &[&gamma1.1, &gamma2.1]).await;
+
+        let tasks: Vec<_> = publishers
+            .iter()
+            .enumerate()
+            .map(|(p, c)| tokio::spawn(publish_work(c.clone(), p as u64, PER_PUBLISHER)))
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let total = 3 * PER_PUBLISHER as usize;
+        let alpha_logs: Vec<&Log> = alpha.iter().map(|(_, l)| l).collect();
+        until("every event to arrive", Duration::from_secs(90), || {
+            work(&alpha_logs).len() == total
+                && work(&[&beta.1]).len() == total
+                && work(&[&gamma1.1]).len() == total
+                && work(&[&gamma2.1]).len() == total
+        })
+        .await;
+        let groups: [(&str, Vec<&Log>); 2] =
+            [("alpha", alpha_logs.clone()), ("beta", vec![&beta.1])];
+        for (name, logs) in groups {
+            let seen = work(&logs);
+            let dups = seen.values().filter(|(n, _)| *n > 1).count();
+            assert_eq!(dups, 0, "{name}: {dups} events arrived more than once");
+        }
+        for (i, (_, log)) in alpha.iter().enumerate() {
+            assert!(
+                work(&[log]).len() > 1000,
+                "alpha cell {i} took a share of the work"
+            );
+        }
+        for (name, log) in [("gamma1", &gamma1.1), ("gamma2", &gamma2.1)] {
+            assert!(
+                work(&[log]).values().all(|(n, _)| *n == 1),
+                "{name} got duplicates"
+            );
+        }
+        drop((t1, t2, t3));
+    })
+    .await
+    .expect("watchdog");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transmitter_killed_mid_stream_loses_no_anycatch_event() {
+    tokio::time::timeout(WATCHDOG, async {
+        const EVENTS: u64 = 10_000;
+        let t1 = TransmitterProcess::spawn(&[]).unwrap();
+        let t2 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()]).unwrap();
+        let t3 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()]).unwrap();
+        let (e1, e2, e3) = (
+            t1.command_endpoint().to_owned(),
+            t2.command_endpoint().to_owned(),
+            t3.command_endpoint().to_owned(),
+        );
+        let a2 = cell(&e2, &[&e1], "alpha", "work::*", Mode::Any).await;
+        let a3 = cell(&e3, &[&e2, &e1], "alpha", "work::*", Mode::Any).await;
+        let b1 = cell(&e1, &[&e2], "beta", "work::*", Mode::Any).await;
+        let b3 = cell(&e3, &[&e1, &e2], "beta", "work::*", Mode::Any).await;
+        let publisher = Client::connect(&e1, Options::new("publisher"))
+            .await
+            .unwrap();
+        converge(&[&publisher], 2, &[]).await;
+        // Both alpha cells and both beta cells are in the publisher's view.
+        until(
+            "every cell to be in the view",
+            Duration::from_secs(20),
+            || {
+                let _ = futures_lite_block(publisher.publish("work::probe", json!({})));
+                [&a2.1, &a3.1, &b1.1, &b3.1]
+                    .iter()
+                    .all(|l| l.lock().unwrap().iter().any(|(c, _, _)| c == "work::probe"))
+            },
+        )
+        .await;
+
+        let stream = tokio::spawn(publish_work(publisher.clone(), 0, EVENTS));
+        let alpha_logs = [&a2.1, &a3.1];
+        until(
+            "the stream to be under way",
+            Duration::from_secs(30),
+            || work(&alpha_logs).len() >= 2_000,
+        )
+        .await;
+        t3.signal(Signal::SIGKILL).unwrap();
+        let killed = Instant::now();
+        until(
+            "the survivors to mark the killed transmitter dead",
+            Duration::from_secs(30),
+            || {
+                [&t1, &t2]
+                    .iter()
+                    .all(|t| t.log().contains("transmitter left the view"))
+            },
+        )
+        .await;
+        let detected = killed.elapsed();
+        stream.await.unwrap();
+
+        until(
+            "every alpha and beta event to arrive",
+            Duration::from_secs(60),
+            || {
+                work(&alpha_logs).len() == EVENTS as usize
+                    && work(&[&b1.1, &b3.1]).len() == EVENTS as usize
+            },
+        )
+        .await;
+        let recovered = killed.elapsed();
+        let groups: [(&str, Vec<&Log>); 2] =
+            [("alpha", vec![&a2.1, &a3.1]), ("beta", vec![&b1.1, &b3.1])];
+        for (name, logs) in groups {
+            let seen = work(&logs);
+            assert_eq!(seen.len(), EVENTS as usize, "{name} lost events");
+            let bad = seen
+                .values()
+                .filter(|(n, attempt)| *n > 1 && *attempt < 2)
+                .count();
+            assert_eq!(bad, 0, "{name}: duplicates that were not redeliveries");
+        }
+        println!(
+            "mesh failover: survivors marked the killed transmitter dead after {detected:?}; \
+             every event delivered {recovered:?} after the kill"
+        );
+        drop((t1, t2, t3));
+    })
+    .await
+    .expect("watchdog");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_transmitter_learns_the_whole_view_and_a_restarted_one_rejoins() {
+    tokio::time::timeout(WATCHDOG, async {
+        let t1 = TransmitterProcess::spawn(&[]).unwrap();
+        let _cells = [
+            cell(t1.command_endpoint(), &[], "alpha", "work::*", Mode::Any).await,
+            cell(t1.command_endpoint(), &[], "beta", "work::*", Mode::Any).await,
+            cell(t1.command_endpoint(), &[], "gamma", "*", Mode::Multi).await,
+        ];
+        let t2 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()]).unwrap();
+        let late = Client::connect(t2.command_endpoint(), Options::new("late"))
+            .await
+            .unwrap();
+        converge(&[&late], 3, &[&_cells[2].1]).await;
+        late.close().await;
+
+        let endpoint = t2.command_endpoint().to_owned();
+        let event = t2.event_endpoint().to_owned();
+        drop(t2);
+        let t2 = TransmitterProcess::spawn(&[
+            "--command",
+            &endpoint,
+            "--event",
+            &event,
+            "--join",
+            t1.command_endpoint(),
+        ])
+        .unwrap();
+        let again = Client::connect(t2.command_endpoint(), Options::new("again"))
+            .await
+            .unwrap();
+        converge(&[&again], 3, &[&_cells[2].1]).await;
+        let seen: HashSet<String> = _cells[0]
+            .1
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(c, _, _)| c.clone())
+            .collect();
+        assert!(seen.contains("work::probe"));
+    })
+    .await
+    .expect("watchdog");
+}
