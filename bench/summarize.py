@@ -53,9 +53,17 @@ def main():
     systems = [s for s in THYNAPSE if any(k[0] == s for k in groups)]
     payloads = sorted({k[2] for k in groups if k[1] in {s for _, s, _ in SCENARIOS}})
 
+    def cpu_us(system, scenario, payload):
+        """Median server CPU microseconds per published event."""
+        g = groups.get((system, scenario, payload)) or []
+        vals = [r["server_cpu_secs"] * 1e6 / r["msgs"] for r in g
+                if r.get("server_cpu_secs") is not None and r.get("msgs")]
+        return f"{statistics.median(vals):.1f}" if vals else "-"
+
     print("| # | scenario | payload | NATS | " + " | ".join(
-        f"{s} | {s}/NATS" for s in systems) + " | lost/dup (NATS; " + "; ".join(systems) + ") | runs |")
-    print("|---|---|---|---|" + "---|---|" * len(systems) + "---|---|")
+        f"{s} | {s}/NATS" for s in systems) + " | lost/dup (NATS; " + "; ".join(systems)
+        + ") | server CPU µs/event (NATS; " + "; ".join(systems) + ") | runs |")
+    print("|---|---|---|---|" + "---|---|" * len(systems) + "---|---|---|")
     for num, scen, desc in SCENARIOS:
         for p in payloads:
             n, nruns, nl, nd = med("nats", scen, p)
@@ -70,12 +78,13 @@ def main():
                 runs.append(truns)
             if n is None and all(c.startswith("-") for c in cells):
                 continue
+            cpus = [cpu_us("nats", scen, p)] + [cpu_us(s, scen, p) for s in systems]
             print(f"| {num} | {desc} | {p} B | {fmt_rate(n)} | " + " | ".join(cells)
-                  + f" | {'; '.join(losses)} | {'/'.join(map(str, runs))} |")
-    print("| 4 | request/reply | - | not yet | " + " | ".join(
-        "not yet implemented in Thynapse | -" for _ in systems) + " | - | 0 |")
-    print("| 5 | three-transmitter mesh | - | not yet | " + " | ".join(
-        "not yet implemented in Thynapse | -" for _ in systems) + " | - | 0 |")
+                  + f" | {'; '.join(losses)} | {'; '.join(cpus)} | {'/'.join(map(str, runs))} |")
+    print("| 4 | request/reply | - | not run | " + " | ".join(
+        "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
+    print("| 5 | three-transmitter mesh | - | not run | " + " | ".join(
+        "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
 
     # Memory.
     mem_sys = {k[0] for k in groups if k[1] == "memory"}

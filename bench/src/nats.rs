@@ -108,7 +108,9 @@ pub async fn run(
                 cells.push(tokio::spawn(async move {
                     let mut sub = sub;
                     let mut tally = Tally::new(msgs);
-                    loop {
+                    // Wakes the loop now and then to look at the stop flag.
+                    let mut wake = tokio::time::interval(Duration::from_millis(50));
+                    while !stop.load(Ordering::Relaxed) {
                         tokio::select! {
                             m = sub.next() => match m {
                                 Some(m) => {
@@ -117,9 +119,7 @@ pub async fn run(
                                 }
                                 None => break,
                             },
-                            _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                                if stop.load(Ordering::Relaxed) { break; }
-                            }
+                            _ = wake.tick() => {}
                         }
                     }
                     drop(c);
@@ -166,7 +166,9 @@ pub async fn run(
                 let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
                 cells.push(tokio::spawn(async move {
                     let mut tally = Tally::new(msgs);
-                    loop {
+                    // Wakes the loop now and then to look at the stop flag.
+                    let mut wake = tokio::time::interval(Duration::from_millis(50));
+                    while !stop.load(Ordering::Relaxed) {
                         tokio::select! {
                             m = messages.next() => match m {
                                 Some(Ok(m)) => {
@@ -179,9 +181,7 @@ pub async fn run(
                                 Some(Err(_)) => continue,
                                 None => break,
                             },
-                            _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                                if stop.load(Ordering::Relaxed) { break; }
-                            }
+                            _ = wake.tick() => {}
                         }
                     }
                     drop(c);

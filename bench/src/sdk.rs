@@ -53,7 +53,9 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
         let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
         cells.push(tokio::spawn(async move {
             let mut tally = Tally::new(msgs);
-            loop {
+            // Wakes the loop now and then to look at the stop flag.
+            let mut wake = tokio::time::interval(Duration::from_millis(50));
+            while !stop.load(Ordering::Relaxed) {
                 tokio::select! {
                     e = sub.next_event() => match e {
                         Some(e) => {
@@ -64,9 +66,7 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
                         }
                         None => break,
                     },
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                        if stop.load(Ordering::Relaxed) { break; }
-                    }
+                    _ = wake.tick() => {}
                 }
             }
             drop(sub);
