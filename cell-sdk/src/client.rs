@@ -33,9 +33,10 @@ pub struct Confirm {
 ///
 /// `Client` is a cheap [`Clone`] handle: every clone talks to the same
 /// background thread, which owns the ZeroMQ sockets. The connection closes
-/// with [`Client::close`] or when the last clone is dropped; then every
-/// [`Subscription`] ends and further calls fail with
-/// [`ErrorKind::Disconnected`].
+/// with [`Client::close`], when the last clone is dropped, or when the
+/// transmitter says `GBYE` and there is no failover endpoint
+/// ([`Options::endpoint`]); then every [`Subscription`] ends and further
+/// calls fail with [`ErrorKind::Disconnected`].
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -86,7 +87,9 @@ impl Client {
     /// Joins the transmitter whose command socket is at `endpoint`
     /// (`tcp://host:port`) as a new cell of `options`' service: draws a
     /// random cell THID, says HELO, waits for WLCM, then connects to the
-    /// transmitter's event socket.
+    /// transmitter's event socket. The failover endpoints of `options` are
+    /// for later, if this transmitter goes away: the first join is to
+    /// `endpoint` only.
     ///
     /// # Errors
     /// - [`ErrorKind::TimedOut`]: no WLCM within the connect timeout (no

@@ -150,8 +150,15 @@ struct Conn {
     link: Arc<Link>,
     /// This cell.
     id: Thid,
-    /// The command endpoint (for messages).
+    /// The command endpoint in use.
     endpoint: String,
+    /// Every command endpoint: the one given to `connect`, then the
+    /// failover endpoints of the options.
+    endpoints: Vec<String>,
+    /// Index of `endpoint` in `endpoints`.
+    current: usize,
+    /// When the last PING went out.
+    last_ping: Instant,
     /// HELO fields, kept for a re-HELO.
     service: String,
     /// HELO fields, kept for a re-HELO.
@@ -249,6 +256,18 @@ impl Conn {
             rx: start.rx,
             link: start.link,
             id: start.id,
+            endpoints: std::iter::once(start.endpoint.clone())
+                .chain(
+                    start
+                        .options
+                        .endpoints
+                        .iter()
+                        .filter(|e| **e != start.endpoint)
+                        .cloned(),
+                )
+                .collect(),
+            current: 0,
+            last_ping: Instant::now(),
             endpoint: start.endpoint,
             service: start.options.service,
             metadata: start.options.metadata,
@@ -488,7 +507,11 @@ impl Conn {
 
     /// The poll timeout: until the next heartbeat, ack flush or re-HELO.
     fn poll_timeout(&self, now: Instant) -> i64 {
-        let mut deadline = self.last_sent + self.heartbeat;
+        let mut deadline = (self.last_sent + self.heartbeat)
+            .min((self.last_received.max(self.last_ping)) + self.heartbeat);
+        if !self.silence_reported || self.endpoints.len() > 1 {
+            deadline = deadline.min(self.last_received + self.heartbeat * 3);
+        }
         if let Some(d) = self.acks.deadline() {
             deadline = deadline.min(d);
         }
@@ -530,15 +553,57 @@ impl Conn {
             );
             self.start_rewelcome(false);
         }
-        if now >= self.last_received + self.heartbeat * 3 && !self.silence_reported {
-            // libzmq reconnects by itself; failover to other endpoints is
-            // not implemented yet.
-            warn!(endpoint = %self.endpoint, "no answer from the transmitter for 3 heartbeats");
-            self.silence_reported = true;
+        if now >= self.last_received + self.heartbeat * 3 {
+            // Three PINGs unanswered: the transmitter is gone or stuck.
+            if !self.silence_reported {
+                warn!(endpoint = %self.endpoint, "no answer from the transmitter for 3 heartbeats");
+                self.silence_reported = true;
+            }
+            if self.endpoints.len() > 1 {
+                self.fail_over(now);
+            }
+            // With one endpoint, libzmq keeps reconnecting to it, and the
+            // monitor's HANDSHAKE_SUCCEEDED makes us join again.
         }
-        if now >= self.last_sent + self.heartbeat {
+        // PING when we sent nothing for a heartbeat (liveness for the
+        // transmitter), and when we heard nothing for one (a probe: its PONG
+        // proves the transmitter alive, even while we only publish).
+        let quiet =
+            now >= self.last_received + self.heartbeat && now >= self.last_ping + self.heartbeat;
+        if now >= self.last_sent + self.heartbeat || quiet {
             self.send(vec![wire::ping(None)]);
+            self.last_ping = now;
             self.sweep();
+        }
+    }
+
+    /// Moves to the next command endpoint: HELO there with the same THID,
+    /// then (on WLCM) follow its event endpoint and LSTN everything again.
+    /// Requests awaiting an answer are sent again; fire-and-forget messages
+    /// libzmq still held for the dead transmitter are lost with it.
+    fn fail_over(&mut self, now: Instant) {
+        let next = (self.current + 1) % self.endpoints.len();
+        let to = self.endpoints[next].clone();
+        warn!(from = %self.endpoint, to = %to, "failing over");
+        let _ = self.dealer.disconnect(&self.endpoint);
+        if let Err(e) = self.dealer.connect(&to) {
+            error!(endpoint = %to, error = %e, "cannot connect; trying the next endpoint later");
+        }
+        self.current = next;
+        self.endpoint = to;
+        // Give the new transmitter three heartbeats of its own.
+        self.last_received = now;
+        self.silence_reported = false;
+        // HELO must go first: queue the rest behind it.
+        let held = std::mem::take(&mut self.outbox);
+        self.start_rewelcome(true);
+        self.outbox.extend(held);
+        for (r, p) in &self.pending {
+            if matches!(p, Pending::Confirm { .. } | Pending::Flush { .. })
+                && !self.after_welcome.contains(r)
+            {
+                self.after_welcome.push(*r);
+            }
         }
     }
 
@@ -899,7 +964,12 @@ impl Conn {
                     reason = reason.as_deref().unwrap_or(""),
                     "the transmitter said goodbye"
                 );
-                self.stop = Some(Stop::TransmitterLeft(reason));
+                if self.endpoints.len() > 1 {
+                    // PROTOCOL.md §8: reconnect elsewhere with the same THID.
+                    self.fail_over(Instant::now());
+                } else {
+                    self.stop = Some(Stop::TransmitterLeft(reason));
+                }
             }
             Incoming::Other(verb) => debug!(%verb, "ignored"),
         }

@@ -21,7 +21,7 @@ pub enum ErrorKind {
     NoListeners,
     /// The connection is closed: [`Client::close`](crate::Client::close)
     /// was called, every [`Client`](crate::Client) was dropped, or the
-    /// transmitter said `GBYE`.
+    /// transmitter said `GBYE` and there was no failover endpoint.
     Disconnected,
     /// The pattern is not a valid channel pattern (checked locally, or
     /// `ERRR bad_pattern`).

@@ -10,9 +10,10 @@
 //! the transmitter's command socket, a SUB on its event socket), since
 //! libzmq sockets are not thread-safe; the handles talk to it over
 //! channels and wake it through a doorbell it polls beside the sockets.
-//! That thread answers heartbeats, batches acks, drops redeliveries of
-//! events already processed and re-joins when the transmitter has expired
-//! the cell.
+//! That thread sends heartbeats, batches acks, drops redeliveries of
+//! events already processed, joins again when the transmitter has expired
+//! the cell or the connection was re-established, and fails over to
+//! another transmitter ([`Options::endpoint`]) when its own goes away.
 //!
 //! ## Delivery semantics
 //! - **anycatch** ([`Mode::Any`]): exactly one cell of each listening

@@ -29,7 +29,7 @@ pub struct Options {
     /// The shared secret of transmitters that require one: sent as the
     /// PLAIN password on both sockets.
     pub(crate) token: Option<String>,
-    /// More command endpoints, for failover (kept; not used yet).
+    /// More command endpoints, to fail over to.
     pub(crate) endpoints: Vec<String>,
     /// Overrides the heartbeat interval the transmitter announces.
     pub(crate) heartbeat: Option<Duration>,
@@ -70,8 +70,9 @@ impl Options {
 
     /// Options from the environment: `THYNAPSE_SERVICE` (the service;
     /// `"cell"` when unset), `THYNAPSE_TOKEN` (the token, when set and not
-    /// empty) and `THYNAPSE_ENDPOINT` (comma-separated command endpoints,
-    /// see [`Options::endpoints_list`]).
+    /// empty) and `THYNAPSE_ENDPOINT` (comma-separated command endpoints:
+    /// the first is where [`Client::connect_with`](crate::Client::connect_with)
+    /// joins, the others are failover endpoints).
     pub fn from_env() -> Options {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut options = Options::new(var(ENV_SERVICE).unwrap_or_else(|| "cell".to_owned()));
@@ -105,7 +106,12 @@ impl Options {
         self
     }
 
-    /// Adds a command endpoint to the failover list.
+    /// Adds a failover command endpoint. When the transmitter in use says
+    /// `GBYE` or answers nothing for 3 heartbeats, the client moves to the
+    /// next endpoint (round robin), says `HELO` there with the same THID
+    /// and listens again; requests awaiting an answer are sent again.
+    /// Without failover endpoints, libzmq keeps reconnecting to the one
+    /// endpoint, and a `GBYE` closes the client.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Options {
         self.endpoints.push(endpoint.into());
         self

@@ -18,7 +18,8 @@ use crate::options::ListenOptions;
 /// any extra crate. The stream ends when the connection closes (after
 /// [`Client::close`](crate::Client::close), when the last
 /// [`Client`](crate::Client) is dropped, or when the transmitter says
-/// `GBYE`). Dropping the subscription stops listening (`UNLS`, unless
+/// `GBYE` and there is no failover endpoint). Dropping the subscription
+/// stops listening (`UNLS`, unless
 /// another subscription of this client listens to the same pattern), and
 /// anycatch deliveries still queued in it, never handed out, are handed back
 /// to the transmitter (`NACK`) for redelivery.

@@ -171,3 +171,69 @@ fn propagate(finished: Result<(), tokio::task::JoinError>) {
         }
     }
 }
+
+/// Plays a transmitter that welcomes the cell (heartbeat 100 ms), accepts
+/// its listen, then goes silent for good: no GBYE, connection refused.
+fn vanishing_transmitter(command: zmq::Socket, events: zmq::Socket) {
+    let pub_endpoint = events.get_last_endpoint().unwrap().unwrap();
+    let (peer, hello) = expect(&command, "HELO");
+    reply(
+        &command,
+        &peer,
+        format!(
+            r#"J WLCM {{"id":"{}","pub":"{pub_endpoint}","heartbeat_ms":100,"limits":{{"max_frame":1048576,"ack_timeout_ms":30000}},"ref":{}}}"#,
+            "ab".repeat(20),
+            hello["ref"]
+        ),
+    );
+    let (peer, listen) = expect(&command, "LSTN");
+    reply(
+        &command,
+        &peer,
+        format!(r#"J OKAY {{"ref":{}}}"#, listen["ref"]),
+    );
+}
+
+#[tokio::test]
+async fn a_silent_transmitter_makes_the_cell_fail_over_to_the_next_endpoint() {
+    let body = async {
+        let ctx = zmq::Context::new();
+        let command = router(&ctx, "tcp://127.0.0.1:*");
+        let events = ctx.socket(zmq::XPUB).unwrap();
+        events.set_linger(0).unwrap();
+        events.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = command.get_last_endpoint().unwrap().unwrap();
+        let script = tokio::task::spawn_blocking(move || vanishing_transmitter(command, events));
+
+        let mut config = thynapse_transmitter::Config::for_tests();
+        config.mesh = false;
+        let t2 = thynapse_transmitter::Transmitter::start(config).unwrap();
+        let options = Options::new("workers").endpoint(t2.command_endpoint());
+        let cell = Client::connect(&endpoint, options).await.expect("welcomed");
+        let mut jobs = cell.listen("jobs::*", Mode::Any).await.expect("listening");
+        propagate(script.await); // the first transmitter is gone now
+
+        // Three unanswered heartbeats (300 ms) later the cell joins t2.
+        let publisher = Client::connect(t2.command_endpoint(), Options::new("api"))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let confirm = loop {
+            match publisher.publish_confirmed("jobs::x", 1).await {
+                Ok(confirm) => break confirm,
+                Err(e) if e.kind() == thynapse_cell::ErrorKind::NoListeners => {
+                    assert!(std::time::Instant::now() < deadline, "never failed over");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let event = jobs.next_event().await.expect("a delivery through t2");
+        assert_eq!(event.id(), confirm.id);
+        assert_eq!(event.from(), publisher.id());
+        cell.close().await;
+    };
+    tokio::time::timeout(WATCHDOG, body)
+        .await
+        .expect("test watchdog fired");
+}

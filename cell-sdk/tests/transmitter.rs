@@ -480,3 +480,48 @@ async fn a_transmitter_shutdown_ends_subscriptions_with_disconnected() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_goodbye_moves_a_cell_with_a_failover_endpoint_to_the_next_transmitter() {
+    watchdog(async {
+        let mut t1 = start(config());
+        let t2 = start(config());
+        let options = Options::new("workers").endpoint(t2.command_endpoint());
+        let c = Client::connect(t1.command_endpoint(), options)
+            .await
+            .unwrap();
+        let mut jobs = c.listen("jobs::*", Mode::Any).await.unwrap();
+        let mut news = c.listen("news::*", Mode::Multi).await.unwrap();
+        tokio::task::spawn_blocking(move || t1.shutdown())
+            .await
+            .unwrap();
+
+        // The cell says HELO to t2 with the same THID and listens again.
+        let publisher = client(&t2, "api").await;
+        let deadline = Instant::now() + PATIENCE;
+        let confirm = loop {
+            match publisher.publish_confirmed("jobs::x", 1).await {
+                Ok(confirm) => break confirm,
+                Err(e) if e.kind() == ErrorKind::NoListeners => {
+                    assert!(Instant::now() < deadline, "the cell never re-listened");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(confirm.routed, 1);
+        assert_eq!(next(&mut jobs).await.id(), confirm.id);
+        assert!(!c.is_closed());
+
+        // Its SUB follows t2's event endpoint.
+        let got = loop {
+            publisher.publish("news::today", 2).await.unwrap();
+            if let Some(e) = arrives_within(&mut news, Duration::from_millis(20)).await {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "no multicatch event through t2");
+        };
+        assert_eq!(got.payload::<u8>().unwrap(), 2);
+    })
+    .await;
+}
