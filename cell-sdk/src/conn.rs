@@ -1038,6 +1038,8 @@ impl Conn {
         if self.rewelcome.is_some() && !force {
             return;
         }
+        // Only the latest HELO matters: earlier ones were lost or refused.
+        self.pending.retain(|_, p| !matches!(p, Pending::Hello));
         let r = self.link.next_ref();
         self.pending.insert(r, Pending::Hello);
         self.send(vec![wire::hello(self.id, &self.service, &self.metadata, r)]);

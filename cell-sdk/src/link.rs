@@ -1,6 +1,6 @@
 //! The channels between the async side (every [`Client`](crate::Client)
 //! clone, [`Subscription`](crate::Subscription) and
-//! [`Event`](crate::Event)) and the background thread that owns the
+//! [`Event`]) and the background thread that owns the
 //! sockets, and the doorbell that wakes that thread out of `zmq_poll`.
 //!
 //! Two queues: `commands` is bounded and awaited (publish, listen, flush),
