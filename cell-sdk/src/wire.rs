@@ -1,11 +1,58 @@
 //! Building the frames the SDK sends and reading the ones it receives.
 //! Pure functions over bytes, on top of `thynapse_protocol`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use thynapse_protocol::body::{Delivery, Goodbye, Hello, Listen, Ref, Unlisten, Welcome};
+use thynapse_protocol::body::{Delivery, Goodbye, Welcome};
 use thynapse_protocol::frame::{self, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
+
+// Outgoing bodies are local structs rather than the protocol crate's
+// `body::*` literals, so that fields the protocol gains (with serde
+// defaults) do not break the SDK's build; the wire names are the same.
+
+/// `HELO` body.
+#[derive(Serialize)]
+struct HelloBody<'a> {
+    id: Thid,
+    service: &'a str,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    metadata: &'a Map<String, Value>,
+    #[serde(rename = "ref")]
+    reference: u64,
+}
+
+/// `LSTN` body.
+#[derive(Serialize)]
+struct ListenBody<'a> {
+    pattern: &'a str,
+    mode: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<bool>,
+    #[serde(rename = "ref")]
+    reference: u64,
+}
+
+/// `UNLS` body.
+#[derive(Serialize)]
+struct UnlistenBody<'a> {
+    pattern: &'a str,
+    #[serde(rename = "ref")]
+    reference: u64,
+}
+
+/// `PING` / `PONG` body.
+#[derive(Serialize)]
+struct RefBody<'a> {
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a Value>,
+}
+
+/// `GBYE` body.
+#[derive(Serialize)]
+struct GoodbyeBody<'a> {
+    reason: &'a str,
+}
 
 /// `J HELO {...}`.
 pub(crate) fn hello(
@@ -16,11 +63,11 @@ pub(crate) fn hello(
 ) -> Vec<u8> {
     frame::encode_json(
         Verb::HELO,
-        &Hello {
+        &HelloBody {
             id,
-            service: service.to_owned(),
-            metadata: metadata.clone(),
-            reference: Some(reference.into()),
+            service,
+            metadata,
+            reference,
         },
     )
 }
@@ -29,50 +76,45 @@ pub(crate) fn hello(
 pub(crate) fn listen(pattern: &str, mode: Mode, ack: bool, reference: u64) -> Vec<u8> {
     frame::encode_json(
         Verb::LSTN,
-        &Listen {
-            pattern: pattern.to_owned(),
+        &ListenBody {
+            pattern,
             mode,
             // `ack` only means something for anycatch.
             ack: (mode == Mode::Any).then_some(ack),
-            reference: Some(reference.into()),
+            reference,
         },
     )
 }
 
 /// `J UNLS {...}`.
 pub(crate) fn unlisten(pattern: &str, reference: u64) -> Vec<u8> {
-    frame::encode_json(
-        Verb::UNLS,
-        &Unlisten {
-            pattern: pattern.to_owned(),
-            reference: Some(reference.into()),
-        },
-    )
+    frame::encode_json(Verb::UNLS, &UnlistenBody { pattern, reference })
 }
 
 /// `J PING {}` or `J PING {"ref":n}`.
 pub(crate) fn ping(reference: Option<u64>) -> Vec<u8> {
+    let reference = reference.map(Value::from);
     frame::encode_json(
         Verb::PING,
-        &Ref {
-            reference: reference.map(Value::from),
+        &RefBody {
+            reference: reference.as_ref(),
         },
     )
 }
 
 /// `J PONG {...}` answering a transmitter's PING.
 pub(crate) fn pong(reference: Option<Value>) -> Vec<u8> {
-    frame::encode_json(Verb::PONG, &Ref { reference })
+    frame::encode_json(
+        Verb::PONG,
+        &RefBody {
+            reference: reference.as_ref(),
+        },
+    )
 }
 
 /// `J GBYE {"reason":...}`.
 pub(crate) fn goodbye(reason: &str) -> Vec<u8> {
-    frame::encode_json(
-        Verb::GBYE,
-        &Goodbye {
-            reason: Some(reason.to_owned()),
-        },
-    )
+    frame::encode_json(Verb::GBYE, &GoodbyeBody { reason })
 }
 
 /// `J ACKN {"ids":[...]}` or `J NACK {"ids":[...]}`, written by hand: it is
@@ -224,7 +266,7 @@ struct ErrorBody {
 }
 
 #[derive(Deserialize)]
-struct RefBody {
+struct RefReply {
     #[serde(default, rename = "ref")]
     reference: Option<Value>,
 }
@@ -253,7 +295,7 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
             }
         }
         Verb::PONG => {
-            let b: RefBody = serde_json::from_slice(f.body).map_err(bad)?;
+            let b: RefReply = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Pong {
                 reference: b.reference.as_ref().and_then(Value::as_u64),
             }
@@ -271,7 +313,7 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
             binary,
         },
         Verb::PING => {
-            let b: RefBody = serde_json::from_slice(f.body).map_err(bad)?;
+            let b: RefReply = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Ping {
                 reference: b.reference,
             }
@@ -359,6 +401,37 @@ mod tests {
         let a: thynapse_protocol::body::Ack = serde_json::from_slice(decoded.body).unwrap();
         assert_eq!(a.ids, ids);
         assert!(frame::decode(&ack_batch(Verb::NACK, &[])).is_ok());
+    }
+
+    #[test]
+    fn commands_parse_as_the_protocol_reads_them() {
+        use thynapse_protocol::body::{Hello, Listen, Unlisten};
+        let id = Thid::random();
+        let mut metadata = Map::new();
+        metadata.insert("v".into(), Value::from(2));
+        let f = hello(id, "svc", &metadata, 4);
+        let h: Hello = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
+        assert_eq!((h.id, h.service.as_str()), (id, "svc"));
+        assert_eq!(h.metadata, metadata);
+        assert_eq!(h.reference, Some(Value::from(4)));
+        let l: Listen = serde_json::from_slice(
+            frame::decode(&listen("a::*", Mode::Any, true, 5))
+                .unwrap()
+                .body,
+        )
+        .unwrap();
+        assert_eq!(
+            (l.pattern.as_str(), l.mode, l.ack),
+            ("a::*", Mode::Any, Some(true))
+        );
+        let u: Unlisten =
+            serde_json::from_slice(frame::decode(&unlisten("a::*", 6)).unwrap().body).unwrap();
+        assert_eq!(u.pattern, "a::*");
+        assert_eq!(ping(None), b"J PING {}");
+        assert_eq!(ping(Some(7)), br#"J PING {"ref":7}"#);
+        assert_eq!(goodbye("close"), br#"J GBYE {"reason":"close"}"#);
+        let _: Goodbye =
+            serde_json::from_slice(frame::decode(&goodbye("x")).unwrap().body).unwrap();
     }
 
     #[test]
