@@ -228,6 +228,25 @@ mod tests {
     }
 
     #[test]
+    fn options_come_from_the_environment() {
+        // The only test of this crate that touches these variables.
+        std::env::set_var(ENV_SERVICE, "from-env");
+        std::env::set_var(ENV_TOKEN, "tok");
+        std::env::set_var(ENV_ENDPOINT, "tcp://127.0.0.1:1, tcp://127.0.0.1:2,");
+        let o = Options::from_env();
+        assert_eq!(o.service, "from-env");
+        assert_eq!(o.token.as_deref(), Some("tok"));
+        assert_eq!(o.endpoints, ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]);
+        std::env::set_var(ENV_TOKEN, "");
+        std::env::remove_var(ENV_SERVICE);
+        std::env::remove_var(ENV_ENDPOINT);
+        let o = Options::from_env();
+        assert_eq!((o.service.as_str(), o.token), ("cell", None));
+        assert!(o.endpoints.is_empty());
+        std::env::remove_var(ENV_TOKEN);
+    }
+
+    #[test]
     fn debug_output_hides_the_token() {
         let o = Options::new("svc").token("hunter2");
         assert!(!format!("{o:?}").contains("hunter2"));

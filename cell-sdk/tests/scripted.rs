@@ -1,5 +1,6 @@
 //! The SDK against a scripted raw-socket transmitter, for what a real one
-//! cannot be made to do on demand: drop the TCP connection without GBYE.
+//! cannot be made to do on demand: drop the TCP connection without GBYE,
+//! vanish, redeliver an event that was already acked.
 
 use std::time::Duration;
 
@@ -231,6 +232,80 @@ async fn a_silent_transmitter_makes_the_cell_fail_over_to_the_next_endpoint() {
         let event = jobs.next_event().await.expect("a delivery through t2");
         assert_eq!(event.id(), confirm.id);
         assert_eq!(event.from(), publisher.id());
+        cell.close().await;
+    };
+    tokio::time::timeout(WATCHDOG, body)
+        .await
+        .expect("test watchdog fired");
+}
+
+/// Welcomes the cell, accepts its listen, delivers one event, waits for
+/// its ACKN, then delivers the same event again (as if the ack had crossed
+/// a redelivery) and expects a second ACKN; then a fresh event, to show
+/// the cell still yields new ones.
+fn redelivering_transmitter(command: zmq::Socket, events: String) {
+    let (peer, hello) = expect(&command, "HELO");
+    reply(
+        &command,
+        &peer,
+        format!(
+            r#"J WLCM {{"id":"{}","pub":"{events}","heartbeat_ms":1000,"limits":{{"max_frame":1048576,"ack_timeout_ms":30000}},"ref":{}}}"#,
+            "ab".repeat(20),
+            hello["ref"]
+        ),
+    );
+    let (peer, listen) = expect(&command, "LSTN");
+    reply(
+        &command,
+        &peer,
+        format!(r#"J OKAY {{"ref":{}}}"#, listen["ref"]),
+    );
+    let from = "ef".repeat(20);
+    let deliver = |id: &str, attempt: u32| {
+        format!(
+            r#"J DLVR {{"id":"{id}","channel":"jobs::x","payload":{attempt},"from":"{from}","attempt":{attempt}}}"#
+        )
+    };
+    let first = "01".repeat(20);
+    reply(&command, &peer, deliver(&first, 1));
+    let (_, ack) = expect(&command, "ACKN");
+    assert_eq!(ack["ids"], serde_json::json!([first]));
+    reply(&command, &peer, deliver(&first, 2));
+    let (_, ack) = expect(&command, "ACKN");
+    assert_eq!(
+        ack["ids"],
+        serde_json::json!([first]),
+        "the duplicate is re-acked"
+    );
+    let second = "02".repeat(20);
+    reply(&command, &peer, deliver(&second, 1));
+    let (_, ack) = expect(&command, "ACKN");
+    assert_eq!(ack["ids"], serde_json::json!([second]));
+}
+
+#[tokio::test]
+async fn a_redelivery_of_an_acked_event_is_acked_again_and_not_yielded() {
+    let body = async {
+        let ctx = zmq::Context::new();
+        let command = router(&ctx, "tcp://127.0.0.1:*");
+        let events = ctx.socket(zmq::XPUB).unwrap();
+        events.bind("tcp://127.0.0.1:*").unwrap();
+        let event_endpoint = events.get_last_endpoint().unwrap().unwrap();
+        let endpoint = command.get_last_endpoint().unwrap().unwrap();
+        let script =
+            tokio::task::spawn_blocking(move || redelivering_transmitter(command, event_endpoint));
+        let cell = Client::connect(&endpoint, Options::new("workers"))
+            .await
+            .expect("welcomed");
+        let mut jobs = cell.listen("jobs::*", Mode::Any).await.expect("listening");
+        let first = jobs.next_event().await.expect("the first delivery");
+        assert_eq!(first.attempt(), 1);
+        drop(first);
+        // The redelivery (attempt 2) is swallowed: next comes the new event.
+        let second = jobs.next_event().await.expect("the second event");
+        assert_eq!(second.id().to_hex(), "02".repeat(20));
+        drop(second);
+        propagate(script.await);
         cell.close().await;
     };
     tokio::time::timeout(WATCHDOG, body)
