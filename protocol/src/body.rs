@@ -71,6 +71,10 @@ pub struct Listen {
     /// Whether anycatch deliveries wait for an ACKN (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack: Option<bool>,
+    /// How many deliveries (events and requests) of this listen the cell
+    /// takes at once; more wait at the transmitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
     /// Echoed in the reply.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<Value>,
@@ -240,6 +244,10 @@ error_codes! {
     BadQuery = "bad_query",
     /// A targeted send that no cell matches (and that is not droppable).
     NoRoute = "no_route",
+    /// A request that no cell listens to.
+    NoResponders = "no_responders",
+    /// A request whose reply did not come in time.
+    TimedOut = "timed_out",
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -311,6 +319,46 @@ pub struct Discover {
     pub reference: Option<Value>,
 }
 
+/// `RQST` from a cell: a request for one cell listening to `channel`.
+#[derive(Debug, Deserialize)]
+pub struct Request<'a> {
+    /// The channel responders listen to (anycatch).
+    #[serde(borrow)]
+    pub channel: std::borrow::Cow<'a, str>,
+    /// Only cells of this service answer.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Only cells whose metadata matches answer.
+    #[serde(default, rename = "where")]
+    pub query: Option<Value>,
+    /// The JSON payload, as raw text.
+    #[serde(default, borrow)]
+    pub payload: Option<&'a RawValue>,
+    /// How long to wait for the reply (default 5000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Echoed in the reply.
+    #[serde(default, rename = "ref")]
+    pub reference: Option<Value>,
+}
+
+/// `RPLY` from a responder: the answer to request `id`; also the body of
+/// `MRPL` between transmitters (with `cell`).
+#[derive(Debug, Deserialize)]
+pub struct Reply<'a> {
+    /// The request's THID.
+    pub id: Thid,
+    /// The JSON result.
+    #[serde(default, borrow)]
+    pub payload: Option<&'a RawValue>,
+    /// The handler's error message, instead of a result.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The responding cell (`MRPL` only).
+    #[serde(default)]
+    pub cell: Option<Thid>,
+}
+
 /// `MACK`, transmitter → transmitter: the cell that got forwarded
 /// deliveries acked them (`ok`) or refused them / is gone (`!ok`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +383,9 @@ pub struct MeshDelivery {
     pub origin: Thid,
     /// Whether the cell's listen wants ACKN.
     pub ack: bool,
+    /// A request (delivered as `RQST`, answered by `RPLY`), not an event.
+    #[serde(default)]
+    pub request: bool,
 }
 
 /// Writes the JSON body of a delivery (`DLVR`, or an event-socket `EVNT`

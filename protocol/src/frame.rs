@@ -60,12 +60,19 @@ verbs! {
     SEND,
     /// cell → transmitter: ask about the mesh (services, instances, ...).
     DISC,
+    /// cell → transmitter: a request; transmitter → cell: a request to answer.
+    RQST,
+    /// cell → transmitter: the answer to a request; transmitter → cell: the
+    /// answer to the cell's request.
+    RPLY,
     /// transmitter → transmitter: deliver an anycatch event to a local cell.
     MDLV,
     /// transmitter → transmitter: a cell acked or refused a forwarded delivery.
     MACK,
     /// transmitter → transmitter: publish a multicatch event locally.
     MEVT,
+    /// transmitter → transmitter: a cell answered a forwarded request.
+    MRPL,
 }
 
 impl Verb {

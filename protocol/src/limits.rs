@@ -21,3 +21,13 @@ pub const MAX_SERVICE_LEN: usize = 128;
 pub const MAX_LISTENS_PER_CELL: usize = 1024;
 /// ZAP domain used by transmitters for cell connections.
 pub const ZAP_DOMAIN: &str = "thynapse";
+/// Deliveries a cell may hold unacked per listen when its LSTN names no
+/// `concurrency` (requests count too). Further ones wait at the transmitter.
+pub const DEFAULT_CONCURRENCY: u32 = 1024;
+/// Default time a request waits for its reply.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5000;
+/// Deliveries that may wait at the transmitter for one cell; past it they
+/// are counted as dropped and redelivered after the ack timeout.
+pub const MAX_QUEUED_PER_CELL: usize = 10_000;
+/// A cell whose queue stays full this long is disconnected (`slow_consumer`).
+pub const SLOW_CONSUMER_MS: u64 = 5000;

@@ -30,7 +30,7 @@ macro_rules! counters {
     };
 }
 
-const ERROR_CODES: usize = 18;
+const ERROR_CODES: usize = 20;
 
 counters! {
     /// Cells currently welcomed (a gauge).
@@ -63,6 +63,16 @@ counters! {
     mesh_out,
     /// Messages received from other transmitters.
     mesh_in,
+    /// Requests received from cells.
+    requests,
+    /// Replies returned to requesters.
+    replies,
+    /// Requests that timed out.
+    request_timeouts,
+    /// Deliveries that waited at the transmitter for a free slot.
+    queued,
+    /// Cells disconnected as slow consumers.
+    slow_consumers,
 }
 
 impl Metrics {

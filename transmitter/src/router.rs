@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use thynapse_protocol::body::{
     self, Ack, Confirm, Discover, ErrorReply, Goodbye, Hello, Limits, Listen, MeshAck,
-    MeshDelivery, MetaUpdate, Publish, Ref, Targeted, Unlisten, Welcome,
+    MeshDelivery, MetaUpdate, Publish, Ref, Reply, Request, Targeted, Unlisten, Welcome,
 };
-use thynapse_protocol::limits::{HEARTBEAT_MISSES, MAX_LISTENS_PER_CELL, MAX_SERVICE_LEN};
+use thynapse_protocol::limits::{
+    DEFAULT_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT_MS, HEARTBEAT_MISSES, MAX_LISTENS_PER_CELL,
+    MAX_QUEUED_PER_CELL, MAX_SERVICE_LEN,
+};
 use thynapse_protocol::query::{Outcome, Query};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
 
@@ -67,6 +70,8 @@ pub enum DisconnectReason {
     /// A new connection said HELO with its THID after the old one fell
     /// silent.
     Replaced,
+    /// Its queue stayed full: it does not keep up.
+    SlowConsumer,
 }
 
 /// One listened pattern of a cell.
@@ -75,6 +80,8 @@ struct ListenEntry {
     pattern: Pattern,
     mode: Mode,
     ack: bool,
+    /// Deliveries of this listen the cell takes at once.
+    concurrency: u32,
 }
 
 /// A welcomed cell: a record, not a task.
@@ -92,6 +99,41 @@ struct Cell {
     last_seen: Instant,
     /// Sequence counter for its events that carry no `seq`.
     seq: u64,
+    /// Deliveries sent to it that await ACKN, NACK or RPLY.
+    unacked: u32,
+    /// Deliveries waiting for a free slot, in order.
+    queue: VecDeque<Queued>,
+}
+
+impl Cell {
+    /// How many deliveries it takes at once: the sum over its acked
+    /// anycatch listens.
+    fn limit(&self) -> u32 {
+        self.listens
+            .iter()
+            .filter(|l| l.mode == Mode::Any && l.ack)
+            .map(|l| l.concurrency)
+            .sum::<u32>()
+            .max(1)
+    }
+}
+
+/// A delivery frame waiting for a cell to have a free slot.
+#[derive(Debug)]
+struct Queued {
+    frame: Vec<u8>,
+    binary: Option<Arc<Vec<u8>>>,
+}
+
+/// Who waits for the reply to a request.
+#[derive(Debug)]
+struct Requester {
+    /// The requester's connection.
+    peer: PeerId,
+    /// The `ref` of its RQST.
+    reference: Option<Value>,
+    /// When it gives up.
+    deadline: Instant,
 }
 
 /// An event kept while some delivery of it awaits an ack.
@@ -122,6 +164,8 @@ struct InFlight {
     service: Arc<str>,
     attempt: u32,
     retarget: Retarget,
+    /// Set for a request: it is delivered as RQST and answered by RPLY.
+    request: bool,
 }
 
 /// One cell an anycatch event may go to.
@@ -207,6 +251,13 @@ pub struct Router {
     /// Network addresses of connections that sent HELO, noted by the socket
     /// thread, taken into the cell's `host` metadata.
     addresses: HashMap<PeerId, String>,
+    /// Deliveries we sent to other transmitters' cells that await an
+    /// answer, by cell: the load used to pick the least busy cell.
+    remote_load: HashMap<Thid, u32>,
+    /// Requests made here that await their reply, by request THID.
+    requests: HashMap<Thid, Requester>,
+    /// Request deadlines in time order.
+    request_deadlines: std::collections::BTreeSet<(Instant, Thid)>,
     /// Counters shared with the rest of the process.
     metrics: Arc<Metrics>,
     /// Set once shutdown began: new cells are refused.
@@ -255,6 +306,9 @@ impl Router {
             proxied: HashMap::new(),
             view_dirty: true,
             addresses: HashMap::new(),
+            remote_load: HashMap::new(),
+            requests: HashMap::new(),
+            request_deadlines: std::collections::BTreeSet::new(),
             metrics,
             stopping: false,
             scratch: Vec::with_capacity(256),
@@ -358,6 +412,7 @@ impl Router {
             (Verb::MDLV, None) if mesh_ok => self.mesh_deliver(f.body, binary, out),
             (Verb::MACK, None) if mesh_ok => self.mesh_ack(f.body, now, out),
             (Verb::MEVT, None) if mesh_ok => self.mesh_event(f.body, binary, out),
+            (Verb::MRPL, None) if mesh_ok => self.mesh_reply(f.body, binary, out),
             (verb, _) if !is_cell_verb(verb) => Err(Failure::new(
                 ErrorCode::UnknownVerb,
                 format!(
@@ -376,6 +431,8 @@ impl Router {
             (Verb::META, Some(id)) => self.update_metadata(peer, &id, f.body, out),
             (Verb::SEND, Some(id)) => self.targeted(peer, &id, f.body, binary, now, out),
             (Verb::DISC, Some(_)) => self.discover(peer, f.body, out),
+            (Verb::RQST, Some(id)) => self.request(peer, &id, f.body, binary, now, out),
+            (Verb::RPLY, Some(id)) => self.reply(&id, f.body, binary, None, out),
             (Verb::ACKN, Some(id)) => self.ack(&id, f.body, now, out, true),
             (Verb::NACK, Some(id)) => self.ack(&id, f.body, now, out, false),
             (verb, Some(_)) => Err(Failure::new(
@@ -471,6 +528,8 @@ impl Router {
                     listens: Vec::new(),
                     last_seen: now,
                     seq: 0,
+                    unacked: 0,
+                    queue: VecDeque::new(),
                 },
             );
             self.announce(&h.id, "joined", out);
@@ -510,6 +569,7 @@ impl Router {
             pattern,
             mode: l.mode,
             ack: l.ack.unwrap_or(true),
+            concurrency: l.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
         };
         let count = cell.listens.len();
         match cell.listens.iter_mut().find(|e| e.pattern == entry.pattern) {
@@ -621,11 +681,20 @@ impl Router {
                 from: *from,
             });
             for sr in &route.any {
-                let cursor = self.cursors.entry(sr.service.clone()).or_insert(0);
-                let target = sr.cells[*cursor % sr.cells.len()];
-                *cursor = cursor.wrapping_add(1);
-                self.deliver(&event, &sr.service, target, 1, Retarget::Service, now, out);
-                routed += 1;
+                let target = self.least_loaded(&sr.service, sr.cells.iter());
+                if let Some(target) = target {
+                    self.deliver(
+                        &event,
+                        &sr.service,
+                        target,
+                        1,
+                        Retarget::Service,
+                        false,
+                        now,
+                        out,
+                    );
+                    routed += 1;
+                }
             }
         }
         if routed == 0 {
@@ -658,12 +727,16 @@ impl Router {
         target: Target,
         attempt: u32,
         retarget: Retarget,
+        request: bool,
         now: Instant,
         out: &mut Vec<Output>,
     ) {
         let Target { cell, ack, node } = target;
+        // A request always waits for its answer.
+        let ack = ack || request;
         self.scratch.clear();
-        self.scratch.extend_from_slice(b"J DLVR ");
+        self.scratch
+            .extend_from_slice(if request { b"J RQST " } else { b"J DLVR " });
         body::write_delivery(
             &mut self.scratch,
             &event.id,
@@ -674,20 +747,21 @@ impl Router {
         );
         match node {
             None => {
-                let Some(c) = self.cells.get(&cell) else {
-                    return;
-                };
-                out.push(Output::ToPeer {
-                    peer: c.peer.clone(),
-                    frame: self.scratch.clone(),
-                    binary: event.binary.clone(),
-                });
+                let frame = self.scratch.clone();
+                if !self.send_to_cell(&cell, frame, event.binary.clone(), ack, out) {
+                    // Gone, or its queue is full: the ack deadline (if
+                    // any) brings it back.
+                    Metrics::incr(&self.metrics.dropped_backlog_full);
+                }
             }
             Some(node) => {
                 // MDLV is the DLVR body plus who gets it and who awaits the ack.
                 self.scratch[2..6].copy_from_slice(Verb::MDLV.as_bytes());
                 self.scratch.pop();
-                let tail = format!(r#","cell":"{cell}","origin":"{}","ack":{ack}}}"#, self.id);
+                let tail = format!(
+                    r#","cell":"{cell}","origin":"{}","ack":{ack},"request":{request}}}"#,
+                    self.id
+                );
                 self.scratch.extend_from_slice(tail.as_bytes());
                 out.push(Output::ToNode {
                     node,
@@ -695,6 +769,9 @@ impl Router {
                     binary: event.binary.clone(),
                 });
                 Metrics::incr(&self.metrics.mesh_out);
+                if ack {
+                    *self.remote_load.entry(cell).or_default() += 1;
+                }
             }
         }
         let cell = &cell;
@@ -710,6 +787,7 @@ impl Router {
                     service: service.clone(),
                     attempt,
                     retarget,
+                    request,
                 },
             );
             self.deadlines
@@ -729,10 +807,13 @@ impl Router {
         let mut unknown = None;
         let mut forward: HashMap<Thid, Vec<Thid>> = HashMap::new();
         for id in a.id.iter().chain(a.ids.iter()) {
-            match self.in_flight.remove(&(*id, *cell)) {
+            match self.take_in_flight(&(*id, *cell), out) {
                 Some(f) => self.settle(f, cell, positive, now, out),
                 None => match self.proxied.remove(&(*id, *cell)) {
-                    Some(origin) => forward.entry(origin).or_default().push(*id),
+                    Some(origin) => {
+                        self.release(cell, out);
+                        forward.entry(origin).or_default().push(*id);
+                    }
                     None => unknown = unknown.or(Some(*id)),
                 },
             }
@@ -776,16 +857,14 @@ impl Router {
     ) -> Handled {
         Metrics::incr(&self.metrics.mesh_in);
         let d: MeshDelivery = parse(body)?;
-        let Some(cell) = self.cells.get(&d.cell) else {
-            // The cell left before the origin heard of it: hand it back.
+        let verb = if d.request { Verb::RQST } else { Verb::DLVR };
+        let binary = binary.map(|b| Arc::new(b.to_vec()));
+        if !self.send_to_cell(&d.cell, frame::encode(verb, body), binary, d.ack, out) {
+            // The cell left before the origin heard of it, or it is
+            // swamped: hand it back.
             out.push(mesh_ack(d.origin, vec![d.id], d.cell, false));
             return Ok(());
-        };
-        out.push(Output::ToPeer {
-            peer: cell.peer.clone(),
-            frame: frame::encode(Verb::DLVR, body),
-            binary: binary.map(|b| Arc::new(b.to_vec())),
-        });
+        }
         Metrics::incr(&self.metrics.deliveries);
         if d.ack {
             self.proxied.insert((d.id, d.cell), d.origin);
@@ -798,7 +877,7 @@ impl Router {
         Metrics::incr(&self.metrics.mesh_in);
         let a: MeshAck = parse(body)?;
         for id in &a.ids {
-            if let Some(f) = self.in_flight.remove(&(*id, a.cell)) {
+            if let Some(f) = self.take_in_flight(&(*id, a.cell), out) {
                 self.settle(f, &a.cell, a.ok, now, out);
             }
         }
@@ -843,6 +922,7 @@ impl Router {
                                 pattern: Pattern::parse(&l.pattern).ok()?,
                                 mode: l.mode,
                                 ack: l.ack,
+                                concurrency: DEFAULT_CONCURRENCY,
                             })
                         })
                         .collect();
@@ -930,7 +1010,7 @@ impl Router {
             .copied()
             .collect();
         for key in orphans {
-            if let Some(f) = self.in_flight.remove(&key) {
+            if let Some(f) = self.take_in_flight(&key, out) {
                 self.redeliver(f, Some(cell), now, out);
             }
         }
@@ -952,11 +1032,11 @@ impl Router {
         };
         let route = self.route(&f.event.channel);
         let empty = Map::new();
-        let target = route
+        let pool: Vec<Target> = route
             .any
             .iter()
             .find(|sr| sr.service == f.service)
-            .and_then(|sr| {
+            .map(|sr| {
                 let eligible: Vec<&Target> = sr
                     .cells
                     .iter()
@@ -972,12 +1052,21 @@ impl Router {
                     .filter(|t| Some(&t.cell) != failed)
                     .collect();
                 let pool = if others.is_empty() { eligible } else { others };
-                let cursor = self.cursors.entry(sr.service.clone()).or_insert(0);
-                *cursor = cursor.wrapping_add(1);
-                pool.get(*cursor % pool.len().max(1)).map(|t| **t)
-            });
+                pool.into_iter().copied().collect()
+            })
+            .unwrap_or_default();
+        let target = self.least_loaded(&f.service, pool.iter());
         match target {
-            Some(t) => self.deliver(&f.event, &f.service, t, f.attempt + 1, f.retarget, now, out),
+            Some(t) => self.deliver(
+                &f.event,
+                &f.service,
+                t,
+                f.attempt + 1,
+                f.retarget,
+                f.request,
+                now,
+                out,
+            ),
             None => {
                 let queue = self.backlog.entry(f.service.clone()).or_default();
                 if queue.len() >= MAX_BACKLOG_PER_SERVICE {
@@ -996,6 +1085,300 @@ impl Router {
         };
         for f in queue {
             self.redeliver(f, None, now, out);
+        }
+    }
+
+    /// Sends a delivery frame to a local cell, or queues it while the cell
+    /// holds as many unanswered deliveries as it takes at once. Returns
+    /// false when the cell is gone or its queue is full.
+    fn send_to_cell(
+        &mut self,
+        cell: &Thid,
+        frame: Vec<u8>,
+        binary: Option<Arc<Vec<u8>>>,
+        needs_answer: bool,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let Some(c) = self.cells.get_mut(cell) else {
+            return false;
+        };
+        if !needs_answer {
+            out.push(Output::ToPeer {
+                peer: c.peer.clone(),
+                frame,
+                binary,
+            });
+            return true;
+        }
+        if c.unacked < c.limit() && c.queue.is_empty() {
+            c.unacked += 1;
+            out.push(Output::ToPeer {
+                peer: c.peer.clone(),
+                frame,
+                binary,
+            });
+            return true;
+        }
+        if c.queue.len() >= MAX_QUEUED_PER_CELL {
+            return false;
+        }
+        c.queue.push_back(Queued { frame, binary });
+        Metrics::incr(&self.metrics.queued);
+        true
+    }
+
+    /// A local cell answered a delivery: frees its slot and sends what
+    /// waited for one.
+    fn release(&mut self, cell: &Thid, out: &mut Vec<Output>) {
+        let Some(c) = self.cells.get_mut(cell) else {
+            return;
+        };
+        c.unacked = c.unacked.saturating_sub(1);
+        while c.unacked < c.limit() {
+            let Some(q) = c.queue.pop_front() else { break };
+            c.unacked += 1;
+            out.push(Output::ToPeer {
+                peer: c.peer.clone(),
+                frame: q.frame,
+                binary: q.binary,
+            });
+        }
+    }
+
+    /// Removes a delivery awaiting an answer and frees what it held: the
+    /// local cell's slot, or the remote cell's share of the load.
+    fn take_in_flight(&mut self, key: &(Thid, Thid), out: &mut Vec<Output>) -> Option<InFlight> {
+        let f = self.in_flight.remove(key)?;
+        let cell = key.1;
+        if self.cells.contains_key(&cell) {
+            self.release(&cell, out);
+        } else if let Some(load) = self.remote_load.get_mut(&cell) {
+            *load = load.saturating_sub(1);
+            if *load == 0 {
+                self.remote_load.remove(&cell);
+            }
+        }
+        Some(f)
+    }
+
+    /// The least busy of `cells` (unanswered plus waiting deliveries for a
+    /// local cell, unanswered ones we sent for a remote cell); ties go
+    /// round robin.
+    fn least_loaded<'t>(
+        &mut self,
+        service: &Arc<str>,
+        cells: impl Iterator<Item = &'t Target>,
+    ) -> Option<Target> {
+        let candidates: Vec<Target> = cells.copied().collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let cursor = self.cursors.entry(service.clone()).or_insert(0);
+        let start = *cursor;
+        *cursor = cursor.wrapping_add(1);
+        let load = |t: &Target| match self.cells.get(&t.cell) {
+            Some(c) => c.unacked as usize + c.queue.len(),
+            None => self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
+        };
+        let n = candidates.len();
+        (0..n).map(|i| candidates[(start + i) % n]).min_by_key(load)
+    }
+
+    /// `RQST`: routes a request to one cell listening to its channel (of
+    /// its service and matching its query, when given).
+    fn request(
+        &mut self,
+        peer: &[u8],
+        from: &Thid,
+        body: &[u8],
+        binary: Option<&[u8]>,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        Metrics::incr(&self.metrics.requests);
+        let r: Request<'_> = parse(body)?;
+        let re = r.reference.clone();
+        pattern::validate_channel(&r.channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
+        let query = parse_query(r.query.as_ref())
+            .map_err(|e| Failure::new(ErrorCode::BadQuery, e, re.clone()))?;
+        let route = self.route(&r.channel);
+        let empty = Map::new();
+        let mut candidates: Vec<(Arc<str>, Target)> = Vec::new();
+        for sr in route
+            .any
+            .iter()
+            .filter(|sr| r.service.as_deref().is_none_or(|s| *sr.service == *s))
+        {
+            for t in &sr.cells {
+                if query.matches(self.metadata_of(&t.cell).unwrap_or(&empty)) {
+                    candidates.push((sr.service.clone(), *t));
+                }
+            }
+        }
+        let Some((service, _)) = candidates.first().cloned() else {
+            return Err(Failure::new(
+                ErrorCode::NoResponders,
+                format!("no cell answers requests on {:?}", r.channel),
+                re,
+            ));
+        };
+        let key: Arc<str> = Arc::from(format!("rqst:{}", r.channel).as_str());
+        let Some(target) = self.least_loaded(&key, candidates.iter().map(|(_, t)| t)) else {
+            return Err(Failure::new(ErrorCode::NoResponders, "no responder", re));
+        };
+        let service = candidates
+            .iter()
+            .find(|(_, t)| t.cell == target.cell)
+            .map_or(service, |(s, _)| s.clone());
+        let cell = self
+            .cells
+            .get_mut(from)
+            .expect("welcomed peers have a cell");
+        cell.seq += 1;
+        let payload = r.payload.map(|p| p.get().as_bytes());
+        let id = Thid::for_event(
+            from,
+            cell.seq,
+            &r.channel,
+            binary.or(payload).unwrap_or_default(),
+        );
+        let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS));
+        self.requests.insert(
+            id,
+            Requester {
+                peer: peer.to_vec(),
+                reference: r.reference,
+                deadline: now + timeout,
+            },
+        );
+        self.request_deadlines.insert((now + timeout, id));
+        let event = Arc::new(EventData {
+            id,
+            channel: r.channel.into_owned(),
+            payload: payload.map(<[u8]>::to_vec),
+            binary: binary.map(|b| Arc::new(b.to_vec())),
+            from: *from,
+        });
+        let retarget = if query.ops.is_empty() {
+            Retarget::Service
+        } else {
+            Retarget::Query(Arc::new(query))
+        };
+        self.deliver(&event, &service, target, 1, retarget, true, now, out);
+        Ok(())
+    }
+
+    /// `RPLY` from a local cell (or, with `via`, `MRPL` from the
+    /// transmitter that owns the cell): settles the request and hands the
+    /// answer to whoever waits for it.
+    fn reply(
+        &mut self,
+        cell: &Thid,
+        body: &[u8],
+        binary: Option<&[u8]>,
+        via: Option<()>,
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        let r: Reply<'_> = parse(body)?;
+        let key = (r.id, *cell);
+        if self.take_in_flight(&key, out).is_none() {
+            if via.is_none() {
+                if let Some(origin) = self.proxied.remove(&key) {
+                    // Answer to a request another transmitter routed here.
+                    self.release(cell, out);
+                    let mut frame = frame::encode(Verb::MRPL, body);
+                    frame.pop();
+                    frame.extend_from_slice(format!(r#","cell":"{cell}"}}"#).as_bytes());
+                    out.push(Output::ToNode {
+                        node: origin,
+                        frame,
+                        binary: binary.map(|b| Arc::new(b.to_vec())),
+                    });
+                    return Ok(());
+                }
+            }
+            return Err(Failure::new(
+                ErrorCode::UnknownDelivery,
+                format!(
+                    "no request {} awaits an answer from this cell (timed out, or answered)",
+                    r.id
+                ),
+                Some(Value::String(r.id.to_hex())),
+            ));
+        }
+        let Some(requester) = self.requests.remove(&r.id) else {
+            return Ok(());
+        };
+        self.request_deadlines.remove(&(requester.deadline, r.id));
+        let mut answer = serde_json::Map::new();
+        if let Some(reference) = requester.reference {
+            answer.insert("ref".into(), reference);
+        }
+        answer.insert("id".into(), Value::String(r.id.to_hex()));
+        if let Some(error) = r.error {
+            answer.insert("error".into(), Value::String(error));
+        }
+        let mut frame = frame::encode_json(Verb::RPLY, &answer);
+        if let Some(p) = r.payload {
+            frame.pop();
+            frame.extend_from_slice(b",\"payload\":");
+            frame.extend_from_slice(p.get().as_bytes());
+            frame.push(b'}');
+        }
+        Metrics::incr(&self.metrics.replies);
+        out.push(Output::ToPeer {
+            peer: requester.peer,
+            frame,
+            binary: binary.map(|b| Arc::new(b.to_vec())),
+        });
+        Ok(())
+    }
+
+    /// `MRPL`: a cell of another transmitter answered a request made here.
+    fn mesh_reply(&mut self, body: &[u8], binary: Option<&[u8]>, out: &mut Vec<Output>) -> Handled {
+        Metrics::incr(&self.metrics.mesh_in);
+        let r: Reply<'_> = parse(body)?;
+        let Some(cell) = r.cell else {
+            return Err(Failure::new(
+                ErrorCode::BadJson,
+                "MRPL names the cell",
+                None,
+            ));
+        };
+        self.reply(&cell, body, binary, Some(()), out)
+    }
+
+    /// Tells requesters whose deadline passed that no reply came.
+    fn expire_requests(&mut self, now: Instant, out: &mut Vec<Output>) {
+        while let Some(&(deadline, id)) = self.request_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.request_deadlines.pop_first();
+            let Some(requester) = self.requests.remove(&id) else {
+                continue;
+            };
+            Metrics::incr(&self.metrics.request_timeouts);
+            let held: Vec<(Thid, Thid)> = self
+                .in_flight
+                .keys()
+                .filter(|(e, _)| *e == id)
+                .copied()
+                .collect();
+            for key in held {
+                self.take_in_flight(&key, out);
+            }
+            self.metrics.error(ErrorCode::TimedOut);
+            let reply = ErrorReply {
+                code: ErrorCode::TimedOut,
+                message: "no reply came in time".to_owned(),
+                re: requester.reference.or(Some(Value::String(id.to_hex()))),
+            };
+            out.push(to_peer(
+                &requester.peer,
+                frame::encode_json(Verb::ERRR, &reply),
+            ));
         }
     }
 
@@ -1144,7 +1527,16 @@ impl Router {
             Retarget::Query(Arc::new(query))
         };
         for target in &targets {
-            self.deliver(&event, &service, *target, 1, retarget.clone(), now, out);
+            self.deliver(
+                &event,
+                &service,
+                *target,
+                1,
+                retarget.clone(),
+                false,
+                now,
+                out,
+            );
         }
         let reply = Confirm {
             reference: t.reference,
@@ -1328,10 +1720,24 @@ impl Router {
                 .get(&(event, cell))
                 .is_some_and(|f| f.attempt == attempt);
             if due {
-                if let Some(f) = self.in_flight.remove(&(event, cell)) {
+                if let Some(f) = self.take_in_flight(&(event, cell), out) {
                     self.redeliver(f, Some(&cell), now, out);
                 }
             }
+        }
+        self.expire_requests(now, out);
+    }
+
+    /// The cell behind `peer` has not taken a message for too long: it is
+    /// told GBYE `slow_consumer` and removed, and what it held moves on.
+    pub fn slow_consumer(&mut self, peer: &[u8], now: Instant, out: &mut Vec<Output>) {
+        if let Some(id) = self.peers.get(peer).copied() {
+            Metrics::incr(&self.metrics.slow_consumers);
+            let bye = Goodbye {
+                reason: Some("slow_consumer".to_owned()),
+            };
+            out.push(to_peer(peer, frame::encode_json(Verb::GBYE, &bye)));
+            self.remove_cell(&id, DisconnectReason::SlowConsumer, now, out);
         }
     }
 
@@ -1508,6 +1914,8 @@ fn is_cell_verb(verb: Verb) -> bool {
             | Verb::META
             | Verb::SEND
             | Verb::DISC
+            | Verb::RQST
+            | Verb::RPLY
     )
 }
 
@@ -2103,6 +2511,167 @@ mod tests {
         let r = h.send("a", r#"J DISC {"what":"versions","service":"backend"}"#);
         assert_eq!(ok_body(&r)["result"].as_array().unwrap().len(), 2);
         assert_eq!(code(&h.send("a", r#"J DISC {"what":"moons"}"#)), "bad_json");
+    }
+
+    #[test]
+    fn a_cell_never_holds_more_unanswered_deliveries_than_its_concurrency() {
+        let mut h = Harness::new();
+        h.join("c", "s");
+        let r = h.send(
+            "c",
+            r#"J LSTN {"pattern":"jobs","mode":"any","concurrency":2}"#,
+        );
+        assert_eq!(r.len(), 1);
+        h.join("pub", "p");
+        let mut delivered = Vec::new();
+        for i in 0..5 {
+            let r = h.send(
+                "pub",
+                &format!(r#"J EVNT {{"channel":"jobs","payload":{i}}}"#),
+            );
+            delivered.extend(r);
+        }
+        assert_eq!(delivered.len(), 2, "two at once: {delivered:?}");
+        let id = delivery_id(&delivered[0].1);
+        let r = h.send("c", &format!(r#"J ACKN {{"id":"{id}"}}"#));
+        assert_eq!(r.len(), 1, "one slot freed, one waiting delivery sent");
+        assert!(r[0].1.contains(r#""payload":2"#), "in order: {}", r[0].1);
+        assert_eq!(h.router.in_flight_count(), 4);
+        assert_eq!(h.router.metrics().snapshot()["queued"], 3);
+    }
+
+    #[test]
+    fn work_goes_to_the_least_busy_cell_of_the_service() {
+        let mut h = Harness::new();
+        h.join("busy", "s");
+        h.listen("busy", "jobs", "any");
+        h.join("pub", "p");
+        for _ in 0..3 {
+            h.send("pub", r#"J EVNT {"channel":"jobs"}"#);
+        }
+        h.join("idle", "s");
+        h.listen("idle", "jobs", "any");
+        let r: Vec<String> = (0..3)
+            .map(|_| h.send("pub", r#"J EVNT {"channel":"jobs"}"#)[0].0.clone())
+            .collect();
+        assert_eq!(r, ["idle", "idle", "idle"]);
+    }
+
+    fn rpc_setup(h: &mut Harness) {
+        h.join("srv", "calc");
+        let r = h.send(
+            "srv",
+            r#"J LSTN {"pattern":"calc::add","mode":"any","concurrency":5}"#,
+        );
+        assert_eq!(r.len(), 1);
+        h.join("cli", "app");
+    }
+
+    #[test]
+    fn a_request_reaches_one_responder_and_its_reply_or_error_comes_back() {
+        let mut h = Harness::new();
+        rpc_setup(&mut h);
+        let r = h.send(
+            "cli",
+            r#"J RQST {"channel":"calc::add","payload":[1,2],"ref":"r1"}"#,
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, "srv");
+        assert!(r[0].1.starts_with("J RQST {"), "{}", r[0].1);
+        let id = delivery_id(&r[0].1.replacen("J RQST", "J DLVR", 1));
+        let r = h.send("srv", &format!(r#"J RPLY {{"id":"{id}","payload":3}}"#));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, "cli");
+        assert_eq!(
+            r[0].1,
+            format!(r#"J RPLY {{"id":"{id}","ref":"r1","payload":3}}"#)
+        );
+        assert_eq!(h.router.in_flight_count(), 0);
+        let r = h.send("cli", r#"J RQST {"channel":"calc::add","payload":"x"}"#);
+        let id = delivery_id(&r[0].1.replacen("J RQST", "J DLVR", 1));
+        let r = h.send(
+            "srv",
+            &format!(r#"J RPLY {{"id":"{id}","error":"not a number"}}"#),
+        );
+        assert!(r[0].1.contains(r#""error":"not a number""#), "{}", r[0].1);
+        assert_eq!(
+            code(&h.send("srv", &format!(r#"J RPLY {{"id":"{id}"}}"#))),
+            "unknown_delivery"
+        );
+    }
+
+    #[test]
+    fn requests_without_responders_fail_at_once_and_unanswered_ones_time_out() {
+        let mut h = Harness::new();
+        rpc_setup(&mut h);
+        let r = h.send("cli", r#"J RQST {"channel":"calc::mul","ref":7}"#);
+        assert_eq!(code(&r), "no_responders");
+        assert!(r[0].1.contains(r#""re":7"#));
+        let r = h.send("cli", r#"J RQST {"channel":"calc::add","service":"other"}"#);
+        assert_eq!(code(&r), "no_responders");
+        h.send(
+            "cli",
+            r#"J RQST {"channel":"calc::add","timeout_ms":200,"ref":8}"#,
+        );
+        assert!(h.tick(Duration::from_millis(100)).is_empty());
+        let r = h.tick(Duration::from_millis(150));
+        assert_eq!(code(&r), "timed_out");
+        assert!(r[0].1.contains(r#""re":8"#));
+        assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn a_request_to_a_responder_that_dies_goes_to_another() {
+        let mut h = Harness::new();
+        rpc_setup(&mut h);
+        h.join("srv2", "calc");
+        h.listen("srv2", "calc::add", "any");
+        let r = h.send("cli", r#"J RQST {"channel":"calc::add","ref":1}"#);
+        let first = r[0].0.clone();
+        let r = h.send(&first, "J GBYE");
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_ne!(r[0].0, first);
+        assert!(r[0].1.starts_with("J RQST ") && r[0].1.contains(r#""attempt":2"#));
+    }
+
+    #[test]
+    fn requests_cross_the_mesh_and_replies_come_back_through_the_origin() {
+        let mut h = Harness::new();
+        let (node, cell) = (Thid::random(), Thid::random());
+        let mut rec = remote_node(node, cell, "calc", "any");
+        rec.cells[0].listens[0].pattern = "calc::*".into();
+        h.router.set_view(vec![rec], h.now, &mut h.out);
+        h.drain();
+        h.join("cli", "app");
+        let r = h.send(
+            "cli",
+            r#"J RQST {"channel":"calc::add","payload":1,"ref":"x"}"#,
+        );
+        assert_eq!(r[0].0, format!("node:{node}"));
+        assert!(r[0].1.contains(r#""request":true"#), "{}", r[0].1);
+        let id = delivery_id(&r[0].1.replacen("J MDLV", "J DLVR", 1));
+        let mrpl = format!(r#"J MRPL {{"id":"{id}","payload":2,"cell":"{cell}"}}"#);
+        let r = h.send("node-peer", &mrpl);
+        assert_eq!(r[0].0, "cli");
+        assert_eq!(
+            r[0].1,
+            format!(r#"J RPLY {{"id":"{id}","ref":"x","payload":2}}"#)
+        );
+    }
+
+    #[test]
+    fn forwarded_requests_are_answered_back_to_the_origin() {
+        let mut h = Harness::new();
+        let cell = h.join("srv", "calc");
+        let (origin, req) = (Thid::random(), Thid::random());
+        let mdlv = format!(
+            r#"J MDLV {{"id":"{req}","channel":"calc::add","from":"{origin}","attempt":1,"cell":"{cell}","origin":"{origin}","ack":true,"request":true}}"#
+        );
+        let r = h.send("node-peer", &mdlv);
+        assert!(r[0].1.starts_with("J RQST "), "{}", r[0].1);
+        let r = h.send("srv", &format!(r#"J RPLY {{"id":"{req}","payload":5}}"#));
+        assert_eq!(r[0].0, format!("node:{origin}"));
+        assert!(r[0].1.starts_with("J MRPL ") && r[0].1.contains(&format!(r#""cell":"{cell}""#)));
     }
 
     #[test]

@@ -8,10 +8,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use thynapse_protocol::frame::SYNC_TOPIC;
-use thynapse_protocol::limits::ZAP_DOMAIN;
+use thynapse_protocol::limits::{SLOW_CONSUMER_MS, ZAP_DOMAIN};
 use thynapse_protocol::Thid;
 
 use std::collections::HashMap;
@@ -209,6 +209,7 @@ impl Transmitter {
             node_password: config.mesh_secret.clone().or(config.token.clone()),
             mesh_needs_auth: config.mesh_secret.is_some(),
             out: Vec::with_capacity(BATCH),
+            stuck: HashMap::new(),
         };
         let thread = {
             let stop = stop.clone();
@@ -305,6 +306,9 @@ struct Switchboard {
     mesh_needs_auth: bool,
     /// Outputs waiting to be sent.
     out: Vec<Output>,
+    /// Cells whose queue is full, since when: past
+    /// [`SLOW_CONSUMER_MS`] they are disconnected.
+    stuck: HashMap<Vec<u8>, Instant>,
 }
 
 impl Switchboard {
@@ -463,10 +467,22 @@ impl Switchboard {
                     },
                 };
                 match (sent, &o) {
+                    (Ok(()), Output::ToPeer { peer, .. }) if !self.stuck.is_empty() => {
+                        self.stuck.remove(peer.as_slice());
+                    }
                     (Ok(()), _) => {}
                     (Err(zmq::Error::EHOSTUNREACH), Output::ToPeer { peer, .. }) => {
                         self.router
                             .peer_unreachable(peer, Instant::now(), &mut self.out);
+                    }
+                    (Err(_), Output::ToPeer { peer, .. }) => {
+                        Metrics::incr(&self.router.metrics().dropped_hwm);
+                        let now = Instant::now();
+                        let since = *self.stuck.entry(peer.clone()).or_insert(now);
+                        if now.duration_since(since) > Duration::from_millis(SLOW_CONSUMER_MS) {
+                            self.stuck.remove(peer.as_slice());
+                            self.router.slow_consumer(peer, now, &mut self.out);
+                        }
                     }
                     (Err(_), _) => Metrics::incr(&self.router.metrics().dropped_hwm),
                 }
