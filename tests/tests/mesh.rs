@@ -268,9 +268,19 @@ async fn a_transmitter_killed_mid_stream_loses_no_anycatch_event() {
                 .count();
             assert_eq!(bad, 0, "{name}: duplicates that were not redeliveries");
         }
+        // The killed transmitter's cells failed over to a survivor and are
+        // served again.
+        until("the orphaned cells to be served again", Duration::from_secs(30), || {
+            let _ = futures_lite_block(publisher.publish("work::after", json!({})));
+            [&a3.1, &b3.1]
+                .iter()
+                .all(|l| l.lock().unwrap().iter().any(|(c, _, _)| c == "work::after"))
+        })
+        .await;
         println!(
             "mesh failover: survivors marked the killed transmitter dead after {detected:?}; \
-             every event delivered {recovered:?} after the kill"
+             every event delivered {recovered:?} after the kill; its cells served again {:?} after it",
+            killed.elapsed()
         );
         drop((t1, t2, t3));
     })
