@@ -397,8 +397,15 @@ impl Router {
         }
         match (f.verb, cell) {
             (Verb::PING, _) => {
+                // `welcomed` lets a cell that only pings learn that it was
+                // expired and must say HELO again.
                 let r: Ref = parse(f.body)?;
-                out.push(to_peer(peer, frame::encode_json(Verb::PONG, &r)));
+                let mut pong = Map::new();
+                if let Some(reference) = r.reference {
+                    pong.insert("ref".into(), reference);
+                }
+                pong.insert("welcomed".into(), Value::Bool(cell.is_some()));
+                out.push(to_peer(peer, frame::encode_json(Verb::PONG, &pong)));
                 Ok(())
             }
             (Verb::PONG, _) => Ok(()),
