@@ -3,6 +3,8 @@
 //! Field names are the wire names of PROTOCOL.md. `ref` is any JSON value a
 //! sender chooses; replies and errors echo it.
 
+use std::io::Write as _;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -400,7 +402,7 @@ pub fn write_delivery(
     attempt: Option<u32>,
 ) {
     out.extend_from_slice(b"{\"id\":\"");
-    out.extend_from_slice(id.to_hex().as_bytes());
+    out.extend_from_slice(&id.hex());
     out.extend_from_slice(b"\",\"channel\":");
     // Writing a string into a Vec cannot fail.
     serde_json::to_writer(&mut *out, channel).expect("string serializes");
@@ -409,11 +411,12 @@ pub fn write_delivery(
         out.extend_from_slice(p);
     }
     out.extend_from_slice(b",\"from\":\"");
-    out.extend_from_slice(from.to_hex().as_bytes());
+    out.extend_from_slice(&from.hex());
     out.push(b'"');
     if let Some(a) = attempt {
         out.extend_from_slice(b",\"attempt\":");
-        out.extend_from_slice(a.to_string().as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{a}");
     }
     out.push(b'}');
 }

@@ -51,7 +51,7 @@ impl Thid {
     /// the same event keeps its THID, which is what de-duplication keys on.
     pub fn for_event(from: &Thid, seq: u64, channel: &str, payload: &[u8]) -> Self {
         let mut hasher = Sha1::new();
-        hasher.update(from.to_hex().as_bytes());
+        hasher.update(from.hex());
         hasher.update(b"\n");
         hasher.update(seq.to_string().as_bytes());
         hasher.update(b"\n");
@@ -63,7 +63,20 @@ impl Thid {
 
     /// The 40-character lowercase hex form.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        let hex = self.hex();
+        // `hex` holds only ASCII hex digits.
+        String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+    }
+
+    /// The 40 lowercase hex digits as bytes, without allocating.
+    pub fn hex(&self) -> [u8; THID_LEN * 2] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; THID_LEN * 2];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        out
     }
 
     /// Parses the hex form from bytes (as found inside a frame).
@@ -89,10 +102,8 @@ impl FromStr for Thid {
 
 impl fmt::Display for Thid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let hex = self.hex();
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -104,7 +115,8 @@ impl fmt::Debug for Thid {
 
 impl Serialize for Thid {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        let hex = self.hex();
+        s.serialize_str(std::str::from_utf8(&hex).map_err(serde::ser::Error::custom)?)
     }
 }
 

@@ -688,7 +688,7 @@ impl Router {
                 from: *from,
             });
             for sr in &route.any {
-                let target = self.least_loaded(&sr.service, sr.cells.iter());
+                let target = self.least_loaded(&sr.service, &sr.cells);
                 if let Some(target) = target {
                     self.deliver(
                         &event,
@@ -1062,7 +1062,7 @@ impl Router {
                 pool.into_iter().copied().collect()
             })
             .unwrap_or_default();
-        let target = self.least_loaded(&f.service, pool.iter());
+        let target = self.least_loaded(&f.service, &pool);
         match target {
             Some(t) => self.deliver(
                 &f.event,
@@ -1171,12 +1171,7 @@ impl Router {
     /// The least busy of `cells` (unanswered plus waiting deliveries for a
     /// local cell, unanswered ones we sent for a remote cell); ties go
     /// round robin.
-    fn least_loaded<'t>(
-        &mut self,
-        service: &Arc<str>,
-        cells: impl Iterator<Item = &'t Target>,
-    ) -> Option<Target> {
-        let candidates: Vec<Target> = cells.copied().collect();
+    fn least_loaded(&mut self, service: &Arc<str>, candidates: &[Target]) -> Option<Target> {
         if candidates.is_empty() {
             return None;
         }
@@ -1231,7 +1226,8 @@ impl Router {
             ));
         };
         let key: Arc<str> = Arc::from(format!("rqst:{}", r.channel).as_str());
-        let Some(target) = self.least_loaded(&key, candidates.iter().map(|(_, t)| t)) else {
+        let targets: Vec<Target> = candidates.iter().map(|(_, t)| *t).collect();
+        let Some(target) = self.least_loaded(&key, &targets) else {
             return Err(Failure::new(ErrorCode::NoResponders, "no responder", re));
         };
         let service = candidates
