@@ -332,3 +332,80 @@ async fn a_late_transmitter_learns_the_whole_view_and_a_restarted_one_rejoins() 
     .await
     .expect("watchdog");
 }
+
+#[test]
+fn transmitters_with_the_mesh_secret_route_to_each_other_and_others_stay_out() {
+    use thynapse_tests::RawCell;
+    let token = "cell-token";
+    let args = |secret: &'static str, join: Option<String>| {
+        let mut a = vec![
+            "--token".to_owned(),
+            token.to_owned(),
+            "--mesh-secret".to_owned(),
+            secret.to_owned(),
+        ];
+        if let Some(j) = join {
+            a.extend(["--join".to_owned(), j]);
+        }
+        a
+    };
+    let spawn = |a: Vec<String>| {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        TransmitterProcess::spawn(&refs).unwrap()
+    };
+    let t1 = spawn(args("right", None));
+    let t2 = spawn(args("right", Some(t1.command_endpoint().to_owned())));
+    let outsider = spawn(args("wrong", Some(t1.command_endpoint().to_owned())));
+
+    let mut worker = RawCell::open_with_token(t1.command_endpoint(), Some(token)).unwrap();
+    worker.hello("worker").unwrap();
+    worker.listen("jobs::*", "any", true).unwrap();
+    let mut inside = RawCell::open_with_token(t2.command_endpoint(), Some(token)).unwrap();
+    inside.hello("shop").unwrap();
+    let mut outside = RawCell::open_with_token(outsider.command_endpoint(), Some(token)).unwrap();
+    outside.hello("shop").unwrap();
+
+    // Through the mesh (authenticated with the secret): routed to t1's cell.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reference = json!("probe");
+        inside
+            .send_json(
+                "EVNT",
+                &json!({"channel": "jobs::1", "confirm": true, "ref": reference}),
+            )
+            .unwrap();
+        let reply = inside
+            .recv(Duration::from_secs(5))
+            .unwrap()
+            .expect("an answer");
+        if reply.verb == "OKAY" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "t2 never saw t1's cell: {reply:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+    let delivery = worker.expect("DLVR", Duration::from_secs(5)).unwrap();
+    assert_eq!(delivery["channel"], "jobs::1");
+
+    // The transmitter with another secret never learns of it, however long
+    // the others have been gossiping.
+    outside
+        .send_json(
+            "EVNT",
+            &json!({"channel": "jobs::1", "confirm": true, "ref": 1}),
+        )
+        .unwrap();
+    let err = outside.expect_error("no_listeners").unwrap();
+    assert_eq!(err["re"], 1);
+
+    // A cell holding the token is no transmitter: mesh verbs are refused.
+    let mut impostor = RawCell::open_with_token(t1.command_endpoint(), Some(token)).unwrap();
+    impostor
+        .send(r#"J MEVT {"id":"0000000000000000000000000000000000000001","channel":"jobs::1","from":"0000000000000000000000000000000000000001"}"#)
+        .unwrap();
+    impostor.expect_error("unknown_verb").unwrap();
+}
