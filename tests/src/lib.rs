@@ -57,6 +57,8 @@ use anyhow::{anyhow, bail, Context as _};
 use serde_json::{json, Value};
 use thynapse_protocol::{frame, Thid};
 
+pub mod cells;
+
 pub use nix::sys::signal::Signal;
 
 /// How long a test waits for a reply that should come at once. Generous,

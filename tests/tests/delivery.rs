@@ -3,19 +3,15 @@
 //! dies mid-stream loses nothing for its service.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use thynapse_cell::{Client, Mode, Options};
+use thynapse_tests::cells::{recording_cell, until, Log};
 use thynapse_tests::RawCell;
 use thynapse_transmitter::{Config, Transmitter};
 
-/// What one cell received: channel, payload and attempt of each event.
-type Log = Arc<Mutex<Vec<(String, Value, u32)>>>;
-
 const WATCHDOG: Duration = Duration::from_secs(90);
-const POLL: Duration = Duration::from_millis(20);
 const EVENTS: u64 = 10_000;
 
 fn transmitter() -> Transmitter {
@@ -24,26 +20,6 @@ fn transmitter() -> Transmitter {
         ..Config::for_tests()
     })
     .expect("transmitter starts")
-}
-
-async fn cell(endpoint: &str, service: &str, pattern: &str, mode: Mode) -> (Client, Log) {
-    let client = Client::connect(endpoint, Options::new(service))
-        .await
-        .expect("cell joins");
-    let mut sub = client.listen(pattern, mode).await.expect("cell listens");
-    let log = Log::default();
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Some(event) = sub.next_event().await {
-            let entry = (
-                event.channel().to_owned(),
-                event.payload_value(),
-                event.attempt(),
-            );
-            sink.lock().unwrap().push(entry);
-        }
-    });
-    (client, log)
 }
 
 /// Each event number seen in `logs`, with how often and the highest attempt.
@@ -59,14 +35,6 @@ fn seen(logs: &[&Log]) -> HashMap<u64, (usize, u32)> {
     seen
 }
 
-async fn until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anycatch_reaches_each_service_exactly_once_and_multicatch_reaches_every_cell() {
     tokio::time::timeout(WATCHDOG, async {
@@ -74,11 +42,11 @@ async fn anycatch_reaches_each_service_exactly_once_and_multicatch_reaches_every
         let ep = t.command_endpoint().to_owned();
         let mut alpha = Vec::new();
         for _ in 0..3 {
-            alpha.push(cell(&ep, "alpha", "orders::*", Mode::Any).await);
+            alpha.push(recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await);
         }
-        let beta = cell(&ep, "beta", "orders::created", Mode::Any).await;
-        let gamma1 = cell(&ep, "gamma", "orders::*", Mode::Multi).await;
-        let gamma2 = cell(&ep, "gamma", "*::created", Mode::Multi).await;
+        let beta = recording_cell(&ep, &[], "beta", "orders::created", Mode::Any).await;
+        let gamma1 = recording_cell(&ep, &[], "gamma", "orders::*", Mode::Multi).await;
+        let gamma2 = recording_cell(&ep, &[], "gamma", "*::created", Mode::Multi).await;
         let publisher = Client::connect(&ep, Options::new("shop")).await.unwrap();
         for n in 0..EVENTS {
             publisher
@@ -131,8 +99,8 @@ async fn a_cell_killed_mid_stream_loses_nothing_for_its_service() {
     tokio::time::timeout(WATCHDOG, async {
         let t = transmitter();
         let ep = t.command_endpoint().to_owned();
-        let a1 = cell(&ep, "alpha", "orders::*", Mode::Any).await;
-        let a2 = cell(&ep, "alpha", "orders::*", Mode::Any).await;
+        let a1 = recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await;
+        let a2 = recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await;
         // The doomed cell takes deliveries and never acks them; then its
         // connection vanishes without a GBYE, as a killed process's would.
         let mut doomed = RawCell::open(&ep).unwrap();

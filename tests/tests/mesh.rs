@@ -2,61 +2,15 @@
 //! across them, events published at every transmitter.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use thynapse_cell::{Client, Mode, Options};
+use thynapse_tests::cells::{recording_cell, until, Log, POLL};
 use thynapse_tests::{Signal, TransmitterProcess};
-
-/// What one cell received: channel, payload and attempt of each event.
-type Log = Arc<Mutex<Vec<(String, Value, u32)>>>;
 
 /// Whole-test deadline: a test fails, it never hangs.
 const WATCHDOG: Duration = Duration::from_secs(120);
-/// Interval between polls of a condition.
-const POLL: Duration = Duration::from_millis(20);
-
-/// A cell of `service` on `endpoint` (and `failover` endpoints) listening
-/// to `pattern`; everything it receives lands in the returned log.
-async fn cell(
-    endpoint: &str,
-    failover: &[&str],
-    service: &str,
-    pattern: &str,
-    mode: Mode,
-) -> (Client, Log) {
-    let mut options = Options::new(service);
-    for f in failover {
-        options = options.endpoint(*f);
-    }
-    let client = Client::connect(endpoint, options)
-        .await
-        .expect("cell joins");
-    let mut sub = client.listen(pattern, mode).await.expect("cell listens");
-    let log = Log::default();
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Some(event) = sub.next_event().await {
-            let entry = (
-                event.channel().to_owned(),
-                event.payload_value(),
-                event.attempt(),
-            );
-            sink.lock().unwrap().push(entry);
-        }
-    });
-    (client, log)
-}
-
-/// Polls `cond` until it holds or `deadline` passes.
-async fn until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
 
 /// The (publisher, n) pairs of work events in `logs`, with how often each
 /// arrived and the highest attempt seen.
@@ -133,11 +87,11 @@ async fn events_from_every_transmitter_reach_each_service_once_and_every_multica
 
         let mut alpha = Vec::new();
         for ep in eps {
-            alpha.push(cell(ep, &[], "alpha", "work::*", Mode::Any).await);
+            alpha.push(recording_cell(ep, &[], "alpha", "work::*", Mode::Any).await);
         }
-        let beta = cell(eps[2], &[], "beta", "work::*", Mode::Any).await;
-        let gamma1 = cell(eps[0], &[], "gamma", "*", Mode::Multi).await;
-        let gamma2 = cell(eps[1], &[], "gamma", "*", Mode::Multi).await;
+        let beta = recording_cell(eps[2], &[], "beta", "work::*", Mode::Any).await;
+        let gamma1 = recording_cell(eps[0], &[], "gamma", "*", Mode::Multi).await;
+        let gamma2 = recording_cell(eps[1], &[], "gamma", "*", Mode::Multi).await;
         let mut publishers = Vec::new();
         for ep in eps {
             publishers.push(
@@ -203,10 +157,10 @@ async fn a_transmitter_killed_mid_stream_loses_no_anycatch_event() {
             t2.command_endpoint().to_owned(),
             t3.command_endpoint().to_owned(),
         );
-        let a2 = cell(&e2, &[&e1], "alpha", "work::*", Mode::Any).await;
-        let a3 = cell(&e3, &[&e2, &e1], "alpha", "work::*", Mode::Any).await;
-        let b1 = cell(&e1, &[&e2], "beta", "work::*", Mode::Any).await;
-        let b3 = cell(&e3, &[&e1, &e2], "beta", "work::*", Mode::Any).await;
+        let a2 = recording_cell(&e2, &[&e1], "alpha", "work::*", Mode::Any).await;
+        let a3 = recording_cell(&e3, &[&e2, &e1], "alpha", "work::*", Mode::Any).await;
+        let b1 = recording_cell(&e1, &[&e2], "beta", "work::*", Mode::Any).await;
+        let b3 = recording_cell(&e3, &[&e1, &e2], "beta", "work::*", Mode::Any).await;
         let publisher = Client::connect(&e1, Options::new("publisher"))
             .await
             .unwrap();
@@ -293,9 +247,9 @@ async fn a_late_transmitter_learns_the_whole_view_and_a_restarted_one_rejoins() 
     tokio::time::timeout(WATCHDOG, async {
         let t1 = TransmitterProcess::spawn(&[]).unwrap();
         let _cells = [
-            cell(t1.command_endpoint(), &[], "alpha", "work::*", Mode::Any).await,
-            cell(t1.command_endpoint(), &[], "beta", "work::*", Mode::Any).await,
-            cell(t1.command_endpoint(), &[], "gamma", "*", Mode::Multi).await,
+            recording_cell(t1.command_endpoint(), &[], "alpha", "work::*", Mode::Any).await,
+            recording_cell(t1.command_endpoint(), &[], "beta", "work::*", Mode::Any).await,
+            recording_cell(t1.command_endpoint(), &[], "gamma", "*", Mode::Multi).await,
         ];
         let t2 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()]).unwrap();
         let late = Client::connect(t2.command_endpoint(), Options::new("late"))
