@@ -14,6 +14,7 @@
 #   MSGS        events per throughput run (default 200000)
 #   PAYLOADS    payload grid (default "32 128 1024 8192")
 #   CONNS       idle cells/connections for the memory scenario (default 1000)
+#   RR_MSGS     requests per request/reply run (default 50000)
 #   SYSTEMS     Thynapse clients to run: "raw sdk" (default: both, sdk when
 #               the bench binary has it)
 #   NATS_SERVER path of a nats-server executable (skips the install)
@@ -27,6 +28,7 @@ RUNS=${RUNS:-3}
 MSGS=${MSGS:-200000}
 PAYLOADS=${PAYLOADS:-"32 128 1024 8192"}
 CONNS=${CONNS:-1000}
+RR_MSGS=${RR_MSGS:-50000}
 if [ -n "${QUICK:-}" ]; then
     RUNS=1
     PAYLOADS=128
@@ -184,6 +186,21 @@ for payload in $PAYLOADS; do
                 run "$BENCH" "$sys" --command "$THY_COMMAND" "$scenario" --payload "$payload" --msgs "$MSGS" --server-pid "$THY_PID"
             done
         done
+    done
+done
+
+# Request/reply: throughput with 16 concurrent requesters, latency with 1.
+# The SDK has no request API yet: the raw-frame client speaks RQST/RPLY.
+for requesters in 16 1; do
+    log "request/reply, $requesters requester(s), 128 B"
+    for _ in $(seq 1 "$RUNS"); do
+        run "$BENCH" nats-rr --url "$NATS_URL" --requesters "$requesters" --msgs "$RR_MSGS" --server-pid "$NATS_PID"
+        if "$BENCH" sdk-rr --help >/dev/null 2>&1 && [[ " $SYSTEMS " == *" sdk "* ]]; then
+            run "$BENCH" sdk-rr --command "$THY_COMMAND" --requesters "$requesters" --msgs "$RR_MSGS" --server-pid "$THY_PID"
+        fi
+        if [[ " $SYSTEMS " == *" raw "* ]]; then
+            run "$BENCH" raw-rr --command "$THY_COMMAND" --requesters "$requesters" --msgs "$RR_MSGS" --server-pid "$THY_PID"
+        fi
     done
 done
 stop_servers

@@ -81,10 +81,44 @@ def main():
             cpus = [cpu_us("nats", scen, p)] + [cpu_us(s, scen, p) for s in systems]
             print(f"| {num} | {desc} | {p} B | {fmt_rate(n)} | " + " | ".join(cells)
                   + f" | {'; '.join(losses)} | {'; '.join(cpus)} | {'/'.join(map(str, runs))} |")
-    print("| 4 | request/reply | - | not run | " + " | ".join(
-        "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
+    # Request/reply, keyed by the number of requesters.
+    rr = defaultdict(list)
+    for r in rows:
+        if r["scenario"] == "request_reply":
+            rr[(r["system"], r.get("requesters"))].append(r)
+
+    def rr_med(system, n, key):
+        vals = [r[key] for r in rr.get((system, n), []) if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    rr_systems = [s for s in THYNAPSE if any(k[0] == s for k in rr)]
+    if rr:
+        for n in sorted({k[1] for k in rr}, reverse=True):
+            nt = rr_med("nats", n, "msgs_per_sec")
+            cells = []
+            for s in systems:
+                t = rr_med(s, n, "msgs_per_sec") if s in rr_systems else None
+                ratio = f"**{t / nt:.2f}**" if (t and nt) else "-"
+                cells.append(f"{fmt_rate(t) if t else 'not in this client yet'} | {ratio}")
+            losses = "; ".join(
+                f"{sum(r.get('lost', 0) for r in rr.get((s, n), []))}/"
+                f"{sum(r.get('dup', 0) for r in rr.get((s, n), []))}" for s in ["nats"] + systems)
+            runs = "/".join(str(len(rr.get((s, n), []))) for s in ["nats"] + systems)
+            print(f"| 4 | request/reply, {n} requester(s) (replies/s) | 128 B | {fmt_rate(nt)} | "
+                  + " | ".join(cells) + f" | {losses} | - | {runs} |")
+            np50 = rr_med("nats", n, "p50_us")
+            cells = []
+            for s in systems:
+                t = rr_med(s, n, "p50_us") if s in rr_systems else None
+                ratio = f"**{t / np50:.2f}**" if (t and np50) else "-"
+                cells.append(f"{f'{t:.0f} µs' if t else '-'} | {ratio}")
+            print(f"| 4 | request/reply, {n} requester(s), p50 latency (lower is better) | 128 B | "
+                  f"{f'{np50:.0f} µs' if np50 else '-'} | " + " | ".join(cells) + f" | - | - | {runs} |")
+    else:
+        print("| 4 | request/reply | - | not run | " + " | ".join(
+            "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
     print("| 5 | three-transmitter mesh | - | not run | " + " | ".join(
-        "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
+        "not yet measured | -" for _ in systems) + " | - | - | 0 |")
 
     # Memory.
     mem_sys = {k[0] for k in groups if k[1] == "memory"}

@@ -126,6 +126,30 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         settle_secs: u64,
     },
+    /// Request/reply against nats-server: responders in a queue group.
+    NatsRr {
+        /// Server URL (loopback).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        url: String,
+        /// Concurrent requesters, one connection and one request in flight
+        /// each.
+        #[arg(long, default_value_t = 16)]
+        requesters: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Request/reply against a transmitter (RQST/RPLY), raw-frame client.
+    RawRr {
+        /// The transmitter's command endpoint (loopback).
+        #[arg(long)]
+        command: String,
+        /// Concurrent requesters, one connection and one request in flight
+        /// each.
+        #[arg(long, default_value_t = 16)]
+        requesters: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
     /// Server resident size idle and with N idle NATS connections.
     NatsMemory {
         /// Server URL (loopback).
@@ -213,6 +237,16 @@ fn main() -> anyhow::Result<()> {
             conns,
             Duration::from_secs(settle_secs),
         ))?,
+        Command::NatsRr {
+            url,
+            requesters,
+            load,
+        } => tokio_runtime()?.block_on(nats::request_reply(&url, &load.load(), requesters))?,
+        Command::RawRr {
+            command,
+            requesters,
+            load,
+        } => raw::request_reply(&command, &load.load(), requesters)?,
         Command::NatsMemory {
             url,
             pid,

@@ -303,3 +303,119 @@ pub async fn memory(url: &str, pid: u32, conns: usize, settle: Duration) -> anyh
     r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
     Ok(r)
 }
+
+/// The subject of the request/reply runs.
+const RR_SUBJECT: &str = "bench.requests";
+/// The queue group of the responders.
+const RR_QUEUE: &str = "bench-responders";
+
+/// Request/reply: `load.cells` responders in a queue group, `requesters`
+/// connections each with one request outstanding at a time
+/// (`Client::request`, which waits on the client's shared reply inbox).
+/// Reports replies per second and the request → reply latency.
+///
+/// # Errors
+/// When connecting or subscribing fails.
+pub async fn request_reply(url: &str, load: &Load, requesters: usize) -> anyhow::Result<Report> {
+    let begin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut responders = Vec::new();
+    for _ in 0..load.cells {
+        let c = connect(url).await?;
+        let mut sub = c.queue_subscribe(RR_SUBJECT, RR_QUEUE.into()).await?;
+        c.flush().await?;
+        let stop = stop.clone();
+        responders.push(tokio::spawn(async move {
+            // Wakes the loop now and then to look at the stop flag.
+            let mut wake = tokio::time::interval(Duration::from_millis(50));
+            while !stop.load(Ordering::Relaxed) {
+                tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => {
+                            if let Some(reply) = m.reply {
+                                if c.publish(reply, m.payload).await.is_err() { break; }
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = wake.tick() => {}
+                }
+            }
+        }));
+    }
+    let mut clients = Vec::new();
+    for _ in 0..requesters.max(1) {
+        clients.push(connect(url).await?);
+    }
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mark = CpuMark::now(load.server_pid);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in clients {
+        let (next, msgs, size, deadline) = (next.clone(), load.msgs, load.payload, load.deadline);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut tally = Tally::new(msgs);
+            let mut errors = 0u64;
+            let mut template = payload::template(size);
+            let mut last = Instant::now();
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= msgs || begin.elapsed() > deadline {
+                    break;
+                }
+                payload::stamp(&mut template, seq);
+                let t = Instant::now();
+                match c
+                    .request(RR_SUBJECT, Bytes::copy_from_slice(&template))
+                    .await
+                {
+                    Ok(m) => {
+                        last = Instant::now();
+                        latencies.push((last - t).as_micros() as u32);
+                        tally.record(payload::seq_of(&m.payload));
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, tally, errors, last)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut tally = Tally::new(load.msgs);
+    let mut errors = 0;
+    let mut last = t0;
+    for t in tasks {
+        let (l, ta, e, la) = t.await?;
+        latencies.extend(l);
+        tally.merge(&ta);
+        errors += e;
+        last = last.max(la);
+    }
+    let cpu = mark.since();
+    stop.store(true, Ordering::Relaxed);
+    for r in responders {
+        r.await?;
+    }
+    let sent = next.load(Ordering::Relaxed).min(load.msgs);
+    let mut r = Report::new("nats", "request_reply");
+    r.payload = load.payload;
+    r.cells = load.cells;
+    r.requesters = Some(requesters.max(1));
+    r.msgs = sent;
+    r.delivered = latencies.len() as u64;
+    r.secs = (last - t0).as_secs_f64();
+    r.msgs_per_sec = if r.secs > 0.0 {
+        r.delivered as f64 / r.secs
+    } else {
+        0.0
+    };
+    r.lost = sent.saturating_sub(r.delivered);
+    r.dup = tally.lost_dup(1).1;
+    r.cpu(cpu);
+    r.latencies(latencies);
+    if errors > 0 {
+        r.note = Some(format!("{errors} failed requests"));
+    }
+    Ok(r)
+}

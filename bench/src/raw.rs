@@ -435,3 +435,193 @@ pub fn memory(
     });
     Ok(r)
 }
+
+/// The channel of the request/reply runs.
+pub const RR_CHANNEL: &str = "bench::requests";
+/// The service of the requesters.
+pub const REQUESTER_SERVICE: &str = "bench-requesters";
+
+/// A responder cell: listens anycatch to [`RR_CHANNEL`] and answers every
+/// RQST with an RPLY carrying the request's binary payload back.
+fn respond(command: &str, ready: &Barrier, stop: &AtomicBool) -> anyhow::Result<u64> {
+    let ctx = zmq::Context::new();
+    let setup = (|| -> anyhow::Result<Joined> {
+        let j = join(&ctx, command, CELL_SERVICE)?;
+        send_cmd(
+            &j.dealer,
+            Verb::LSTN,
+            &format!(r#"{{"pattern":"{RR_CHANNEL}","mode":"any"}}"#),
+        )?;
+        expect(&j.dealer, Verb::OKAY)?;
+        Ok(j)
+    })();
+    ready.wait();
+    let j = setup?;
+    let mut reply = Vec::with_capacity(64);
+    let mut answered = 0;
+    let mut last_sent = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if j.dealer.poll(zmq::POLLIN, 50)? > 0 {
+            for _ in 0..1024 {
+                let parts = match j.dealer.recv_multipart(zmq::DONTWAIT) {
+                    Ok(parts) => parts,
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(e) => return Err(e.into()),
+                };
+                let Some(Ok(f)) = parts.first().map(|p| frame::decode(p)) else {
+                    continue;
+                };
+                let Some(id) = (f.verb == Verb::RQST)
+                    .then(|| delivery_id(f.body))
+                    .flatten()
+                else {
+                    continue;
+                };
+                reply.clear();
+                reply.extend_from_slice(br#"J RPLY {"id":""#);
+                reply.extend_from_slice(id);
+                reply.extend_from_slice(br#""}"#);
+                match parts.get(1) {
+                    Some(b) => {
+                        j.dealer.send(&reply[..], zmq::SNDMORE)?;
+                        j.dealer.send(&b[..], 0)?;
+                    }
+                    None => j.dealer.send(&reply[..], 0)?,
+                }
+                answered += 1;
+                last_sent = Instant::now();
+            }
+        }
+        if last_sent.elapsed() >= PING_EVERY {
+            send_cmd(&j.dealer, Verb::PING, "{}")?;
+            last_sent = Instant::now();
+        }
+    }
+    let _ = send_cmd(&j.dealer, Verb::GBYE, "{}");
+    Ok(answered)
+}
+
+/// Request/reply: `load.cells` responder cells, `requesters` requester
+/// connections each with one request outstanding at a time (one thread
+/// polls them all, as async tasks on one runtime would). Reports replies
+/// per second and the request → reply latency.
+///
+/// # Errors
+/// When a cell cannot join or listen, or a socket fails.
+pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::Result<Report> {
+    let begin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(load.cells + 1));
+    let mut responders = Vec::new();
+    for _ in 0..load.cells {
+        let (command, ready, stop) = (command.to_owned(), ready.clone(), stop.clone());
+        responders.push(std::thread::spawn(move || respond(&command, &ready, &stop)));
+    }
+    ready.wait();
+
+    let ctx = zmq::Context::new();
+    let socks = (0..requesters.max(1))
+        .map(|_| join(&ctx, command, REQUESTER_SERVICE))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let head = frame::encode(
+        Verb::RQST,
+        format!(r#"{{"channel":"{RR_CHANNEL}"}}"#).as_bytes(),
+    );
+    let mut p = payload::template(load.payload);
+    let mut sent_at: Vec<Option<Instant>> = vec![None; socks.len()];
+    let mut next_seq = 0u64;
+    let mut tally = Tally::new(load.msgs);
+    let mut latencies = Vec::with_capacity(load.msgs as usize);
+    let mut errors = 0u64;
+    let mut send = |i: usize, sent_at: &mut [Option<Instant>]| -> anyhow::Result<()> {
+        if next_seq >= load.msgs || begin.elapsed() > load.deadline {
+            return Ok(());
+        }
+        payload::stamp(&mut p, next_seq);
+        socks[i].dealer.send(&head[..], zmq::SNDMORE)?;
+        socks[i].dealer.send(&p[..], 0)?;
+        sent_at[i] = Some(Instant::now());
+        next_seq += 1;
+        Ok(())
+    };
+    let mark = CpuMark::now(load.server_pid);
+    let t0 = Instant::now();
+    for i in 0..socks.len() {
+        send(i, &mut sent_at)?;
+    }
+    let mut last_reply = t0;
+    while sent_at.iter().any(Option::is_some)
+        && begin.elapsed() < load.deadline
+        && last_reply.elapsed() < load.idle
+    {
+        let readable: Vec<usize> = {
+            let mut items: Vec<_> = socks
+                .iter()
+                .map(|j| j.dealer.as_poll_item(zmq::POLLIN))
+                .collect();
+            zmq::poll(&mut items, 50)?;
+            items
+                .iter()
+                .enumerate()
+                .filter(|(_, it)| it.is_readable())
+                .map(|(i, _)| i)
+                .collect()
+        };
+        for i in readable {
+            while let Ok(parts) = socks[i].dealer.recv_multipart(zmq::DONTWAIT) {
+                let Some(Ok(f)) = parts.first().map(|p| frame::decode(p)) else {
+                    continue;
+                };
+                match f.verb {
+                    Verb::RPLY => {
+                        let now = Instant::now();
+                        if let Some(t) = sent_at[i].take() {
+                            latencies.push((now - t).as_micros() as u32);
+                        }
+                        tally.record(parts.get(1).and_then(|b| payload::seq_of(b)));
+                        last_reply = now;
+                        send(i, &mut sent_at)?;
+                    }
+                    Verb::ERRR => {
+                        if errors == 0 {
+                            eprintln!("requester got ERRR {}", String::from_utf8_lossy(f.body));
+                        }
+                        errors += 1;
+                        sent_at[i] = None;
+                        send(i, &mut sent_at)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let cpu = mark.since();
+    stop.store(true, Ordering::Relaxed);
+    for r in responders {
+        r.join()
+            .map_err(|_| anyhow::anyhow!("responder panicked"))??;
+    }
+    for s in &socks {
+        let _ = send_cmd(&s.dealer, Verb::GBYE, "{}");
+    }
+    let mut r = Report::new("thynapse-raw", "request_reply");
+    r.payload = load.payload;
+    r.cells = load.cells;
+    r.requesters = Some(socks.len());
+    r.msgs = next_seq;
+    r.delivered = latencies.len() as u64;
+    r.secs = (last_reply - t0).as_secs_f64();
+    r.msgs_per_sec = if r.secs > 0.0 {
+        r.delivered as f64 / r.secs
+    } else {
+        0.0
+    };
+    r.lost = next_seq.saturating_sub(r.delivered);
+    r.dup = tally.lost_dup(1).1;
+    r.cpu(cpu);
+    r.latencies(latencies);
+    if errors > 0 {
+        r.note = Some(format!("{errors} ERRR answers"));
+    }
+    Ok(r)
+}

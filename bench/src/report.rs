@@ -39,6 +39,15 @@ pub struct Report {
     /// CPU seconds the load generator (publisher and cells) used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_cpu_secs: Option<f64>,
+    /// Concurrent requesters (request/reply).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requesters: Option<usize>,
+    /// Median request → reply time, in microseconds (request/reply).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<f64>,
+    /// 99th percentile request → reply time, in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<f64>,
     /// Resident size of the server before the cells connected (memory).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_idle_kib: Option<u64>,
@@ -82,6 +91,17 @@ impl Report {
     pub fn cpu(&mut self, (server, own): (Option<f64>, f64)) {
         self.server_cpu_secs = server;
         self.client_cpu_secs = Some(own);
+    }
+
+    /// Fills the latency percentiles from samples in microseconds.
+    pub fn latencies(&mut self, mut us: Vec<u32>) {
+        if us.is_empty() {
+            return;
+        }
+        us.sort_unstable();
+        let at = |q: f64| f64::from(us[((us.len() - 1) as f64 * q).round() as usize]);
+        self.p50_us = Some(at(0.50));
+        self.p99_us = Some(at(0.99));
     }
 
     /// The report as one JSON line (no trailing newline).
