@@ -423,7 +423,7 @@ impl Router {
             (verb, _) if !is_cell_verb(verb) => Err(Failure::new(
                 ErrorCode::UnknownVerb,
                 format!(
-                    "unknown verb {verb}; cells send HELO LSTN UNLS EVNT ACKN NACK PING PONG GBYE"
+                    "unknown verb {verb}; cells send HELO LSTN UNLS EVNT ACKN NACK RQST RPLY META SEND DISC PING PONG GBYE"
                 ),
                 reference(f.body),
             )),
@@ -483,7 +483,7 @@ impl Router {
             ));
         }
         let mut metadata = h.metadata;
-        check_metadata(&metadata)
+        check_metadata(&metadata, false)
             .map_err(|m| Failure::new(ErrorCode::BadMetadata, m, re.clone()))?;
         let address = self.addresses.remove(peer);
         self.add_reserved(&mut metadata, address);
@@ -901,6 +901,8 @@ impl Router {
             channel: std::borrow::Cow<'a, str>,
         }
         let c: Channel<'_> = parse(body)?;
+        pattern::validate_channel(&c.channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), None))?;
         out.push(Output::Publish {
             frame: frame::encode_event(&c.channel, body),
             binary: binary.map(|b| Arc::new(b.to_vec())),
@@ -1044,7 +1046,7 @@ impl Router {
             .iter()
             .find(|sr| sr.service == f.service)
             .map(|sr| {
-                let eligible: Vec<&Target> = sr
+                let mut eligible: Vec<&Target> = sr
                     .cells
                     .iter()
                     .filter(|t| {
@@ -1053,6 +1055,10 @@ impl Router {
                             .is_none_or(|q| q.matches(self.metadata_of(&t.cell).unwrap_or(&empty)))
                     })
                     .collect();
+                // An optional query falls back to any cell, as on first delivery.
+                if eligible.is_empty() && query.as_ref().is_some_and(|q| q.optional) {
+                    eligible = sr.cells.iter().collect();
+                }
                 let others: Vec<_> = eligible
                     .iter()
                     .copied()
@@ -1409,23 +1415,36 @@ impl Router {
         out: &mut Vec<Output>,
     ) -> Handled {
         let m: MetaUpdate = parse(body)?;
-        check_metadata(&m.metadata)
+        // Merging, a null removes the key; replacing, there is nothing to
+        // remove and null is refused like in HELO.
+        check_metadata(&m.metadata, !m.replace)
             .map_err(|e| Failure::new(ErrorCode::BadMetadata, e, m.reference.clone()))?;
-        let cell = self.cells.get_mut(id).expect("welcomed peers have a cell");
-        let reserved: Vec<(String, Value)> = RESERVED_KEYS
-            .iter()
-            .filter_map(|k| Some((k.to_string(), cell.metadata.get(*k)?.clone())))
-            .collect();
-        if m.replace {
-            cell.metadata = m.metadata;
+        let cell = self.cells.get(id).expect("welcomed peers have a cell");
+        let mut merged = if m.replace {
+            Map::new()
         } else {
-            cell.metadata.extend(m.metadata);
+            cell.metadata.clone()
+        };
+        for (k, v) in m.metadata {
+            if v.is_null() {
+                merged.remove(&k);
+            } else {
+                merged.insert(k, v);
+            }
         }
-        cell.metadata.extend(reserved);
-        let effective = Value::Object(cell.metadata.clone());
+        for k in RESERVED_KEYS {
+            match cell.metadata.get(*k) {
+                Some(v) => merged.insert((*k).to_owned(), v.clone()),
+                None => merged.remove(*k),
+            };
+        }
+        check_size(&merged)
+            .map_err(|e| Failure::new(ErrorCode::BadMetadata, e, m.reference.clone()))?;
+        let effective = Value::Object(merged.clone());
+        self.cells.get_mut(id).expect("checked above").metadata = merged;
         self.invalidate();
         self.announce(id, "updated", out);
-        let reply = serde_json::json!({"ref": m.reference, "metadata": effective});
+        let reply = with_ref(m.reference, [("metadata", effective)]);
         out.push(to_peer(peer, frame::encode_json(Verb::OKAY, &reply)));
         Ok(())
     }
@@ -1607,7 +1626,10 @@ impl Router {
                 re.clone(),
             )
         })?;
-        let reply = serde_json::json!({"ref": d.reference, "what": d.what, "result": result});
+        let reply = with_ref(
+            d.reference,
+            [("what", Value::String(d.what)), ("result", result)],
+        );
         out.push(to_peer(peer, frame::encode_json(Verb::OKAY, &reply)));
         Ok(())
     }
@@ -1820,7 +1842,32 @@ pub const MAX_METADATA_DEPTH: usize = 8;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// Checks metadata a cell sent; the error names every bad key and why.
-fn check_metadata(metadata: &Map<String, Value>) -> Result<(), String> {
+/// A reply body: `fields`, plus `ref` when the command had one.
+fn with_ref<const N: usize>(
+    reference: Option<Value>,
+    fields: [(&str, Value); N],
+) -> Map<String, Value> {
+    let mut body: Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    if let Some(r) = reference {
+        body.insert("ref".to_owned(), r);
+    }
+    body
+}
+
+/// Refuses metadata larger than [`MAX_METADATA_BYTES`] as JSON text.
+fn check_size(metadata: &Map<String, Value>) -> Result<(), String> {
+    let size = serde_json::to_string(metadata)
+        .map(|s| s.len())
+        .unwrap_or(0);
+    if size > MAX_METADATA_BYTES {
+        return Err(format!(
+            "metadata of {size} bytes exceeds {MAX_METADATA_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_metadata(metadata: &Map<String, Value>, null_removes: bool) -> Result<(), String> {
     fn depth(v: &Value) -> usize {
         match v {
             Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
@@ -1836,7 +1883,7 @@ fn check_metadata(metadata: &Map<String, Value>) -> Result<(), String> {
             Some("a key has 1 to 64 bytes")
         } else if k.chars().any(|c| c.is_whitespace() || c.is_control()) {
             Some("a key has no whitespace")
-        } else if v.is_null() {
+        } else if v.is_null() && !null_removes {
             Some("null is not a value; leave the key out")
         } else if depth(v) > MAX_METADATA_DEPTH {
             Some("nested deeper than 8 levels")
@@ -1850,15 +1897,7 @@ fn check_metadata(metadata: &Map<String, Value>) -> Result<(), String> {
     if !bad.is_empty() {
         return Err(format!("bad metadata keys: {}", bad.join(", ")));
     }
-    let size = serde_json::to_string(metadata)
-        .map(|s| s.len())
-        .unwrap_or(0);
-    if size > MAX_METADATA_BYTES {
-        return Err(format!(
-            "metadata of {size} bytes exceeds {MAX_METADATA_BYTES}"
-        ));
-    }
-    Ok(())
+    check_size(metadata)
 }
 
 /// Parses a `where`: a selector string, a JSON query, or nothing (every
@@ -2333,9 +2372,20 @@ mod tests {
         let m = &ok_body(&r)["metadata"];
         assert!(m.get("version").is_none());
         assert_eq!(m["host"], "10.1.2.3");
+        let r = h.send("c", r#"J META {"metadata":{"tier":null,"zone":"b"}}"#);
+        let m = &ok_body(&r)["metadata"];
+        assert!(
+            m.get("tier").is_none(),
+            "null removes a key when merging: {m}"
+        );
+        assert_eq!(m["zone"], "b");
+        assert!(
+            ok_body(&r).get("ref").is_none(),
+            "no ref asked, none echoed"
+        );
         let r = h.send(
             "c",
-            r#"J META {"metadata":{"host":"x","a b":1,"n":null,"ok":1},"ref":3}"#,
+            r#"J META {"metadata":{"host":"x","a b":1,"n":null,"ok":1},"ref":3,"replace":true}"#,
         );
         assert_eq!(code(&r), "bad_metadata");
         let err: Value = serde_json::from_str(&r[0].1["J ERRR ".len()..]).unwrap();
@@ -2349,8 +2399,8 @@ mod tests {
         assert_eq!(code(&h.send("d", helo)), "bad_metadata");
         assert_eq!(
             h.membership.len(),
-            3,
-            "joined, updated, updated: {:?}",
+            4,
+            "joined, then three updates: {:?}",
             h.membership
         );
         assert!(h.membership[0].starts_with("MEMB s {"));

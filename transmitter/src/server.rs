@@ -207,7 +207,11 @@ impl Transmitter {
             nodes: HashMap::new(),
             ctx: ctx.clone(),
             node_password: config.mesh_secret.clone().or(config.token.clone()),
-            mesh_needs_auth: config.mesh_secret.is_some(),
+            mesh_policy: match (config.mesh, &config.mesh_secret) {
+                (false, _) => MeshPolicy::Off,
+                (true, None) => MeshPolicy::Open,
+                (true, Some(_)) => MeshPolicy::Authenticated,
+            },
             out: Vec::with_capacity(BATCH),
             stuck: HashMap::new(),
         };
@@ -287,6 +291,17 @@ impl Drop for Transmitter {
     }
 }
 
+/// Who may send mesh verbs (MDLV, MACK, MEVT, MRPL).
+#[derive(Debug, Clone, Copy)]
+enum MeshPolicy {
+    /// Nobody: this transmitter runs alone.
+    Off,
+    /// Any connection that has not said HELO (no mesh secret is set).
+    Open,
+    /// Connections that authenticated as user `mesh` with the secret.
+    Authenticated,
+}
+
 /// What the router thread owns: the sockets and the router.
 struct Switchboard {
     router: Router,
@@ -302,8 +317,8 @@ struct Switchboard {
     ctx: zmq::Context,
     /// PLAIN password for node DEALERs (the mesh secret, else the token).
     node_password: Option<String>,
-    /// Whether mesh verbs need a peer authenticated as `mesh`.
-    mesh_needs_auth: bool,
+    /// Who may send mesh verbs.
+    mesh_policy: MeshPolicy,
     /// Outputs waiting to be sent.
     out: Vec<Output>,
     /// Cells whose queue is full, since when: past
@@ -333,9 +348,7 @@ impl Switchboard {
             for _ in 0..BATCH {
                 let now = Instant::now();
                 match inbox.recv(&self.commands) {
-                    Ok(()) => {
-                        inbox.handle(&mut self.router, self.mesh_needs_auth, now, &mut self.out)
-                    }
+                    Ok(()) => inbox.handle(&mut self.router, self.mesh_policy, now, &mut self.out),
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "command socket receive failed");
@@ -532,16 +545,20 @@ impl Inbox {
         Ok(())
     }
 
-    /// Hands the message to the router. When a mesh secret is set, only
-    /// connections that authenticated as `mesh` may send mesh verbs.
+    /// Hands the message to the router, saying whether the peer may send
+    /// mesh verbs under `mesh_policy`.
     fn handle(
         &mut self,
         router: &mut Router,
-        mesh_needs_auth: bool,
+        mesh_policy: MeshPolicy,
         now: Instant,
         out: &mut Vec<Output>,
     ) {
-        let mesh_ok = !mesh_needs_auth || self.parts[1].gets("User-Id") == Some(MESH_USER);
+        let mesh_ok = match mesh_policy {
+            MeshPolicy::Off => false,
+            MeshPolicy::Open => true,
+            MeshPolicy::Authenticated => self.parts[1].gets("User-Id") == Some(MESH_USER),
+        };
         let hello = self.parts[1].starts_with(b"J HELO") || self.parts[1].starts_with(b"HELO");
         if hello {
             // The cell's `host` metadata: where its connection comes from.
