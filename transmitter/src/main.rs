@@ -1,6 +1,10 @@
-//! `thynapse`: run a transmitter, and (later) operator commands.
+//! `thynapse`: run a transmitter, or ask one about the mesh (the operator
+//! commands of [`cli`]).
+
+mod cli;
 
 use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,7 +16,8 @@ use thynapse_transmitter::{Config, Transmitter};
 #[command(
     name = "thynapse",
     version,
-    about = "Thynapse: a decentralized message bus over ZeroMQ"
+    about = "Thynapse: a decentralized message bus over ZeroMQ",
+    after_help = cli::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run a transmitter: the daemon that cells join.
     Transmitter(TransmitterArgs),
+    #[command(flatten)]
+    Operator(cli::Command),
 }
 
 #[derive(clap::Args)]
@@ -60,7 +67,7 @@ struct TransmitterArgs {
     no_mesh: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("THYNAPSE_LOG")
@@ -70,7 +77,14 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
-        Command::Transmitter(args) => run_transmitter(args),
+        Command::Transmitter(args) => match run_transmitter(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Operator(command) => command.run(),
     }
 }
 
