@@ -99,32 +99,41 @@ async fn a_cell_killed_mid_stream_loses_nothing_for_its_service() {
     tokio::time::timeout(WATCHDOG, async {
         let t = transmitter();
         let ep = t.command_endpoint().to_owned();
-        let a1 = recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await;
-        let a2 = recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await;
         // The doomed cell takes deliveries and never acks them; then its
         // connection vanishes without a GBYE, as a killed process's would.
+        // It joins first, so the first events of the stream are all its own.
+        const HELD: u64 = 500;
         let mut doomed = RawCell::open(&ep).unwrap();
         doomed.hello("alpha").unwrap();
         doomed.listen("orders::*", "any", true).unwrap();
         let publisher = Client::connect(&ep, Options::new("shop")).await.unwrap();
+        for n in 0..HELD {
+            publisher
+                .publish("orders::created", json!({"n": n}))
+                .await
+                .unwrap();
+        }
+        let mut taken = 0;
+        while taken < HELD {
+            let m = doomed.recv(Duration::from_secs(10)).unwrap();
+            match m {
+                Some(m) if m.verb == "DLVR" => taken += 1,
+                Some(_) => {}
+                None => panic!("the doomed cell got {taken} of {HELD} deliveries"),
+            }
+        }
+        // Live cells of the service join; the stream goes on while the
+        // doomed cell dies.
+        let a1 = recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await;
+        let a2 = recording_cell(&ep, &[], "alpha", "orders::*", Mode::Any).await;
         let stream = {
             let p = publisher.clone();
             tokio::spawn(async move {
-                for n in 0..EVENTS {
+                for n in HELD..EVENTS {
                     p.publish("orders::created", json!({"n": n})).await.unwrap();
                 }
             })
         };
-        let mut taken = 0;
-        while taken < 200 {
-            if let Some(m) = doomed.recv(Duration::from_secs(10)).unwrap() {
-                if m.verb == "DLVR" {
-                    taken += 1;
-                }
-            } else {
-                panic!("the doomed cell got no deliveries");
-            }
-        }
         drop(doomed);
         stream.await.unwrap();
         until(
@@ -139,11 +148,11 @@ async fn a_cell_killed_mid_stream_loses_nothing_for_its_service() {
             "the live cells got an event twice"
         );
         let redelivered = s.values().filter(|(_, attempt)| *attempt > 1).count();
-        assert!(
-            redelivered >= 200,
-            "what the dead cell held came back: {redelivered}"
+        assert_eq!(
+            redelivered, HELD as usize,
+            "exactly what the dead cell held came back"
         );
-        assert!(t.metrics().snapshot()["redeliveries"] >= 200);
+        assert_eq!(t.metrics().snapshot()["redeliveries"], HELD);
     })
     .await
     .expect("watchdog");
