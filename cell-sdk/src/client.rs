@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 use thynapse_protocol::body::Limits;
 use thynapse_protocol::pattern::validate_channel;
 use thynapse_protocol::{Mode, Pattern, Thid};
@@ -13,11 +16,16 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::conn::{self, Start};
 use crate::consts::COMMAND_QUEUE_CAPACITY;
+use crate::discovery::Discover;
 use crate::error::{Error, ErrorKind};
-use crate::link::{Command, Control, Link, PendingConfirm};
+use crate::link::{Answer, Command, Control, Link, Sink};
+use crate::membership::MembershipStream;
 use crate::options::{ListenOptions, Options};
+use crate::request::RequestBuilder;
+use crate::serve::{Request, ServeBuilder};
 use crate::subscription::Subscription;
-use crate::wire;
+use crate::targeted::SendTo;
+use crate::wire::{self, ConfirmBody};
 
 /// The answer to a confirmed publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +226,30 @@ impl Client {
         pattern: &str,
         options: ListenOptions,
     ) -> Result<Subscription, Error> {
+        self.add_listen(pattern, options, |id, options, link| {
+            let (events_tx, events_rx) = mpsc::unbounded_channel();
+            let subscription = Subscription {
+                id,
+                pattern: pattern.to_owned(),
+                options,
+                events: events_rx,
+                link,
+            };
+            (Sink::Events(events_tx), subscription)
+        })
+        .await
+    }
+
+    /// Listens to `pattern` with deliveries going to the sink `make`
+    /// returns beside the handle; the handle is built before the `LSTN` so
+    /// that its `Drop` undoes the listen if this future is dropped or fails
+    /// half-way.
+    pub(crate) async fn add_listen<T>(
+        &self,
+        pattern: &str,
+        options: ListenOptions,
+        make: impl FnOnce(u64, ListenOptions, Arc<Link>) -> (Sink, T),
+    ) -> Result<T, Error> {
         let parsed = Pattern::parse(pattern)
             .map_err(|e| Error::new(ErrorKind::InvalidPattern, format!("{pattern:?}: {e}")))?;
         let options = match options.mode {
@@ -226,17 +258,8 @@ impl Client {
             Mode::Multi => ListenOptions::multi(),
             Mode::Any => options,
         };
-        let id = self.inner.subs.fetch_add(1, Ordering::Relaxed) + 1;
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        // Built before the request so that its Drop undoes the listen if
-        // this future is dropped or fails half-way.
-        let subscription = Subscription {
-            id,
-            pattern: pattern.to_owned(),
-            options,
-            events: events_rx,
-            link: self.inner.link.clone(),
-        };
+        let id = self.next_sub();
+        let (sink, handle) = make(id, options, self.inner.link.clone());
         let (reply, answer) = oneshot::channel();
         self.inner
             .link
@@ -244,12 +267,183 @@ impl Client {
                 sub: id,
                 pattern: parsed,
                 options,
-                events: events_tx,
+                sink,
                 reply,
             })
             .await?;
         self.wait(answer, "LSTN").await?;
-        Ok(subscription)
+        Ok(handle)
+    }
+
+    /// A fresh id for a subscription, responder or membership stream.
+    pub(crate) fn next_sub(&self) -> u64 {
+        self.inner.subs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sends a request on `channel` with a JSON `payload` (any `Serialize`
+    /// value) to one cell that serves it ([`Client::serve`], or any cell
+    /// listening anycatch to a matching pattern), and waits for its
+    /// reply. The returned builder sets a timeout (default 5 s), a retry
+    /// policy, the responders' service and a metadata query; `.await` it.
+    ///
+    /// ```no_run
+    /// # async fn run(client: thynapse_cell::Client) -> Result<(), thynapse_cell::Error> {
+    /// use std::time::Duration;
+    /// let reply = client
+    ///     .request("calc::add", serde_json::json!({"a": 1, "b": 2}))
+    ///     .timeout(Duration::from_secs(1))
+    ///     .matching("version>=2.0.0")
+    ///     .await?;
+    /// let sum: serde_json::Value = reply.payload().expect("JSON");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`RequestBuilder::send`].
+    pub fn request(&self, channel: &str, payload: impl Serialize) -> RequestBuilder {
+        RequestBuilder::new(self.clone(), channel, to_json(&payload).map(Body::Json))
+    }
+
+    /// Sends a request whose payload is raw bytes (a binary frame).
+    /// As [`Client::request`].
+    pub fn request_bytes(&self, channel: &str, bytes: impl Into<Vec<u8>>) -> RequestBuilder {
+        RequestBuilder::new(self.clone(), channel, Ok(Body::Binary(bytes.into())))
+    }
+
+    /// A typed request: sends `request` as JSON and reads the reply into
+    /// `Resp`, with the default timeout.
+    ///
+    /// # Errors
+    /// As [`RequestBuilder::send`], plus [`ErrorKind::Deserialize`] when
+    /// the reply does not fit `Resp`.
+    pub async fn request_json<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        channel: &str,
+        request: &Req,
+    ) -> Result<Resp, Error> {
+        let reply = self.request(channel, request).await?;
+        reply
+            .payload()
+            .map_err(|e| Error::deserialize(&format!("the reply to {channel}"), e))
+    }
+
+    /// Answers the requests sent on channels matching `pattern` by calling
+    /// `handler` for each, at most [`DEFAULT_SERVE_CONCURRENCY`](crate::consts::DEFAULT_SERVE_CONCURRENCY)
+    /// at once (set with [`ServeBuilder::concurrency`]). The handler's
+    /// `Ok` value is the reply's payload (serialized as JSON); its `Err`
+    /// goes back as the reply's error, which the requester sees as
+    /// [`ErrorKind::Rejected`] with that message. `.await` the builder to
+    /// start serving; the [`Responder`](crate::Responder) it returns stops
+    /// serving when stopped or dropped.
+    ///
+    /// ```no_run
+    /// # async fn run(client: thynapse_cell::Client) -> Result<(), thynapse_cell::Error> {
+    /// let responder = client
+    ///     .serve("calc::add", |request: thynapse_cell::Request| async move {
+    ///         let [a, b]: [i64; 2] = request.payload().map_err(|e| e.to_string())?;
+    ///         a.checked_add(b).ok_or_else(|| "overflow".to_owned())
+    ///     })
+    ///     .concurrency(10)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn serve<F, Fut, T, E>(&self, pattern: &str, handler: F) -> ServeBuilder<F>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize + 'static,
+        E: fmt::Display + 'static,
+    {
+        ServeBuilder::new(self.clone(), pattern, handler)
+    }
+
+    /// Changes this cell's metadata: merges `metadata` into it, or with
+    /// `replace` replaces it. Returns the metadata now in effect, with the
+    /// keys only the transmitter sets (`host`, `transmitter`). Targeted
+    /// sends, requests with a query and discovery see the change at once;
+    /// the cell keeps it when it joins again (re-welcome, failover).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidMetadata`] (a reserved key, a null value, a key
+    /// too long, ...), [`ErrorKind::TimedOut`], [`ErrorKind::Disconnected`].
+    pub async fn update_metadata(
+        &self,
+        metadata: Map<String, Value>,
+        replace: bool,
+    ) -> Result<Map<String, Value>, Error> {
+        #[derive(serde::Deserialize)]
+        struct Effective {
+            metadata: Map<String, Value>,
+        }
+        let reference = self.inner.link.next_ref();
+        let frames = vec![wire::metadata(&metadata, replace, reference)];
+        let body = self
+            .call(reference, frames, Some((metadata, replace)), "META")
+            .await?;
+        let effective: Effective =
+            serde_json::from_slice(&body).map_err(|e| Error::deserialize("the OKAY to META", e))?;
+        Ok(effective.metadata)
+    }
+
+    /// A send to one cell (or every cell) of `service` whose metadata
+    /// matches a query: set it up with the [`SendTo`] builder, then
+    /// `.send(payload).await`. The cells receive it as an ordinary
+    /// anycatch event, on a pattern matching the channel (default
+    /// `send::<service>`).
+    ///
+    /// ```no_run
+    /// # async fn run(client: thynapse_cell::Client) -> Result<(), thynapse_cell::Error> {
+    /// let confirm = client
+    ///     .send_to("workers")
+    ///     .matching("version>=2.0.0,region=eu")
+    ///     .send(serde_json::json!({"job": 7}))
+    ///     .await?;
+    /// assert_eq!(confirm.routed, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn send_to(&self, service: &str) -> SendTo {
+        SendTo::new(self.clone(), service)
+    }
+
+    /// Asks the transmitter about the mesh: `what` is `services`,
+    /// `instances`, `hosts`, `regions`, `versions` or `topology`. Narrow it
+    /// with [`Discover::service`] and [`Discover::matching`], then `.await`
+    /// the JSON answer.
+    pub fn discover(&self, what: &str) -> Discover {
+        Discover::new(self.clone(), what)
+    }
+
+    /// A stream of membership events (cells joining, leaving, changing
+    /// metadata) anywhere in the mesh, for services whose name starts with
+    /// `service_prefix` (every service with `None`). Returns once the
+    /// subscription is in place: every change after that is seen.
+    ///
+    /// # Errors
+    /// [`ErrorKind::TimedOut`], [`ErrorKind::Disconnected`],
+    /// [`ErrorKind::Zmq`].
+    pub async fn membership(
+        &self,
+        service_prefix: Option<&str>,
+    ) -> Result<MembershipStream, Error> {
+        let id = self.next_sub();
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Built first so that its Drop unsubscribes if this future is dropped.
+        let stream = MembershipStream::new(id, rx, self.inner.link.clone());
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .link
+            .command(Command::Membership {
+                sub: id,
+                prefix: service_prefix.unwrap_or_default().to_owned(),
+                events: tx,
+                reply,
+            })
+            .await?;
+        self.wait(answer, "MEMB subscription").await?;
+        Ok(stream)
     }
 
     /// Publishes `payload` (any `Serialize` value, sent as JSON) on
@@ -267,13 +461,7 @@ impl Client {
     /// not have been sent.
     pub async fn publish(&self, channel: &str, payload: impl Serialize) -> Result<Thid, Error> {
         let (id, frames) = self.event_frames(channel, Body::Json(to_json(&payload)?), None)?;
-        self.inner
-            .link
-            .command(Command::Send {
-                frames,
-                confirm: None,
-            })
-            .await?;
+        self.send_frames(frames).await?;
         Ok(id)
     }
 
@@ -288,13 +476,7 @@ impl Client {
         bytes: impl Into<Vec<u8>>,
     ) -> Result<Thid, Error> {
         let (id, frames) = self.event_frames(channel, Body::Binary(bytes.into()), None)?;
-        self.inner
-            .link
-            .command(Command::Send {
-                frames,
-                confirm: None,
-            })
-            .await?;
+        self.send_frames(frames).await?;
         Ok(id)
     }
 
@@ -363,19 +545,77 @@ impl Client {
     async fn confirmed(&self, channel: &str, body: Body) -> Result<Confirm, Error> {
         let reference = self.inner.link.next_ref();
         let (id, frames) = self.event_frames(channel, body, Some(reference))?;
+        let body = self.call(reference, frames, None, "EVNT confirm").await?;
+        confirm_of(&body, Some(id))
+    }
+
+    /// Sends a message that expects no answer.
+    async fn send_frames(&self, frames: Vec<Vec<u8>>) -> Result<(), Error> {
+        self.inner
+            .link
+            .command(Command::Send {
+                frames,
+                answer: None,
+            })
+            .await
+    }
+
+    /// Sends a command carrying `reference` and waits, within the request
+    /// timeout, for its `OKAY` body (or its `ERRR` as an error). `metadata`
+    /// is the update of a `META`.
+    pub(crate) async fn call(
+        &self,
+        reference: u64,
+        frames: Vec<Vec<u8>>,
+        metadata: Option<(Map<String, Value>, bool)>,
+        what: &str,
+    ) -> Result<Vec<u8>, Error> {
+        self.check_size(&frames)?;
         let (reply, answer) = oneshot::channel();
         self.inner
             .link
             .command(Command::Send {
                 frames,
-                confirm: Some(PendingConfirm {
-                    reference,
-                    id,
-                    reply,
-                }),
+                answer: Some((reference, Answer::Okay { reply, metadata })),
             })
             .await?;
-        self.wait(answer, "EVNT confirm").await
+        self.wait(answer, what).await
+    }
+
+    /// Sends one attempt of a request; its `RPLY` or `ERRR` goes to `replies`.
+    pub(crate) async fn send_request(
+        &self,
+        reference: u64,
+        frames: Vec<Vec<u8>>,
+        replies: mpsc::UnboundedSender<Result<crate::Reply, Error>>,
+    ) -> Result<(), Error> {
+        self.check_size(&frames)?;
+        self.inner
+            .link
+            .command(Command::Send {
+                frames,
+                answer: Some((reference, Answer::Reply(replies))),
+            })
+            .await
+    }
+
+    /// A fresh `ref` for a command.
+    pub(crate) fn next_ref(&self) -> u64 {
+        self.inner.link.next_ref()
+    }
+
+    /// Refuses a message larger than the transmitter's `max_frame`:
+    /// sending it would make libzmq drop the whole connection.
+    pub(crate) fn check_size(&self, frames: &[Vec<u8>]) -> Result<(), Error> {
+        let size: usize = frames.iter().map(Vec::len).sum();
+        let max = self.inner.limits.max_frame;
+        if size > max {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!("a message of {size} bytes exceeds the transmitter's limit of {max}"),
+            ));
+        }
+        Ok(())
     }
 
     /// Numbers an event, computes its THID and builds its frames.
@@ -388,24 +628,18 @@ impl Client {
         validate_channel(channel)
             .map_err(|e| Error::new(ErrorKind::InvalidChannel, format!("{channel:?}: {e}")))?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let (hashed, json) = match &body {
-            Body::Json(raw) => (raw.as_slice(), Some(raw.as_slice())),
-            Body::Binary(bytes) => (bytes.as_slice(), None),
-        };
+        let (json, binary) = body.parts();
+        let hashed = binary.unwrap_or_else(|| json.map_or(&[], |raw| raw.get().as_bytes()));
         let id = Thid::for_event(&self.inner.id, seq, channel, hashed);
-        let first = wire::publish(channel, json, &id, seq, confirm);
-        let mut frames = vec![first];
-        if let Body::Binary(bytes) = body {
-            frames.push(bytes);
-        }
-        let size: usize = frames.iter().map(Vec::len).sum();
-        let max = self.inner.limits.max_frame;
-        if size > max {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!("an event of {size} bytes exceeds the transmitter's limit of {max}"),
-            ));
-        }
+        let first = wire::publish(
+            channel,
+            json.map(|raw| raw.get().as_bytes()),
+            &id,
+            seq,
+            confirm,
+        );
+        let frames = body.frames(first);
+        self.check_size(&frames)?;
         Ok((id, frames))
     }
 
@@ -429,15 +663,50 @@ impl Client {
     }
 }
 
-/// An event's payload.
-enum Body {
-    /// Raw JSON text.
-    Json(Vec<u8>),
+/// The payload of an event, request or targeted send.
+#[derive(Debug)]
+pub(crate) enum Body {
+    /// JSON, serialized once.
+    Json(Box<RawValue>),
     /// Bytes for the binary frame.
     Binary(Vec<u8>),
 }
 
-fn to_json(payload: &impl Serialize) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(payload)
+impl Body {
+    /// The JSON payload for the command frame, and the bytes for the
+    /// binary frame.
+    pub(crate) fn parts(&self) -> (Option<&RawValue>, Option<&[u8]>) {
+        match self {
+            Body::Json(raw) => (Some(raw), None),
+            Body::Binary(bytes) => (None, Some(bytes)),
+        }
+    }
+
+    /// The message: the command frame, then the binary frame if any.
+    pub(crate) fn frames(self, command: Vec<u8>) -> Vec<Vec<u8>> {
+        match self {
+            Body::Json(_) => vec![command],
+            Body::Binary(bytes) => vec![command, bytes],
+        }
+    }
+}
+
+/// Serializes a payload once, as JSON text.
+pub(crate) fn to_json(payload: &impl Serialize) -> Result<Box<RawValue>, Error> {
+    serde_json::value::to_raw_value(payload)
         .map_err(|e| Error::new(ErrorKind::Serialize, e.to_string()).with_source(e))
+}
+
+/// The [`Confirm`] in an `OKAY` body; `ours` is the THID to use when it
+/// names none.
+pub(crate) fn confirm_of(body: &[u8], ours: Option<Thid>) -> Result<Confirm, Error> {
+    let c: ConfirmBody =
+        serde_json::from_slice(body).map_err(|e| Error::deserialize("the OKAY", e))?;
+    let id =
+        c.id.or(ours)
+            .ok_or_else(|| Error::new(ErrorKind::Deserialize, "the OKAY names no THID"))?;
+    Ok(Confirm {
+        id,
+        routed: c.routed,
+    })
 }

@@ -22,11 +22,12 @@ use crate::consts::{
     SOCKET_LINGER_MS,
 };
 use crate::error::{Error, ErrorKind};
-use crate::event::{AckGuard, Event};
-use crate::link::{Command, Control, Link, LinkReceiver, PendingConfirm};
+use crate::event::{AckGuard, Delivered, Event};
+use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink};
+use crate::membership::MembershipEvent;
 use crate::options::{ListenOptions, Options};
+use crate::serve::{Request, RequestGuard};
 use crate::wire::{self, Incoming, Published};
-use crate::Confirm;
 
 /// What the thread needs to start.
 pub(crate) struct Start {
@@ -90,11 +91,12 @@ enum Pending {
     Listen { pattern: String },
     /// An `UNLS`; the answer does not matter.
     Unlisten,
-    /// A confirmed EVNT; `frames` kept to resend after a re-welcome.
-    Confirm {
-        id: Thid,
-        reply: oneshot::Sender<Result<Confirm, Error>>,
+    /// A command a caller awaits the answer of (a confirmed `EVNT`, `META`,
+    /// `SEND`, `DISC`, `RQST`); `frames` kept to resend after a re-welcome
+    /// or a failover.
+    Call {
         frames: Vec<Vec<u8>>,
+        answer: Answer,
     },
     /// A flush's PING.
     Flush {
@@ -110,8 +112,32 @@ struct Sub {
     pattern: Pattern,
     /// Its mode and ack.
     options: ListenOptions,
+    /// Where its events, or requests, go.
+    sink: Sink,
+}
+
+impl Sub {
+    fn takes_events(&self) -> bool {
+        matches!(self.sink, Sink::Events(_))
+    }
+}
+
+/// One membership stream.
+struct MemberSub {
+    /// Services starting with this.
+    prefix: String,
     /// Where its events go.
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<MembershipEvent>,
+    /// Told once the subscription is in place (the SYNC frame came).
+    ready: Option<oneshot::Sender<Result<(), Error>>>,
+}
+
+/// What a `SYNC <token>` subscription proves to be in place.
+enum SyncFor {
+    /// The event subscription of the wire listen of this pattern.
+    Listen(String),
+    /// The subscription of this membership stream.
+    Membership(u64),
 }
 
 /// What the transmitter knows: one listen per pattern string (the
@@ -177,8 +203,10 @@ struct Conn {
     wire: HashMap<String, WireListen>,
     /// Subscriptions by id (ordered, for a stable round robin).
     subs: BTreeMap<u64, Sub>,
-    /// Outstanding `SYNC <token>` topics and their pattern.
-    syncs: HashMap<Vec<u8>, String>,
+    /// Outstanding `SYNC <token>` topics and what they are for.
+    syncs: HashMap<Vec<u8>, SyncFor>,
+    /// Membership streams by id.
+    members: BTreeMap<u64, MemberSub>,
     /// Makes SYNC tokens unique.
     sync_counter: u64,
     /// Round-robin cursor over local anycatch subscriptions.
@@ -279,6 +307,7 @@ impl Conn {
             wire: HashMap::new(),
             subs: BTreeMap::new(),
             syncs: HashMap::new(),
+            members: BTreeMap::new(),
             sync_counter: 0,
             round_robin: 0,
             acks: AckBatcher::new(ACK_BATCH_MAX_IDS, ACK_BATCH_MAX_DELAY),
@@ -542,17 +571,8 @@ impl Conn {
                 self.start_rewelcome(true);
             }
         }
-        if now >= self.last_sent + self.heartbeat * 5 / 2 {
-            // This thread was stalled long enough for the transmitter to
-            // expire us. A PING would not tell (it is answered before HELO
-            // too), so join again; if we were not expired, HELO and LSTN are
-            // idempotent.
-            warn!(
-                silent_ms = (now - self.last_sent).as_millis() as u64,
-                "silent for over 2.5 heartbeats; joining again"
-            );
-            self.start_rewelcome(false);
-        }
+        // A stall long enough for the transmitter to expire us shows in
+        // the answer to the next PING: `PONG {"welcomed":false}`.
         if now >= self.last_received + self.heartbeat * 3 {
             // Three PINGs unanswered: the transmitter is gone or stuck.
             if !self.silence_reported {
@@ -599,7 +619,7 @@ impl Conn {
         self.start_rewelcome(true);
         self.outbox.extend(held);
         for (r, p) in &self.pending {
-            if matches!(p, Pending::Confirm { .. } | Pending::Flush { .. })
+            if matches!(p, Pending::Call { .. } | Pending::Flush { .. })
                 && !self.after_welcome.contains(r)
             {
                 self.after_welcome.push(*r);
@@ -610,7 +630,7 @@ impl Conn {
     /// Forgets requests whose caller stopped waiting (timed out, dropped).
     fn sweep(&mut self) {
         self.pending.retain(|_, p| match p {
-            Pending::Confirm { reply, .. } => !reply.is_closed(),
+            Pending::Call { answer, .. } => !answer.is_closed(),
             Pending::Flush { reply } => !reply.is_closed(),
             _ => true,
         });
@@ -633,7 +653,12 @@ impl Conn {
                     self.in_flight.remove(&id);
                     nacks.push(id);
                 }
+                Control::Reply { id, frames } => {
+                    self.in_flight.remove(&id);
+                    self.send(frames);
+                }
                 Control::Unlisten { sub } => self.remove_sub(sub),
+                Control::StopMembership { sub } => self.remove_member(sub),
                 Control::Close { reply } => {
                     self.close_replies.extend(reply);
                     self.stop.get_or_insert(Stop::Closed);
@@ -653,19 +678,13 @@ impl Conn {
                 return;
             };
             match command {
-                Command::Send { frames, confirm } => {
-                    if let Some(PendingConfirm {
-                        reference,
-                        id,
-                        reply,
-                    }) = confirm
-                    {
+                Command::Send { frames, answer } => {
+                    if let Some((reference, answer)) = answer {
                         self.pending.insert(
                             reference,
-                            Pending::Confirm {
-                                id,
-                                reply,
+                            Pending::Call {
                                 frames: frames.clone(),
+                                answer,
                             },
                         );
                     }
@@ -675,9 +694,15 @@ impl Conn {
                     sub,
                     pattern,
                     options,
+                    sink,
+                    reply,
+                } => self.listen(sub, pattern, options, sink, reply),
+                Command::Membership {
+                    sub,
+                    prefix,
                     events,
                     reply,
-                } => self.listen(sub, pattern, options, events, reply),
+                } => self.add_member(sub, prefix, events, reply),
                 Command::Flush { reference, reply } => {
                     self.flush_acks();
                     self.pending.insert(reference, Pending::Flush { reply });
@@ -694,7 +719,7 @@ impl Conn {
         sub: u64,
         pattern: Pattern,
         options: ListenOptions,
-        events: mpsc::UnboundedSender<Event>,
+        sink: Sink,
         reply: oneshot::Sender<Result<(), Error>>,
     ) {
         let key = pattern.as_str().to_owned();
@@ -703,8 +728,8 @@ impl Conn {
                 let _ = reply.send(Err(Error::new(
                     ErrorKind::Conflict,
                     format!(
-                        "{key} is already listened to as {:?} (ack {}); one mode per pattern",
-                        w.options.mode, w.options.ack
+                        "{key} is already listened to as {:?} (ack {}, concurrency {:?}); one mode per pattern",
+                        w.options.mode, w.options.ack, w.options.concurrency
                     ),
                 )));
                 return;
@@ -715,7 +740,7 @@ impl Conn {
                 Sub {
                     pattern,
                     options,
-                    events,
+                    sink,
                 },
             );
             if w.active {
@@ -729,12 +754,7 @@ impl Conn {
         }
 
         let reference = self.link.next_ref();
-        self.send(vec![wire::listen(
-            &key,
-            options.mode,
-            options.ack,
-            reference,
-        )]);
+        self.send(vec![wire::listen(&key, &options, reference)]);
         self.pending.insert(
             reference,
             Pending::Listen {
@@ -747,8 +767,7 @@ impl Conn {
             // a SUB's subscriptions reach the publisher in order, so seeing
             // the SYNC frame proves the event subscription is in place.
             let prefix = wire::event_prefix(pattern.literal_prefix());
-            self.sync_counter += 1;
-            let topic = wire::sync_topic(&format!("{}-{}.", self.id, self.sync_counter));
+            let topic = self.next_sync_topic();
             let subscribed = self
                 .sub
                 .set_subscribe(&prefix)
@@ -761,7 +780,8 @@ impl Conn {
                 self.pending.insert(r, Pending::Unlisten);
                 return;
             }
-            self.syncs.insert(topic.clone(), key.clone());
+            self.syncs
+                .insert(topic.clone(), SyncFor::Listen(key.clone()));
             sync_topic = Some(topic);
         }
         self.wire.insert(
@@ -781,9 +801,66 @@ impl Conn {
             Sub {
                 pattern,
                 options,
-                events,
+                sink,
             },
         );
+    }
+
+    /// A fresh `SYNC <token>` topic: unique, and no prefix of another
+    /// (the trailing `.` ends every token).
+    fn next_sync_topic(&mut self) -> Vec<u8> {
+        self.sync_counter += 1;
+        wire::sync_topic(&format!("{}-{}.", self.id, self.sync_counter))
+    }
+
+    /// Subscribes a membership stream: `MEMB <prefix>`, then a SYNC topic
+    /// whose answer proves the subscription in place.
+    fn add_member(
+        &mut self,
+        sub: u64,
+        prefix: String,
+        events: mpsc::UnboundedSender<MembershipEvent>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
+        let topic = self.next_sync_topic();
+        let subscribed = self
+            .sub
+            .set_subscribe(&wire::membership_prefix(&prefix))
+            .and_then(|()| self.sub.set_subscribe(&topic));
+        if let Err(e) = subscribed {
+            let _ = self.sub.set_unsubscribe(&wire::membership_prefix(&prefix));
+            let _ = reply.send(Err(Error::zmq("subscribe", e)));
+            return;
+        }
+        self.syncs.insert(topic, SyncFor::Membership(sub));
+        self.members.insert(
+            sub,
+            MemberSub {
+                prefix,
+                events,
+                ready: Some(reply),
+            },
+        );
+    }
+
+    /// A membership stream is gone: unsubscribe its topic (libzmq counts
+    /// subscriptions, so other streams of the same prefix keep theirs).
+    fn remove_member(&mut self, sub: u64) {
+        if let Some(m) = self.members.remove(&sub) {
+            let _ = self
+                .sub
+                .set_unsubscribe(&wire::membership_prefix(&m.prefix));
+            let stale: Vec<Vec<u8>> = self
+                .syncs
+                .iter()
+                .filter(|(_, f)| matches!(f, SyncFor::Membership(s) if *s == sub))
+                .map(|(t, _)| t.clone())
+                .collect();
+            for topic in stale {
+                let _ = self.sub.set_unsubscribe(&topic);
+                self.syncs.remove(&topic);
+            }
+        }
     }
 
     /// Completes a wire listen whose LSTN was answered and SYNC seen.
@@ -864,7 +941,7 @@ impl Conn {
             let Some(w) = self.wire.get_mut(&key) else {
                 continue;
             };
-            let frame = wire::listen(&key, w.options.mode, w.options.ack, reference);
+            let frame = wire::listen(&key, &w.options, reference);
             if !w.active {
                 w.lstn_ref = Some(reference);
             }
@@ -894,37 +971,70 @@ impl Conn {
     fn on_command(&mut self, message: Incoming) {
         match message {
             Incoming::Deliver { delivery, binary } => self.on_delivery(delivery, binary),
-            Incoming::Okay {
-                reference,
-                id,
-                routed,
-            } => match reference.and_then(|r| self.pending.remove(&r).map(|p| (r, p))) {
-                Some((r, Pending::Listen { pattern })) => {
-                    if let Some(w) = self.wire.get_mut(&pattern) {
-                        if w.lstn_ref == Some(r) {
-                            w.lstn_ref = None;
-                            self.maybe_complete(&pattern);
+            Incoming::Request { delivery, binary } => self.on_request(delivery, binary),
+            Incoming::Reply { reference, reply } => {
+                match reference.and_then(|r| self.pending.remove(&r)) {
+                    Some(Pending::Call {
+                        answer: Answer::Reply(tx),
+                        ..
+                    }) => {
+                        let _ = tx.send(reply);
+                    }
+                    Some(other) => {
+                        debug!("RPLY for a command that is not a request");
+                        if let Some(r) = reference {
+                            self.pending.insert(r, other);
                         }
                     }
+                    None => trace!(?reference, "RPLY for nothing pending"),
                 }
-                Some((
-                    _,
-                    Pending::Confirm {
-                        id: ours, reply, ..
+            }
+            Incoming::Okay { reference, body } => {
+                match reference.and_then(|r| self.pending.remove(&r).map(|p| (r, p))) {
+                    Some((r, Pending::Listen { pattern })) => {
+                        if let Some(w) = self.wire.get_mut(&pattern) {
+                            if w.lstn_ref == Some(r) {
+                                w.lstn_ref = None;
+                                self.maybe_complete(&pattern);
+                            }
+                        }
+                    }
+                    Some((_, Pending::Call { answer, .. })) => match answer {
+                        Answer::Okay { reply, metadata } => {
+                            if let Some((update, replace)) = metadata {
+                                // Join again later with what the transmitter now has.
+                                if replace {
+                                    self.metadata = update;
+                                } else {
+                                    self.metadata.extend(update);
+                                }
+                            }
+                            let _ = reply.send(Ok(body));
+                        }
+                        Answer::Reply(tx) => {
+                            let _ = tx.send(Err(Error::new(
+                                ErrorKind::Rejected,
+                                "the transmitter answered a request with OKAY",
+                            )));
+                        }
                     },
-                )) => {
-                    let _ = reply.send(Ok(Confirm {
-                        id: id.unwrap_or(ours),
-                        routed,
-                    }));
+                    Some((_, Pending::Flush { reply })) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Some((_, Pending::Unlisten | Pending::Hello)) => {}
+                    None => trace!(?reference, "OKAY for nothing pending"),
                 }
-                Some((_, Pending::Flush { reply })) => {
-                    let _ = reply.send(Ok(()));
+            }
+            Incoming::Pong {
+                reference,
+                welcomed,
+            } => {
+                if welcomed == Some(false) && self.rewelcome.is_none() {
+                    // Expired (a stall, a lost connection) or the
+                    // transmitter restarted: join again.
+                    info!("the transmitter no longer knows this cell; joining again");
+                    self.start_rewelcome(false);
                 }
-                Some((_, Pending::Unlisten | Pending::Hello)) => {}
-                None => trace!(?reference, "OKAY for nothing pending"),
-            },
-            Incoming::Pong { reference } => {
                 if let Some(Pending::Flush { reply }) =
                     reference.and_then(|r| self.pending.remove(&r))
                 {
@@ -944,7 +1054,7 @@ impl Conn {
                 self.relisten_all();
                 for r in std::mem::take(&mut self.after_welcome) {
                     match self.pending.get(&r) {
-                        Some(Pending::Confirm { frames, .. }) => {
+                        Some(Pending::Call { frames, .. }) => {
                             let frames = frames.clone();
                             self.send(frames);
                         }
@@ -982,7 +1092,7 @@ impl Conn {
             self.start_rewelcome(false);
             if let Some(r) = reference {
                 match self.pending.get(&r) {
-                    Some(Pending::Confirm { .. } | Pending::Flush { .. }) => {
+                    Some(Pending::Call { .. } | Pending::Flush { .. }) => {
                         self.after_welcome.push(r)
                     }
                     // relisten_all sends a fresh LSTN.
@@ -1012,8 +1122,8 @@ impl Conn {
                     warn!(pattern, code, message, "re-listen refused");
                 }
             }
-            Some((_, Pending::Confirm { reply, .. })) => {
-                let _ = reply.send(Err(Error::from_reply(code, message)));
+            Some((_, Pending::Call { answer, .. })) => {
+                answer.fail(Error::from_reply(code, message));
             }
             Some((_, Pending::Flush { reply })) => {
                 let _ = reply.send(Err(Error::from_reply(code, message)));
@@ -1061,46 +1171,100 @@ impl Conn {
             trace!(%id, "duplicate delivery of an event in flight");
             return;
         }
-        let matching = |s: &&Sub| s.options.mode == Mode::Any && s.pattern.matches(&d.channel);
+        let Some((key, needs_ack)) = self.pick(&d.channel, true) else {
+            if self.pick(&d.channel, false).is_some() {
+                // Only a responder listens: it answers requests, not
+                // events. Acked, so that it does not come back here.
+                warn!(%id, channel = %d.channel, "an event on a pattern served for requests only; dropped");
+                if self.acks.push(id, Instant::now()) {
+                    self.flush_acks();
+                }
+            } else {
+                debug!(%id, channel = %d.channel, "delivery matches no subscription; NACK");
+                self.send(vec![wire::ack_batch(Verb::NACK, &[id])]);
+            }
+            return;
+        };
+        let guard = needs_ack.then(|| {
+            self.in_flight.insert(id);
+            AckGuard::new(id, self.link.clone())
+        });
+        let event = Event {
+            delivered: Delivered::new(d, binary),
+            mode: Mode::Any,
+            guard,
+        };
+        if let Some(Sub {
+            sink: Sink::Events(events),
+            ..
+        }) = self.subs.get(&key)
+        {
+            // A closed receiver returns the event, whose guard then NACKs.
+            let _ = events.send(event);
+        }
+    }
+
+    /// Round robin among this client's anycatch subscriptions matching
+    /// `channel` that take events (or requests): the one to hand a
+    /// delivery to, and whether any of them acks.
+    fn pick(&mut self, channel: &str, events: bool) -> Option<(u64, bool)> {
+        let matching = |s: &&Sub| {
+            s.options.mode == Mode::Any && s.takes_events() == events && s.pattern.matches(channel)
+        };
         let (count, needs_ack) = self
             .subs
             .values()
             .filter(matching)
             .fold((0, false), |(n, ack), s| (n + 1, ack || s.options.ack));
         if count == 0 {
-            debug!(%id, channel = %d.channel, "delivery matches no subscription; NACK");
-            self.send(vec![wire::ack_batch(Verb::NACK, &[id])]);
-            return;
+            return None;
         }
-        // Round robin among this client's matching anycatch subscriptions.
         let nth = self.round_robin % count;
-        let Some(key) = self
-            .subs
+        self.round_robin = self.round_robin.wrapping_add(1);
+        self.subs
             .iter()
             .filter(|(_, s)| matching(s))
             .nth(nth)
-            .map(|(k, _)| *k)
-        else {
+            .map(|(k, _)| (*k, needs_ack))
+    }
+
+    /// A request for this cell to answer (`RQST`): to one of the client's
+    /// responders of a matching pattern, never to an event subscription.
+    fn on_request(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+        let id = d.id;
+        if self.in_flight.contains(&id) {
+            // Redelivered to us while a handler is still on it: its reply
+            // answers both.
+            trace!(%id, "duplicate request in flight");
+            return;
+        }
+        let Some((key, _)) = self.pick(&d.channel, false) else {
+            if self.pick(&d.channel, true).is_some() {
+                // Event subscriptions do not answer requests: say so
+                // rather than leave the requester waiting.
+                let message = format!(
+                    "cell {} listens to {} for events and serves no requests there",
+                    self.id, d.channel
+                );
+                self.send(vec![wire::reply_error(id, &message)]);
+            } else {
+                debug!(%id, channel = %d.channel, "request matches no responder; NACK");
+                self.send(vec![wire::ack_batch(Verb::NACK, &[id])]);
+            }
             return;
         };
-        self.round_robin = self.round_robin.wrapping_add(1);
-        let guard = needs_ack.then(|| {
-            self.in_flight.insert(id);
-            AckGuard::new(id, self.link.clone())
-        });
-        let event = Event {
-            id,
-            channel: d.channel,
-            payload: d.payload,
-            binary,
-            from: d.from,
-            attempt: d.attempt.unwrap_or(1),
-            mode: Mode::Any,
-            guard,
+        self.in_flight.insert(id);
+        let request = Request {
+            delivered: Delivered::new(d, binary),
+            guard: Some(RequestGuard::new(id, self.link.clone())),
         };
-        if let Some(s) = self.subs.get(&key) {
-            // A closed receiver returns the event, whose guard then NACKs.
-            let _ = s.events.send(event);
+        if let Some(Sub {
+            sink: Sink::Requests(requests),
+            ..
+        }) = self.subs.get(&key)
+        {
+            // A closed receiver returns the request, whose guard NACKs it.
+            let _ = requests.send(request);
         }
     }
 
@@ -1118,13 +1282,31 @@ impl Conn {
             };
             match wire::decode_published(frames) {
                 Ok(Published::Event { delivery, binary }) => self.on_published(delivery, binary),
-                Ok(Published::Sync(topic)) => {
-                    if let Some(key) = self.syncs.remove(&topic) {
+                Ok(Published::Sync(topic)) => match self.syncs.remove(&topic) {
+                    Some(SyncFor::Listen(key)) => {
                         let _ = self.sub.set_unsubscribe(&topic);
                         if let Some(w) = self.wire.get_mut(&key) {
                             w.sync_topic = None;
                         }
                         self.maybe_complete(&key);
+                    }
+                    Some(SyncFor::Membership(sub)) => {
+                        let _ = self.sub.set_unsubscribe(&topic);
+                        let ready = self.members.get_mut(&sub).and_then(|m| m.ready.take());
+                        if let Some(ready) = ready {
+                            if ready.send(Ok(())).is_err() {
+                                self.remove_member(sub);
+                            }
+                        }
+                    }
+                    None => {}
+                },
+                Ok(Published::Membership(event)) => {
+                    // The SUB prefix may let in other streams' services.
+                    for m in self.members.values() {
+                        if m.ready.is_none() && event.service.starts_with(&m.prefix) {
+                            let _ = m.events.send(event.clone());
+                        }
                     }
                 }
                 Err(e) => debug!(error = %e, "unreadable event-socket frame"),
@@ -1134,12 +1316,8 @@ impl Conn {
 
     fn on_published(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
         let event = Event {
-            id: d.id,
-            channel: d.channel,
-            payload: d.payload,
-            binary,
-            from: d.from,
-            attempt: 1,
+            // Event-socket bodies carry no `attempt`: it reads as 1.
+            delivered: Delivered::new(d, binary),
             mode: Mode::Multi,
             guard: None,
         };
@@ -1147,13 +1325,17 @@ impl Conn {
         let mut targets = self
             .subs
             .values()
-            .filter(|s| s.options.mode == Mode::Multi && s.pattern.matches(&event.channel))
+            .filter(|s| s.options.mode == Mode::Multi && s.pattern.matches(event.channel()))
+            .filter_map(|s| match &s.sink {
+                Sink::Events(events) => Some(events),
+                Sink::Requests(_) => None,
+            })
             .peekable();
-        while let Some(s) = targets.next() {
+        while let Some(events) = targets.next() {
             if targets.peek().is_some() {
-                let _ = s.events.send(event.clone_unacked());
+                let _ = events.send(event.clone_unacked());
             } else {
-                let _ = s.events.send(event);
+                let _ = events.send(event);
                 break;
             }
         }
@@ -1246,9 +1428,7 @@ impl Conn {
         let gone = || Error::new(ErrorKind::Disconnected, why.clone());
         for (_, p) in self.pending.drain() {
             match p {
-                Pending::Confirm { reply, .. } => {
-                    let _ = reply.send(Err(gone()));
-                }
+                Pending::Call { answer, .. } => answer.fail(gone()),
                 Pending::Flush { reply } => {
                     let _ = reply.send(Err(gone()));
                 }
@@ -1258,6 +1438,11 @@ impl Conn {
         for (_, w) in self.wire.drain() {
             for (_, reply) in w.waiters {
                 let _ = reply.send(Err(gone()));
+            }
+        }
+        for (_, m) in std::mem::take(&mut self.members) {
+            if let Some(ready) = m.ready {
+                let _ = ready.send(Err(gone()));
             }
         }
         // Ends every subscription's stream.

@@ -14,6 +14,23 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// a flush) waits for it.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long [`Client::request`](crate::Client::request) waits for a reply
+/// unless told otherwise: sent as the request's `timeout_ms`, after which
+/// the transmitter answers `ERRR timed_out`. The protocol's default too.
+pub const DEFAULT_REPLY_TIMEOUT: Duration =
+    Duration::from_millis(thynapse_protocol::limits::DEFAULT_REQUEST_TIMEOUT_MS);
+
+/// How much longer than a request's timeout the SDK waits for the
+/// transmitter's `timed_out` before it gives up on its own (a transmitter
+/// that went away answers nothing).
+pub const REPLY_TIMEOUT_GRACE: Duration = Duration::from_millis(500);
+
+/// How many handlers [`Client::serve`](crate::Client::serve) runs at once
+/// unless told otherwise; also the listen's `concurrency`, so the
+/// transmitter holds back further requests (and sends them to less busy
+/// cells) rather than queueing them in this process.
+pub const DEFAULT_SERVE_CONCURRENCY: u32 = 5;
+
 /// Receive and send high-water mark of the SDK's sockets, in messages.
 /// libzmq's default (1000) drops or blocks on ordinary bursts.
 pub const SOCKET_HWM: i32 = 100_000;

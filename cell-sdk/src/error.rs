@@ -9,16 +9,32 @@ use thynapse_protocol::ErrorCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The transmitter did not answer in time (no `WLCM` after `HELO`, no
-    /// `OKAY` after `LSTN` or a confirmed `EVNT`).
+    /// No answer in time: no `WLCM` after `HELO`, no `OKAY` after `LSTN`
+    /// or a confirmed `EVNT`, or no reply to a request before its timeout
+    /// (`ERRR timed_out`, or the SDK's own deadline a little later).
     TimedOut,
-    /// The transmitter answered `ERRR`; [`Error::code`] holds its code and
-    /// the error's message its explanation.
+    /// Refused. Either the transmitter answered `ERRR` ([`Error::code`]
+    /// holds its code, the message its explanation), or a responder's
+    /// handler answered a request with an error (no code; the message is
+    /// the handler's, as it wrote it).
     Rejected,
     /// The PLAIN handshake failed: the token is wrong or missing.
     Unauthorized,
     /// A confirmed publish reached no listener (`ERRR no_listeners`).
     NoListeners,
+    /// A request found no cell that answers requests on its channel (of
+    /// its service and matching its query, when given): `ERRR
+    /// no_responders`, sent at once rather than at the timeout.
+    NoResponders,
+    /// A targeted send found no cell of the service, listening to the
+    /// channel, whose metadata matches the query (`ERRR no_route`).
+    NoRoute,
+    /// A metadata query (`where`) does not parse (`ERRR bad_query`).
+    BadQuery,
+    /// Metadata the transmitter refuses: a reserved key (`host`,
+    /// `transmitter`), a null value, a key too long, nesting too deep, ...
+    /// (`ERRR bad_metadata`).
+    InvalidMetadata,
     /// The connection is closed: [`Client::close`](crate::Client::close)
     /// was called, every [`Client`](crate::Client) was dropped, or the
     /// transmitter said `GBYE` and there was no failover endpoint.
@@ -37,6 +53,8 @@ pub enum ErrorKind {
     TooLarge,
     /// The payload could not be serialized to JSON.
     Serialize,
+    /// A received payload does not deserialize into the type asked for.
+    Deserialize,
     /// An operating-system I/O error (starting the background thread or
     /// its doorbell).
     Io,
@@ -48,15 +66,20 @@ impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ErrorKind::TimedOut => "timed out",
-            ErrorKind::Rejected => "rejected by the transmitter",
+            ErrorKind::Rejected => "rejected",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NoListeners => "no listeners",
+            ErrorKind::NoResponders => "no responders",
+            ErrorKind::NoRoute => "no route",
+            ErrorKind::BadQuery => "bad query",
+            ErrorKind::InvalidMetadata => "invalid metadata",
             ErrorKind::Disconnected => "disconnected",
             ErrorKind::InvalidPattern => "invalid pattern",
             ErrorKind::InvalidChannel => "invalid channel",
             ErrorKind::Conflict => "conflicting listen",
             ErrorKind::TooLarge => "message too large",
             ErrorKind::Serialize => "payload does not serialize",
+            ErrorKind::Deserialize => "payload does not deserialize",
             ErrorKind::Io => "I/O error",
             ErrorKind::Zmq => "ZeroMQ error",
         })
@@ -99,11 +122,16 @@ impl Error {
         self
     }
 
-    /// An error from an `ERRR` reply: `no_listeners` and `bad_pattern` get
+    /// An error from an `ERRR` reply: the codes in the table below get
     /// their own kinds, every other code is [`ErrorKind::Rejected`].
     pub(crate) fn from_reply(code: &str, message: &str) -> Error {
         let kind = match code {
             "no_listeners" => ErrorKind::NoListeners,
+            "no_responders" => ErrorKind::NoResponders,
+            "no_route" => ErrorKind::NoRoute,
+            "timed_out" => ErrorKind::TimedOut,
+            "bad_query" => ErrorKind::BadQuery,
+            "bad_metadata" => ErrorKind::InvalidMetadata,
             "bad_pattern" => ErrorKind::InvalidPattern,
             "too_large" => ErrorKind::TooLarge,
             _ => ErrorKind::Rejected,
@@ -114,6 +142,21 @@ impl Error {
             message: format!("{code}: {message}"),
             source: None,
         }
+    }
+
+    /// A responder's handler answered a request with this error message.
+    pub(crate) fn handler(message: String) -> Error {
+        Error {
+            kind: ErrorKind::Rejected,
+            code: None,
+            message,
+            source: None,
+        }
+    }
+
+    /// A received payload does not fit the type asked for.
+    pub(crate) fn deserialize(what: &str, e: serde_json::Error) -> Error {
+        Error::new(ErrorKind::Deserialize, format!("{what}: {e}")).with_source(e)
     }
 
     /// The connection is gone.
@@ -178,10 +221,25 @@ mod tests {
         );
         let e = Error::from_reply("bad_service", "has a space");
         assert_eq!(e.kind(), ErrorKind::Rejected);
-        assert_eq!(
-            e.to_string(),
-            "rejected by the transmitter: bad_service: has a space"
-        );
+        assert_eq!(e.to_string(), "rejected: bad_service: has a space");
+        for (code, kind) in [
+            ("no_responders", ErrorKind::NoResponders),
+            ("no_route", ErrorKind::NoRoute),
+            ("timed_out", ErrorKind::TimedOut),
+            ("bad_query", ErrorKind::BadQuery),
+            ("bad_metadata", ErrorKind::InvalidMetadata),
+        ] {
+            assert_eq!(Error::from_reply(code, "x").kind(), kind, "{code}");
+        }
+    }
+
+    #[test]
+    fn handler_errors_keep_the_handlers_message_and_have_no_code() {
+        let e = Error::handler("division by zero".into());
+        assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert_eq!(e.code(), None);
+        assert_eq!(e.message(), "division by zero");
+        assert_eq!(e.to_string(), "rejected: division by zero");
     }
 
     #[test]

@@ -3,12 +3,126 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use serde_json::Value;
+use thynapse_protocol::body::Delivery;
 use thynapse_protocol::{Mode, Thid};
 
 use crate::link::{Control, Link};
+
+/// The payload accessors of a received message (an [`Event`], a
+/// [`Request`](crate::Request), a [`Reply`](crate::Reply)), given the
+/// paths of its `Option<Box<RawValue>>` payload and `Option<Vec<u8>>`
+/// binary frame: `payload_accessors!("reply", payload; binary)`.
+macro_rules! payload_accessors {
+    ($what:literal, $($payload:ident).+; $($binary:ident).+) => {
+        #[doc = concat!("The JSON payload as raw text, exactly as sent; `None` when the ", $what, " carried none (binary only, or no payload at all).")]
+        pub fn payload_raw(&self) -> Option<&str> {
+            self.$($payload).+.as_deref().map(serde_json::value::RawValue::get)
+        }
+
+        /// The JSON payload deserialized into `T`; a missing payload reads
+        /// as `null`.
+        ///
+        /// # Errors
+        /// The `serde_json` error when the payload does not fit `T`.
+        pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+            serde_json::from_str(self.payload_raw().unwrap_or("null"))
+        }
+
+        /// The JSON payload as a [`Value`](serde_json::Value)
+        /// (`Value::Null` when there is none).
+        pub fn payload_value(&self) -> serde_json::Value {
+            self.payload().unwrap_or(serde_json::Value::Null)
+        }
+
+        #[doc = concat!("The binary payload, if the ", $what, " carried bytes (a second frame).")]
+        pub fn binary(&self) -> Option<&[u8]> {
+            self.$($binary).+.as_deref()
+        }
+
+        #[doc = concat!("Takes the binary payload out of the ", $what, ".")]
+        pub fn take_binary(&mut self) -> Option<Vec<u8>> {
+            self.$($binary).+.take()
+        }
+    };
+}
+pub(crate) use payload_accessors;
+
+/// The accessors of a delivered message (an [`Event`], a
+/// [`Request`](crate::Request)) whose [`Delivered`] is its `delivered`
+/// field.
+macro_rules! delivery_accessors {
+    ($what:literal) => {
+        #[doc = concat!("The ", $what, "'s THID: the same for every redelivery of it.")]
+        pub fn id(&self) -> thynapse_protocol::Thid {
+            self.delivered.id
+        }
+
+        /// The channel it was sent on.
+        pub fn channel(&self) -> &str {
+            &self.delivered.channel
+        }
+
+        /// The THID of the cell that sent it (the wire's `from`).
+        pub fn from(&self) -> thynapse_protocol::Thid {
+            self.delivered.from
+        }
+
+        /// 1 for a first delivery, plus one per redelivery (to another
+        /// cell, after a NACK, a missed deadline or a cell gone).
+        pub fn attempt(&self) -> u32 {
+            self.delivered.attempt
+        }
+
+        $crate::event::payload_accessors!($what, delivered.payload; delivered.binary);
+    };
+}
+pub(crate) use delivery_accessors;
+
+/// What the transmitter delivered: the fields of a `DLVR`, an event-socket
+/// `EVNT` or a `RQST`, and its binary frame.
+#[derive(Clone)]
+pub(crate) struct Delivered {
+    /// Its THID: stable across redeliveries.
+    pub(crate) id: Thid,
+    /// The channel it was sent on.
+    pub(crate) channel: String,
+    /// The JSON payload as it was sent.
+    pub(crate) payload: Option<Box<RawValue>>,
+    /// The binary payload frame, if the sender sent bytes.
+    pub(crate) binary: Option<Vec<u8>>,
+    /// The sending cell.
+    pub(crate) from: Thid,
+    /// 1, plus one per redelivery.
+    pub(crate) attempt: u32,
+}
+
+impl Delivered {
+    /// From a delivery body and its binary frame (attempt 1 when absent).
+    pub(crate) fn new(d: Delivery, binary: Option<Vec<u8>>) -> Delivered {
+        Delivered {
+            id: d.id,
+            channel: d.channel,
+            payload: d.payload,
+            binary,
+            from: d.from,
+            attempt: d.attempt.unwrap_or(1),
+        }
+    }
+}
+
+impl fmt::Debug for Delivered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivered")
+            .field("id", &self.id)
+            .field("channel", &self.channel)
+            .field("payload", &self.payload.as_deref().map(RawValue::get))
+            .field("binary", &self.binary.as_ref().map(Vec::len))
+            .field("from", &self.from)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
 
 /// An event received on a [`Subscription`](crate::Subscription).
 ///
@@ -23,18 +137,8 @@ use crate::link::{Control, Link};
 /// Events of other kinds (multicatch, anycatch without acks) carry no ack;
 /// `ack` and `nack` do nothing for them.
 pub struct Event {
-    /// The event's THID: stable across redeliveries.
-    pub(crate) id: Thid,
-    /// The channel it was published on.
-    pub(crate) channel: String,
-    /// The JSON payload as it was published.
-    pub(crate) payload: Option<Box<RawValue>>,
-    /// The binary payload frame, if the publisher sent bytes.
-    pub(crate) binary: Option<Vec<u8>>,
-    /// The publishing cell.
-    pub(crate) from: Thid,
-    /// 1, plus one per redelivery.
-    pub(crate) attempt: u32,
+    /// What was delivered.
+    pub(crate) delivered: Delivered,
     /// How it reached this cell.
     pub(crate) mode: Mode,
     /// Present when the delivery awaits an ack.
@@ -42,61 +146,13 @@ pub struct Event {
 }
 
 impl Event {
-    /// The event's THID: the same for every redelivery of one event (and
-    /// for a publisher's retry of it).
-    pub fn id(&self) -> Thid {
-        self.id
-    }
-
-    /// The channel it was published on.
-    pub fn channel(&self) -> &str {
-        &self.channel
-    }
-
-    /// The THID of the cell that published it (the wire's `from`).
-    pub fn from(&self) -> Thid {
-        self.from
-    }
-
-    /// 1 for a first delivery, plus one per redelivery (anycatch); always 1
-    /// for multicatch.
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
+    // The THID is also the same for a publisher's retry of the event;
+    // `attempt` is always 1 for multicatch.
+    delivery_accessors!("event");
 
     /// anycatch or multicatch.
     pub fn mode(&self) -> Mode {
         self.mode
-    }
-
-    /// The JSON payload as raw text, exactly as published; `None` when the
-    /// event carried none (a binary event, or no payload at all).
-    pub fn payload_raw(&self) -> Option<&str> {
-        self.payload.as_deref().map(RawValue::get)
-    }
-
-    /// The JSON payload deserialized into `T`; a missing payload reads as
-    /// `null`.
-    ///
-    /// # Errors
-    /// The `serde_json` error when the payload does not fit `T`.
-    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(self.payload_raw().unwrap_or("null"))
-    }
-
-    /// The JSON payload as a [`Value`] (`Value::Null` when there is none).
-    pub fn payload_value(&self) -> Value {
-        self.payload().unwrap_or(Value::Null)
-    }
-
-    /// The binary payload, if the publisher sent bytes.
-    pub fn binary(&self) -> Option<&[u8]> {
-        self.binary.as_deref()
-    }
-
-    /// Takes the binary payload out of the event.
-    pub fn take_binary(&mut self) -> Option<Vec<u8>> {
-        self.binary.take()
     }
 
     /// Whether this delivery awaits an acknowledgement that has not been
@@ -134,12 +190,7 @@ impl Event {
     /// no ack guard).
     pub(crate) fn clone_unacked(&self) -> Event {
         Event {
-            id: self.id,
-            channel: self.channel.clone(),
-            payload: self.payload.clone(),
-            binary: self.binary.clone(),
-            from: self.from,
-            attempt: self.attempt,
+            delivered: self.delivered.clone(),
             mode: self.mode,
             guard: None,
         }
@@ -149,12 +200,7 @@ impl Event {
 impl fmt::Debug for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Event")
-            .field("id", &self.id)
-            .field("channel", &self.channel)
-            .field("payload", &self.payload_raw())
-            .field("binary", &self.binary.as_ref().map(Vec::len))
-            .field("from", &self.from)
-            .field("attempt", &self.attempt)
+            .field("delivered", &self.delivered)
             .field("mode", &self.mode)
             .field("needs_ack", &self.needs_ack())
             .finish()
@@ -212,12 +258,14 @@ mod tests {
 
     fn event(link: &Arc<Link>, id: Thid) -> Event {
         Event {
-            id,
-            channel: "a::b".into(),
-            payload: Some(RawValue::from_string(r#"{"n":1}"#.into()).unwrap()),
-            binary: None,
-            from: Thid::random(),
-            attempt: 1,
+            delivered: Delivered {
+                id,
+                channel: "a::b".into(),
+                payload: Some(RawValue::from_string(r#"{"n":1}"#.into()).unwrap()),
+                binary: None,
+                from: Thid::random(),
+                attempt: 1,
+            },
             mode: Mode::Any,
             guard: Some(AckGuard::new(id, link.clone())),
         }
@@ -275,10 +323,10 @@ mod tests {
     fn payload_accessors_read_missing_payloads_as_null() {
         let (link, _rx) = Link::new(4).unwrap();
         let mut e = event(&link, Thid::random());
-        e.payload = None;
-        e.binary = Some(vec![1, 2]);
+        e.delivered.payload = None;
+        e.delivered.binary = Some(vec![1, 2]);
         assert_eq!(e.payload_raw(), None);
-        assert_eq!(e.payload_value(), Value::Null);
+        assert_eq!(e.payload_value(), serde_json::Value::Null);
         assert_eq!(e.payload::<Option<u8>>().unwrap(), None);
         assert_eq!(e.take_binary(), Some(vec![1, 2]));
         e.nack();

@@ -26,10 +26,90 @@
 //! - **multicatch** ([`Mode::Multi`]): every listening cell gets the event,
 //!   at most once.
 //!
+//! ## Request/reply
+//! A responder serves a channel pattern with a handler
+//! ([`Client::serve`]); a requester sends a request on a channel and
+//! awaits the first reply ([`Client::request`], or [`Client::request_json`]
+//! for serde types):
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use thynapse_cell::{Client, Options, Request};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//! #[derive(Serialize, Deserialize)]
+//! struct Sum { sum: i64 }
+//!
+//! # async fn run() -> Result<(), thynapse_cell::Error> {
+//! let server = Client::connect("tcp://127.0.0.1:5454", Options::new("calc")).await?;
+//! let _responder = server
+//!     .serve("calc::add", |request: Request| async move {
+//!         let add: Add = request.payload().map_err(|e| e.to_string())?;
+//!         Ok::<_, String>(Sum { sum: add.a + add.b })
+//!     })
+//!     .concurrency(10)
+//!     .await?;
+//!
+//! let client = Client::connect("tcp://127.0.0.1:5454", Options::new("shop")).await?;
+//! let sum: Sum = client.request_json("calc::add", &Add { a: 2, b: 3 }).await?;
+//! assert_eq!(sum.sum, 5);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A request goes to one cell among those that serve a pattern matching
+//! its channel (narrowed with [`RequestBuilder::service`] and
+//! [`RequestBuilder::matching`]), in this transmitter's mesh. It fails
+//! with [`ErrorKind::NoResponders`] at once when there is none, with
+//! [`ErrorKind::TimedOut`] when no reply comes in time (default 5 s,
+//! [`RequestBuilder::timeout`]), and with [`ErrorKind::Rejected`] carrying
+//! the handler's message when the handler returned `Err`. A responder that
+//! dies or stops holding a request hands it to another responder.
+//! [`RequestBuilder::retry`] sends the request again after an interval
+//! without reply; the first reply wins. Requests and events never mix:
+//! requests reach responders only, events reach [`Subscription`]s only.
+//!
+//! ## Flow control
+//! A cell takes a bounded number of deliveries at once, and the
+//! transmitter keeps the rest:
+//! - every acked anycatch listen has a `concurrency`
+//!   ([`ListenOptions::concurrency`], default 1024 at the transmitter):
+//!   the cell holds at most that many deliveries of it unanswered (not
+//!   yet acked, nacked or replied to); further ones wait at the
+//!   transmitter, which hands each to the least busy cell of the service;
+//! - a responder's concurrency ([`ServeBuilder::concurrency`], default
+//!   [`consts::DEFAULT_SERVE_CONCURRENCY`]) is both its listen's
+//!   `concurrency` and the number of handlers it runs at once, so a slow
+//!   responder is sent fewer requests and a busy service's requests go to
+//!   its idle cells (the transmitter counts a cell's limit as the sum over
+//!   its acked anycatch listens: requests beyond the responder's own
+//!   concurrency that a cell with other listens is sent wait in the SDK);
+//! - publishing waits when the background thread cannot keep up (a
+//!   bounded command queue, [`consts::COMMAND_QUEUE_CAPACITY`]) or libzmq
+//!   pushes back.
+//!
+//! ## Metadata, targeted sends, discovery, membership
+//! A cell's metadata ([`Options::metadata`], changed with
+//! [`Client::update_metadata`]) lets senders choose among the cells of a
+//! service: [`Client::send_to`] sends to one (or every) cell whose
+//! metadata matches a query (`"version>=2.0.0,region=eu"`),
+//! [`RequestBuilder::matching`] narrows a request's responders the same
+//! way, [`Client::discover`] asks what services, instances, hosts,
+//! regions and versions the mesh holds, and [`Client::membership`]
+//! streams cells joining, leaving and changing.
+//!
 //! ## Layout
-//! - [`client`]: [`Client`], connect, listen, publish, flush, close.
+//! - [`client`]: [`Client`], connect, listen, publish, flush, close, and
+//!   the entry points of the features below.
 //! - [`subscription`]: [`Subscription`], a `Stream` of [`Event`]s.
 //! - [`event`]: [`Event`] and its ack / nack.
+//! - [`request`]: [`RequestBuilder`] and [`Reply`] (the requester's side).
+//! - [`serve`]: [`ServeBuilder`], [`Responder`], [`Request`] and the
+//!   [`Handler`] trait (the responder's side).
+//! - [`targeted`]: [`SendTo`], sends chosen by metadata.
+//! - [`discovery`]: [`Discover`], questions about the mesh.
+//! - [`membership`]: [`MembershipStream`] of [`MembershipEvent`]s.
 //! - [`options`]: [`Options`] (how to join) and [`ListenOptions`].
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 //! - [`consts`]: every default and limit of the SDK.
@@ -68,10 +148,15 @@
 
 pub mod client;
 pub mod consts;
+pub mod discovery;
 pub mod error;
 pub mod event;
+pub mod membership;
 pub mod options;
+pub mod request;
+pub mod serve;
 pub mod subscription;
+pub mod targeted;
 
 mod batch;
 mod conn;
@@ -79,8 +164,13 @@ mod link;
 mod wire;
 
 pub use client::{Client, Confirm};
+pub use discovery::Discover;
 pub use error::{Error, ErrorKind};
 pub use event::Event;
+pub use membership::{MembershipChange, MembershipEvent, MembershipStream};
 pub use options::{ListenOptions, Options};
+pub use request::{Reply, RequestBuilder};
+pub use serve::{Handler, Request, Responder, ServeBuilder};
 pub use subscription::Subscription;
+pub use targeted::SendTo;
 pub use thynapse_protocol::{Mode, Thid};

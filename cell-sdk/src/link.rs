@@ -3,10 +3,11 @@
 //! [`Event`]) and the background thread that owns the
 //! sockets, and the doorbell that wakes that thread out of `zmq_poll`.
 //!
-//! Two queues: `commands` is bounded and awaited (publish, listen, flush),
-//! so a fast publisher waits when the thread cannot keep up; `control` is
-//! unbounded and synchronous, for what `Drop` impls must send without an
-//! executor (acks, nacks, unlisten, close).
+//! Two queues: `commands` is bounded and awaited (publish, listen, flush,
+//! requests), so a fast publisher waits when the thread cannot keep up;
+//! `control` is unbounded and synchronous, for what `Drop` impls must send
+//! without an executor (acks, nacks, replies, unlisten, close). Replies go
+//! there too: there are at most as many as handlers running at once.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -14,24 +15,40 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde_json::{Map, Value};
 use thynapse_protocol::{Pattern, Thid};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::event::Event;
+use crate::membership::MembershipEvent;
 use crate::options::ListenOptions;
-use crate::Confirm;
+use crate::request::Reply;
+use crate::serve::Request;
 
 /// Synchronous messages to the background thread.
 #[derive(Debug)]
 pub(crate) enum Control {
     /// The handler is done with an anycatch delivery: queue an `ACKN`.
     Ack(Thid),
-    /// The handler refused a delivery, or it was never handed out: `NACK`.
+    /// The handler refused a delivery, or it was never handed out (an
+    /// event, or a request no handler started on): `NACK`.
     Nack(Thid),
-    /// A [`Subscription`](crate::Subscription) was dropped.
+    /// A handler answered request `id`: send its `RPLY`.
+    Reply {
+        /// The request's THID.
+        id: Thid,
+        /// The `RPLY` frames (1 or 2).
+        frames: Vec<Vec<u8>>,
+    },
+    /// A [`Subscription`](crate::Subscription) or a responder was dropped.
     Unlisten {
         /// The subscription's id.
+        sub: u64,
+    },
+    /// A [`MembershipStream`](crate::MembershipStream) was dropped.
+    StopMembership {
+        /// The stream's id.
         sub: u64,
     },
     /// Flush acks, say `GBYE` and stop; answer when the sockets are closed.
@@ -41,27 +58,85 @@ pub(crate) enum Control {
     },
 }
 
+/// Where the deliveries of a listen go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// Events (`DLVR`, event-socket `EVNT`), to a [`Subscription`](crate::Subscription).
+    Events(mpsc::UnboundedSender<Event>),
+    /// Requests (`RQST`), to a responder's loop.
+    Requests(mpsc::UnboundedSender<Request>),
+}
+
+/// Where the answer to a command goes.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// The `OKAY` body (raw JSON), or the `ERRR` as an error.
+    Okay {
+        /// The caller.
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+        /// For `META`: the update, applied on `OKAY` to the metadata the
+        /// cell says `HELO` with again after a re-welcome or failover.
+        metadata: Option<(Map<String, Value>, bool)>,
+    },
+    /// The `RPLY` (or `ERRR`) of one attempt of a request; every attempt
+    /// of one request shares the sender.
+    Reply(mpsc::UnboundedSender<Result<Reply, Error>>),
+}
+
+impl Answer {
+    /// Whether the caller stopped waiting.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Answer::Okay { reply, .. } => reply.is_closed(),
+            Answer::Reply(tx) => tx.is_closed(),
+        }
+    }
+
+    /// Tells the caller it failed.
+    pub(crate) fn fail(self, e: Error) {
+        match self {
+            Answer::Okay { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Answer::Reply(tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
 /// Asynchronous requests to the background thread.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Send a message; with `confirm`, the `OKAY`/`ERRR` for `ref` answers.
+    /// Send a message; with `answer`, the reply carrying `ref` goes there.
     Send {
         /// The message's frames (1 or 2).
         frames: Vec<Vec<u8>>,
-        /// The confirm request, if any.
-        confirm: Option<PendingConfirm>,
+        /// The `ref` the message carries, and where its answer goes.
+        answer: Option<(u64, Answer)>,
     },
-    /// Listen to a pattern and route matching events to `events`.
+    /// Listen to a pattern and route matching deliveries to `sink`.
     Listen {
         /// The new subscription's id.
         sub: u64,
         /// The pattern.
         pattern: Pattern,
-        /// Mode and ack.
+        /// Mode, ack and concurrency.
         options: ListenOptions,
-        /// Where matching events go.
-        events: mpsc::UnboundedSender<Event>,
+        /// Where matching deliveries go.
+        sink: Sink,
         /// Told once the listen is in place.
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Subscribe to membership events of services starting with `prefix`.
+    Membership {
+        /// The new stream's id.
+        sub: u64,
+        /// The service prefix ("" for every service).
+        prefix: String,
+        /// Where the events go.
+        events: mpsc::UnboundedSender<MembershipEvent>,
+        /// Told once the subscription is in place.
         reply: oneshot::Sender<Result<(), Error>>,
     },
     /// Flush acks and make a PING/PONG round trip.
@@ -71,17 +146,6 @@ pub(crate) enum Command {
         /// Told on PONG.
         reply: oneshot::Sender<Result<(), Error>>,
     },
-}
-
-/// A confirmed publish waiting for its answer.
-#[derive(Debug)]
-pub(crate) struct PendingConfirm {
-    /// The `ref` the EVNT carries.
-    pub(crate) reference: u64,
-    /// The event's THID.
-    pub(crate) id: Thid,
-    /// Told on OKAY or ERRR.
-    pub(crate) reply: oneshot::Sender<Result<Confirm, Error>>,
 }
 
 /// The sending half of the link, shared by every handle.

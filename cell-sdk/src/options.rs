@@ -171,6 +171,13 @@ pub struct ListenOptions {
     /// with redelivery) or not (at-most-once, faster). Ignored for
     /// multicatch, which is always at-most-once.
     pub ack: bool,
+    /// For anycatch with acks: how many deliveries of this listen the cell
+    /// holds unanswered at once (sent as the `LSTN`'s `concurrency`); the
+    /// transmitter keeps the others and gives them to whichever cell of
+    /// the service is least busy. `None`: the transmitter's default
+    /// (1024). The limit is the transmitter's: this SDK hands a
+    /// [`Subscription`](crate::Subscription) whatever arrives.
+    pub concurrency: Option<u32>,
 }
 
 impl ListenOptions {
@@ -179,6 +186,7 @@ impl ListenOptions {
         ListenOptions {
             mode: Mode::Any,
             ack: true,
+            concurrency: None,
         }
     }
 
@@ -187,6 +195,7 @@ impl ListenOptions {
         ListenOptions {
             mode: Mode::Any,
             ack: false,
+            concurrency: None,
         }
     }
 
@@ -195,7 +204,15 @@ impl ListenOptions {
         ListenOptions {
             mode: Mode::Multi,
             ack: false,
+            concurrency: None,
         }
+    }
+
+    /// The same, holding at most `n` deliveries unanswered at once (at
+    /// least 1); see [`ListenOptions::concurrency`](ListenOptions#structfield.concurrency).
+    pub const fn concurrency(mut self, n: u32) -> ListenOptions {
+        self.concurrency = Some(if n == 0 { 1 } else { n });
+        self
     }
 }
 
@@ -257,5 +274,7 @@ mod tests {
         assert_eq!(ListenOptions::from(Mode::Any), ListenOptions::any());
         assert!(ListenOptions::from(Mode::Any).ack);
         assert_eq!(ListenOptions::from(Mode::Multi).mode, Mode::Multi);
+        assert_eq!(ListenOptions::any().concurrency(3).concurrency, Some(3));
+        assert_eq!(ListenOptions::any().concurrency(0).concurrency, Some(1));
     }
 }

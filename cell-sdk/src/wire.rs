@@ -2,10 +2,16 @@
 //! Pure functions over bytes, on top of `thynapse_protocol`.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use thynapse_protocol::body::{Delivery, Goodbye, Welcome};
-use thynapse_protocol::frame::{self, SYNC_TOPIC};
+use thynapse_protocol::frame::{self, MEMBERSHIP_TOPIC, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
+
+use crate::error::Error;
+use crate::membership::{MembershipChange, MembershipEvent};
+use crate::options::ListenOptions;
+use crate::request::Reply;
 
 // Outgoing bodies are local structs rather than the protocol crate's
 // `body::*` literals, so that fields the protocol gains (with serde
@@ -29,6 +35,8 @@ struct ListenBody<'a> {
     mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
     ack: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency: Option<u32>,
     #[serde(rename = "ref")]
     reference: u64,
 }
@@ -54,6 +62,98 @@ struct GoodbyeBody<'a> {
     reason: &'a str,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `RQST` body (cell → transmitter).
+#[derive(Serialize)]
+pub(crate) struct RequestBody<'a> {
+    /// The channel responders listen to.
+    pub(crate) channel: &'a str,
+    /// Only cells of this service answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) service: Option<&'a str>,
+    /// Only cells whose metadata matches answer.
+    #[serde(rename = "where", skip_serializing_if = "Option::is_none")]
+    pub(crate) query: Option<&'a Value>,
+    /// The JSON payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) payload: Option<&'a RawValue>,
+    /// When the transmitter gives up (`ERRR timed_out`).
+    pub(crate) timeout_ms: u64,
+    /// Echoed in the `RPLY` or `ERRR`.
+    #[serde(rename = "ref")]
+    pub(crate) reference: u64,
+}
+
+/// `RPLY` body (responder → transmitter).
+#[derive(Serialize)]
+struct ReplyBody<'a> {
+    id: Thid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// `META` body.
+#[derive(Serialize)]
+struct MetaBody<'a> {
+    metadata: &'a Map<String, Value>,
+    #[serde(skip_serializing_if = "is_false")]
+    replace: bool,
+    #[serde(rename = "ref")]
+    reference: u64,
+}
+
+/// `SEND` body.
+#[derive(Serialize)]
+pub(crate) struct TargetedBody<'a> {
+    /// The service whose cells are candidates.
+    pub(crate) service: &'a str,
+    /// Which of them: a selector string or a JSON query.
+    #[serde(rename = "where", skip_serializing_if = "Option::is_none")]
+    pub(crate) query: Option<&'a Value>,
+    /// Every matching cell rather than one.
+    #[serde(skip_serializing_if = "is_false")]
+    pub(crate) all: bool,
+    /// The channel the cells see (default `send::<service>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) channel: Option<&'a str>,
+    /// The JSON payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) payload: Option<&'a RawValue>,
+    /// No match falls back to any cell of the service.
+    #[serde(skip_serializing_if = "is_false")]
+    pub(crate) optional: bool,
+    /// No match drops the send instead of failing it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub(crate) droppable: bool,
+    /// The same key goes to the same cell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<&'a Value>,
+    /// Echoed in the `OKAY` or `ERRR`.
+    #[serde(rename = "ref")]
+    pub(crate) reference: u64,
+}
+
+/// `DISC` body.
+#[derive(Serialize)]
+pub(crate) struct DiscoverBody<'a> {
+    /// The question.
+    pub(crate) what: &'a str,
+    /// Only cells of this service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) service: Option<&'a str>,
+    /// Only cells whose metadata matches.
+    #[serde(rename = "where", skip_serializing_if = "Option::is_none")]
+    pub(crate) query: Option<&'a Value>,
+    /// Echoed in the `OKAY` or `ERRR`.
+    #[serde(rename = "ref")]
+    pub(crate) reference: u64,
+}
+
 /// `J HELO {...}`.
 pub(crate) fn hello(
     id: Thid,
@@ -73,17 +173,70 @@ pub(crate) fn hello(
 }
 
 /// `J LSTN {...}`.
-pub(crate) fn listen(pattern: &str, mode: Mode, ack: bool, reference: u64) -> Vec<u8> {
+pub(crate) fn listen(pattern: &str, options: &ListenOptions, reference: u64) -> Vec<u8> {
+    let any = options.mode == Mode::Any;
     frame::encode_json(
         Verb::LSTN,
         &ListenBody {
             pattern,
-            mode,
-            // `ack` only means something for anycatch.
-            ack: (mode == Mode::Any).then_some(ack),
+            mode: options.mode,
+            // `ack` and `concurrency` only mean something for anycatch.
+            ack: any.then_some(options.ack),
+            concurrency: options.concurrency.filter(|_| any),
             reference,
         },
     )
+}
+
+/// `J RQST {...}`.
+pub(crate) fn request(body: &RequestBody<'_>) -> Vec<u8> {
+    frame::encode_json(Verb::RQST, body)
+}
+
+/// `J RPLY {"id":..,"payload":..}`: a handler's result.
+pub(crate) fn reply(id: Thid, payload: &RawValue) -> Vec<u8> {
+    frame::encode_json(
+        Verb::RPLY,
+        &ReplyBody {
+            id,
+            payload: Some(payload),
+            error: None,
+        },
+    )
+}
+
+/// `J RPLY {"id":..,"error":..}`: a handler's error.
+pub(crate) fn reply_error(id: Thid, message: &str) -> Vec<u8> {
+    frame::encode_json(
+        Verb::RPLY,
+        &ReplyBody {
+            id,
+            payload: None,
+            error: Some(message),
+        },
+    )
+}
+
+/// `J META {...}`.
+pub(crate) fn metadata(metadata: &Map<String, Value>, replace: bool, reference: u64) -> Vec<u8> {
+    frame::encode_json(
+        Verb::META,
+        &MetaBody {
+            metadata,
+            replace,
+            reference,
+        },
+    )
+}
+
+/// `J SEND {...}`.
+pub(crate) fn targeted(body: &TargetedBody<'_>) -> Vec<u8> {
+    frame::encode_json(Verb::SEND, body)
+}
+
+/// `J DISC {...}`.
+pub(crate) fn discover(body: &DiscoverBody<'_>) -> Vec<u8> {
+    frame::encode_json(Verb::DISC, body)
 }
 
 /// `J UNLS {...}`.
@@ -189,6 +342,13 @@ pub(crate) fn event_prefix(literal_prefix: &str) -> Vec<u8> {
     t
 }
 
+/// The topic of membership events of services starting with `prefix`.
+pub(crate) fn membership_prefix(prefix: &str) -> Vec<u8> {
+    let mut t = MEMBERSHIP_TOPIC.to_vec();
+    t.extend_from_slice(prefix.as_bytes());
+    t
+}
+
 /// The `SYNC <token>` topic.
 pub(crate) fn sync_topic(token: &str) -> Vec<u8> {
     let mut t = SYNC_TOPIC.to_vec();
@@ -201,19 +361,27 @@ pub(crate) fn sync_topic(token: &str) -> Vec<u8> {
 pub(crate) enum Incoming {
     /// `WLCM`.
     Welcome(Welcome),
-    /// `OKAY`, with the fields of a confirmed `EVNT`'s answer.
+    /// `OKAY`.
     Okay {
         /// Echo of our numeric ref.
         reference: Option<u64>,
-        /// The event THID (confirmed EVNT).
-        id: Option<Thid>,
-        /// How many routes the event took (confirmed EVNT).
-        routed: u32,
+        /// The whole JSON body, for the caller to read what it asked for.
+        body: Vec<u8>,
     },
     /// `PONG`.
     Pong {
         /// Echo of our numeric ref.
         reference: Option<u64>,
+        /// Whether the transmitter knows this connection as a welcomed
+        /// cell (absent from transmitters that do not say).
+        welcomed: Option<bool>,
+    },
+    /// `RPLY`: the answer to one of our requests.
+    Reply {
+        /// Echo of our numeric ref.
+        reference: Option<u64>,
+        /// The result, or the handler's error.
+        reply: Result<Reply, Error>,
     },
     /// `ERRR`.
     Error {
@@ -226,6 +394,13 @@ pub(crate) enum Incoming {
     },
     /// `DLVR`: an anycatch delivery.
     Deliver {
+        /// Its body.
+        delivery: Delivery,
+        /// The optional binary payload frame.
+        binary: Option<Vec<u8>>,
+    },
+    /// `RQST`: a request for this cell to answer (a `DLVR`'s body).
+    Request {
         /// Its body.
         delivery: Delivery,
         /// The optional binary payload frame.
@@ -245,14 +420,34 @@ pub(crate) enum Incoming {
     Other(Verb),
 }
 
+/// The `OKAY` answering a confirmed `EVNT` or a `SEND`.
 #[derive(Deserialize)]
-struct OkayBody {
+pub(crate) struct ConfirmBody {
+    /// The event's THID.
+    #[serde(default)]
+    pub(crate) id: Option<Thid>,
+    /// Where it went.
+    #[serde(default)]
+    pub(crate) routed: u32,
+}
+
+#[derive(Deserialize)]
+struct PongBody {
     #[serde(default, rename = "ref")]
     reference: Option<Value>,
     #[serde(default)]
-    id: Option<Thid>,
+    welcomed: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ReplyIn {
+    #[serde(default, rename = "ref")]
+    reference: Option<Value>,
+    id: Thid,
     #[serde(default)]
-    routed: Option<u32>,
+    payload: Option<Box<RawValue>>,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -287,19 +482,37 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
     Ok(match f.verb {
         Verb::WLCM => Incoming::Welcome(serde_json::from_slice(f.body).map_err(bad)?),
         Verb::OKAY => {
-            let b: OkayBody = serde_json::from_slice(f.body).map_err(bad)?;
+            let b: RefReply = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Okay {
                 reference: b.reference.as_ref().and_then(Value::as_u64),
-                id: b.id,
-                routed: b.routed.unwrap_or(0),
+                body: f.body.to_vec(),
             }
         }
         Verb::PONG => {
-            let b: RefReply = serde_json::from_slice(f.body).map_err(bad)?;
+            let b: PongBody = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Pong {
                 reference: b.reference.as_ref().and_then(Value::as_u64),
+                welcomed: b.welcomed,
             }
         }
+        Verb::RPLY => {
+            let b: ReplyIn = serde_json::from_slice(f.body).map_err(bad)?;
+            Incoming::Reply {
+                reference: b.reference.as_ref().and_then(Value::as_u64),
+                reply: match b.error {
+                    Some(message) => Err(Error::handler(message)),
+                    None => Ok(Reply {
+                        id: b.id,
+                        payload: b.payload,
+                        binary,
+                    }),
+                },
+            }
+        }
+        Verb::RQST => Incoming::Request {
+            delivery: serde_json::from_slice(f.body).map_err(bad)?,
+            binary,
+        },
         Verb::ERRR => {
             let b: ErrorBody = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Error {
@@ -338,6 +551,47 @@ pub(crate) enum Published {
     },
     /// The answer to a `SYNC <token>` subscription: the whole frame.
     Sync(Vec<u8>),
+    /// A membership event.
+    Membership(MembershipEvent),
+}
+
+#[derive(Deserialize)]
+struct MembershipBody {
+    event: String,
+    cell: MemberCell,
+}
+
+#[derive(Deserialize)]
+struct MemberCell {
+    id: Thid,
+    service: String,
+    #[serde(default)]
+    metadata: Map<String, Value>,
+    transmitter: Thid,
+}
+
+/// Reads the body of a `MEMB <service> {json}` frame.
+fn decode_membership(frame: &[u8]) -> Result<MembershipEvent, String> {
+    let rest = &frame[MEMBERSHIP_TOPIC.len()..];
+    let space = rest
+        .iter()
+        .position(|b| *b == b' ')
+        .ok_or("a MEMB frame without a body")?;
+    let b: MembershipBody =
+        serde_json::from_slice(&rest[space + 1..]).map_err(|e| format!("MEMB body: {e}"))?;
+    let change = match b.event.as_str() {
+        "joined" => MembershipChange::Joined,
+        "left" => MembershipChange::Left,
+        "updated" => MembershipChange::Updated,
+        other => return Err(format!("unknown membership event {other:?}")),
+    };
+    Ok(MembershipEvent {
+        change,
+        cell: b.cell.id,
+        service: b.cell.service,
+        metadata: b.cell.metadata,
+        transmitter: b.cell.transmitter,
+    })
 }
 
 /// Decodes an event-socket message.
@@ -353,6 +607,9 @@ pub(crate) fn decode_published(mut frames: Vec<Vec<u8>>) -> Result<Published, St
     let first = frames.swap_remove(0);
     if first.starts_with(SYNC_TOPIC) {
         return Ok(Published::Sync(first));
+    }
+    if first.starts_with(MEMBERSHIP_TOPIC) {
+        return decode_membership(&first).map(Published::Membership);
     }
     let (_, body) = frame::decode_event(&first).ok_or("not an EVNT or SYNC frame")?;
     let delivery = serde_json::from_slice(body).map_err(|e| format!("EVNT body: {e}"))?;
@@ -415,7 +672,7 @@ mod tests {
         assert_eq!(h.metadata, metadata);
         assert_eq!(h.reference, Some(Value::from(4)));
         let l: Listen = serde_json::from_slice(
-            frame::decode(&listen("a::*", Mode::Any, true, 5))
+            frame::decode(&listen("a::*", &ListenOptions::any(), 5))
                 .unwrap()
                 .body,
         )
@@ -436,13 +693,21 @@ mod tests {
 
     #[test]
     fn listen_frames_carry_ack_only_for_anycatch() {
-        let f = listen("a::*", Mode::Multi, true, 1);
+        let f = listen("a::*", &ListenOptions::multi().concurrency(3), 1);
         assert_eq!(f, br#"J LSTN {"pattern":"a::*","mode":"multi","ref":1}"#);
-        let f = listen("a::*", Mode::Any, false, 2);
+        let f = listen("a::*", &ListenOptions::any_unacked(), 2);
         assert_eq!(
             f,
             br#"J LSTN {"pattern":"a::*","mode":"any","ack":false,"ref":2}"#
         );
+        let f = listen("a::*", &ListenOptions::any().concurrency(5), 3);
+        assert_eq!(
+            f,
+            br#"J LSTN {"pattern":"a::*","mode":"any","ack":true,"concurrency":5,"ref":3}"#
+        );
+        let l: thynapse_protocol::body::Listen =
+            serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
+        assert_eq!(l.concurrency, Some(5));
     }
 
     #[test]
@@ -453,14 +718,11 @@ mod tests {
         ])
         .unwrap();
         match m {
-            Incoming::Okay {
-                reference,
-                id,
-                routed,
-            } => {
+            Incoming::Okay { reference, body } => {
                 assert_eq!(reference, Some(5));
-                assert!(id.is_some());
-                assert_eq!(routed, 2);
+                let c: ConfirmBody = serde_json::from_slice(&body).unwrap();
+                assert!(c.id.is_some());
+                assert_eq!(c.routed, 2);
             }
             other => panic!("{other:?}"),
         }
@@ -491,6 +753,140 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn new_commands_parse_as_the_protocol_reads_them() {
+        use thynapse_protocol::body::{Discover, MetaUpdate, Reply as ReplyIn, Request, Targeted};
+        let raw = RawValue::from_string(r#"{"a":1}"#.into()).unwrap();
+        let query = Value::from("version>=2.0.0");
+        let f = request(&RequestBody {
+            channel: "calc::add",
+            service: Some("calc"),
+            query: Some(&query),
+            payload: Some(&raw),
+            timeout_ms: 250,
+            reference: 9,
+        });
+        let decoded = frame::decode(&f).unwrap();
+        assert_eq!(decoded.verb, Verb::RQST);
+        let r: Request<'_> = serde_json::from_slice(decoded.body).unwrap();
+        assert_eq!(r.channel, "calc::add");
+        assert_eq!(r.service.as_deref(), Some("calc"));
+        assert_eq!(r.query, Some(query.clone()));
+        assert_eq!(r.payload.unwrap().get(), r#"{"a":1}"#);
+        assert_eq!(
+            (r.timeout_ms, r.reference),
+            (Some(250), Some(Value::from(9)))
+        );
+
+        let id = Thid::random();
+        let ok = reply(id, &raw);
+        let r: ReplyIn<'_> = serde_json::from_slice(frame::decode(&ok).unwrap().body).unwrap();
+        assert_eq!(
+            (r.id, r.payload.unwrap().get(), r.error),
+            (id, r#"{"a":1}"#, None)
+        );
+        let err = reply_error(id, "no");
+        let r: ReplyIn<'_> = serde_json::from_slice(frame::decode(&err).unwrap().body).unwrap();
+        assert!(r.payload.is_none());
+        assert_eq!(r.error.as_deref(), Some("no"));
+
+        let mut m = Map::new();
+        m.insert("version".into(), Value::from("2.0.0"));
+        let u: MetaUpdate =
+            serde_json::from_slice(frame::decode(&metadata(&m, true, 3)).unwrap().body).unwrap();
+        assert_eq!((u.metadata, u.replace), (m, true));
+
+        let key = Value::from("user-1");
+        let f = targeted(&TargetedBody {
+            service: "workers",
+            query: Some(&query),
+            all: true,
+            channel: Some("jobs::x"),
+            payload: None,
+            optional: false,
+            droppable: true,
+            key: Some(&key),
+            reference: 4,
+        });
+        let t: Targeted<'_> = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
+        assert_eq!(t.service, "workers");
+        assert!(t.all && t.droppable && !t.optional);
+        assert_eq!((t.channel.as_deref(), t.key), (Some("jobs::x"), Some(key)));
+
+        let f = discover(&DiscoverBody {
+            what: "versions",
+            service: None,
+            query: None,
+            reference: 5,
+        });
+        assert_eq!(f, br#"J DISC {"what":"versions","ref":5}"#);
+        let _: Discover = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
+    }
+
+    #[test]
+    fn replies_requests_and_pongs_decode() {
+        let id = Thid::random();
+        let body = format!(r#"J RPLY {{"ref":3,"id":"{id}","payload":{{"sum":3}}}}"#);
+        match decode_command(vec![body.into_bytes(), vec![9]]).unwrap() {
+            Incoming::Reply {
+                reference: Some(3),
+                reply: Ok(r),
+            } => {
+                assert_eq!((r.id, r.payload_raw()), (id, Some(r#"{"sum":3}"#)));
+                assert_eq!(r.binary(), Some(&[9u8][..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        let body = format!(r#"J RPLY {{"ref":4,"id":"{id}","error":"overflow"}}"#);
+        match decode_command(vec![body.into_bytes()]).unwrap() {
+            Incoming::Reply {
+                reply: Err(e),
+                reference: Some(4),
+            } => assert_eq!(e.message(), "overflow"),
+            other => panic!("{other:?}"),
+        }
+        let mut body = b"J RQST ".to_vec();
+        thynapse_protocol::body::write_delivery(&mut body, &id, "a", Some(b"1"), &id, Some(1));
+        assert!(matches!(
+            decode_command(vec![body]).unwrap(),
+            Incoming::Request { delivery, binary: None } if delivery.id == id
+        ));
+        assert!(matches!(
+            decode_command(vec![br#"J PONG {"welcomed":false}"#.to_vec()]).unwrap(),
+            Incoming::Pong {
+                reference: None,
+                welcomed: Some(false)
+            }
+        ));
+        assert!(matches!(
+            decode_command(vec![b"J PONG {}".to_vec()]).unwrap(),
+            Incoming::Pong { welcomed: None, .. }
+        ));
+    }
+
+    #[test]
+    fn membership_frames_decode() {
+        let id = Thid::random();
+        let t = Thid::random();
+        let f = format!(
+            r#"MEMB billing {{"event":"left","cell":{{"id":"{id}","service":"billing","metadata":{{"v":1}},"transmitter":"{t}"}}}}"#
+        );
+        match decode_published(vec![f.into_bytes()]).unwrap() {
+            Published::Membership(e) => {
+                assert_eq!(e.change, MembershipChange::Left);
+                assert_eq!((e.cell, e.transmitter), (id, t));
+                assert_eq!(
+                    (e.service.as_str(), &e.metadata["v"]),
+                    ("billing", &Value::from(1))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(decode_published(vec![b"MEMB billing".to_vec()]).is_err());
+        assert!(decode_published(vec![b"MEMB b {\"event\":\"moved\"}".to_vec()]).is_err());
+        assert_eq!(membership_prefix("bill"), b"MEMB bill");
     }
 
     #[test]

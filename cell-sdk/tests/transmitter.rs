@@ -3,78 +3,13 @@
 //! Every test starts its own transmitter, has a watchdog timeout, and
 //! polls with a deadline instead of sleeping.
 
-use std::future::Future;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::json;
-use thynapse_cell::{Client, ErrorKind, Event, ListenOptions, Mode, Options, Subscription};
-use thynapse_transmitter::{Config, Transmitter};
-
-/// Upper bound for any one test.
-const WATCHDOG: Duration = Duration::from_secs(20);
-/// How long to wait for something that should happen.
-const PATIENCE: Duration = Duration::from_secs(5);
-
-fn config() -> Config {
-    let mut c = Config::for_tests();
-    c.mesh = false;
-    c
-}
-
-fn start(config: Config) -> Transmitter {
-    Transmitter::start(config).expect("transmitter starts")
-}
-
-async fn client(t: &Transmitter, service: &str) -> Client {
-    Client::connect(t.command_endpoint(), Options::new(service))
-        .await
-        .expect("client connects")
-}
-
-/// Runs a test body under a watchdog. The watchdog is a thread, not a
-/// tokio timer, so it fires even if something blocks the runtime (a
-/// synchronous call that hangs): it then ends the process with a message.
-async fn watchdog<F: Future<Output = ()>>(body: F) {
-    let (done, finished) = std::sync::mpsc::channel::<()>();
-    let name = std::thread::current().name().unwrap_or("test").to_owned();
-    std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(WATCHDOG) {
-            eprintln!("watchdog: {name} still running after {WATCHDOG:?}; aborting");
-            std::process::exit(101);
-        }
-    });
-    body.await;
-    let _ = done.send(());
-}
-
-/// The next event, or a panic after `PATIENCE`.
-async fn next(sub: &mut Subscription) -> Event {
-    tokio::time::timeout(PATIENCE, sub.next_event())
-        .await
-        .expect("an event within the deadline")
-        .expect("the subscription is open")
-}
-
-/// Whether an event arrives within `wait` (for checking that none does).
-async fn arrives_within(sub: &mut Subscription, wait: Duration) -> Option<Event> {
-    tokio::time::timeout(wait, sub.next_event())
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Polls `cond` until it holds or `PATIENCE` runs out.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn metric(t: &Transmitter, name: &str) -> u64 {
-    t.metrics().snapshot().get(name).copied().unwrap_or(0)
-}
+use thynapse_cell::{Client, ErrorKind, ListenOptions, Mode, Options};
 
 #[tokio::test]
 async fn a_client_is_welcomed_and_learns_the_event_endpoint() {
@@ -427,6 +362,41 @@ async fn an_expired_cell_joins_again_and_listens_again() {
         assert_eq!(confirm.routed, 1);
         let e = next(&mut jobs).await;
         assert_eq!(e.payload::<u8>().unwrap(), 7);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_expired_cell_that_only_pings_learns_it_from_the_pong_and_listens_again() {
+    watchdog(async {
+        let mut cfg = config();
+        cfg.heartbeat = Duration::from_millis(100);
+        let t = start(cfg);
+        // Pings every 400 ms: expired after 300 ms of silence each time,
+        // and it sends nothing but PINGs, which the transmitter answers
+        // `PONG {"welcomed":false}`.
+        let options = Options::new("workers").heartbeat(Duration::from_millis(400));
+        let c = Client::connect(t.command_endpoint(), options)
+            .await
+            .unwrap();
+        let mut jobs = c.listen("jobs::*", Mode::Any).await.unwrap();
+        eventually("the cell expired", || metric(&t, "expired_cells") >= 1).await;
+        let expired = metric(&t, "expired_cells");
+
+        // Without any command of its own, it is listening again.
+        let publisher = client(&t, "shop").await;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match publisher.publish_confirmed("jobs::x", 7).await {
+                Ok(confirm) if confirm.routed == 1 => break,
+                Ok(_) => {}
+                Err(e) => assert_eq!(e.kind(), ErrorKind::NoListeners, "{e}"),
+            }
+            assert!(Instant::now() < deadline, "the cell never listened again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(metric(&t, "expired_cells") >= expired);
+        assert_eq!(next(&mut jobs).await.payload::<u8>().unwrap(), 7);
     })
     .await;
 }
