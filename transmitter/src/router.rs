@@ -121,6 +121,9 @@ impl Cell {
 /// A delivery frame waiting for a cell to have a free slot.
 #[derive(Debug)]
 struct Queued {
+    /// (event, cell): a delivery that was settled elsewhere while it
+    /// waited (timed out, redelivered) is not sent.
+    key: (Thid, Thid),
     frame: Vec<u8>,
     binary: Option<Arc<Vec<u8>>>,
 }
@@ -603,8 +606,6 @@ impl Router {
         let u: Unlisten = parse(body)?;
         Pattern::parse(&u.pattern)
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), u.reference.clone()))?;
-        Pattern::parse(&u.pattern)
-            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), u.reference.clone()))?;
         let cell = self.cells.get_mut(id).expect("welcomed peers have a cell");
         let before = cell.listens.len();
         cell.listens.retain(|e| e.pattern.as_str() != u.pattern);
@@ -755,7 +756,14 @@ impl Router {
         match node {
             None => {
                 let frame = self.scratch.clone();
-                if !self.send_to_cell(&cell, frame, event.binary.clone(), ack, out) {
+                if !self.send_to_cell(
+                    &cell,
+                    (event.id, cell),
+                    frame,
+                    event.binary.clone(),
+                    ack,
+                    out,
+                ) {
                     // Gone, or its queue is full: the ack deadline (if
                     // any) brings it back.
                     Metrics::incr(&self.metrics.dropped_backlog_full);
@@ -866,16 +874,19 @@ impl Router {
         let d: MeshDelivery = parse(body)?;
         let verb = if d.request { Verb::RQST } else { Verb::DLVR };
         let binary = binary.map(|b| Arc::new(b.to_vec()));
-        if !self.send_to_cell(&d.cell, frame::encode(verb, body), binary, d.ack, out) {
+        let key = (d.id, d.cell);
+        if d.ack {
+            // Recorded first, so the queued frame counts as live.
+            self.proxied.insert(key, d.origin);
+        }
+        if !self.send_to_cell(&d.cell, key, frame::encode(verb, body), binary, d.ack, out) {
+            self.proxied.remove(&key);
             // The cell left before the origin heard of it, or it is
             // swamped: hand it back.
             out.push(mesh_ack(d.origin, vec![d.id], d.cell, false));
             return Ok(());
         }
         Metrics::incr(&self.metrics.deliveries);
-        if d.ack {
-            self.proxied.insert((d.id, d.cell), d.origin);
-        }
         Ok(())
     }
 
@@ -1107,6 +1118,7 @@ impl Router {
     fn send_to_cell(
         &mut self,
         cell: &Thid,
+        key: (Thid, Thid),
         frame: Vec<u8>,
         binary: Option<Arc<Vec<u8>>>,
         needs_answer: bool,
@@ -1135,7 +1147,11 @@ impl Router {
         if c.queue.len() >= MAX_QUEUED_PER_CELL {
             return false;
         }
-        c.queue.push_back(Queued { frame, binary });
+        c.queue.push_back(Queued {
+            key: (key.0, *cell),
+            frame,
+            binary,
+        });
         Metrics::incr(&self.metrics.queued);
         true
     }
@@ -1149,6 +1165,9 @@ impl Router {
         c.unacked = c.unacked.saturating_sub(1);
         while c.unacked < c.limit() {
             let Some(q) = c.queue.pop_front() else { break };
+            if !self.in_flight.contains_key(&q.key) && !self.proxied.contains_key(&q.key) {
+                continue;
+            }
             c.unacked += 1;
             out.push(Output::ToPeer {
                 peer: c.peer.clone(),
@@ -2671,6 +2690,29 @@ mod tests {
         assert_eq!(code(&r), "timed_out");
         assert!(r[0].1.contains(r#""re":8"#));
         assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn a_request_that_timed_out_while_queued_is_never_delivered() {
+        let mut h = Harness::new();
+        h.join("srv", "calc");
+        h.send(
+            "srv",
+            r#"J LSTN {"pattern":"calc::add","mode":"any","concurrency":1}"#,
+        );
+        h.join("cli", "app");
+        let r = h.send("cli", r#"J RQST {"channel":"calc::add","ref":"a"}"#);
+        let first = delivery_id(&r[0].1.replacen("J RQST", "J DLVR", 1));
+        let r = h.send(
+            "cli",
+            r#"J RQST {"channel":"calc::add","timeout_ms":100,"ref":"b"}"#,
+        );
+        assert!(r.is_empty(), "the second request waits: {r:?}");
+        let r = h.tick(Duration::from_millis(150));
+        assert_eq!(code(&r), "timed_out");
+        let r = h.send("srv", &format!(r#"J RPLY {{"id":"{first}","payload":1}}"#));
+        assert_eq!(r.len(), 1, "only the reply to a, no stale request b: {r:?}");
+        assert_eq!(r[0].0, "cli");
     }
 
     #[test]
