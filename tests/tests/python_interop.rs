@@ -30,9 +30,10 @@ fn require_pyzmq() {
     }
 }
 
-/// Runs `raw_cell.py --command <endpoint> [--token T] --selftest`.
-fn selftest(command: &str, token: Option<&str>) -> anyhow::Result<Output> {
-    let script = workspace_root().join("examples/python/raw_cell.py");
+/// Runs `<script> --command <endpoint> [--token T] --selftest`, a script
+/// of `examples/python/`.
+fn selftest(script: &str, command: &str, token: Option<&str>) -> anyhow::Result<Output> {
+    let script = workspace_root().join("examples/python").join(script);
     assert!(script.is_file(), "{} is missing", script.display());
     let mut cmd = Command::new("python3");
     cmd.arg(&script)
@@ -53,12 +54,19 @@ fn selftest(command: &str, token: Option<&str>) -> anyhow::Result<Output> {
 /// Requires a passing selftest, with the transmitter still up after it
 /// (shutdown itself is checked in `shutdown.rs`).
 fn passes_against(args: &[&str], token: Option<&str>) -> anyhow::Result<()> {
+    script_passes("raw_cell.py", args, token)
+}
+
+/// Requires `script`'s selftest to pass against a transmitter started
+/// with `args`, which is still up after it.
+fn script_passes(script: &str, args: &[&str], token: Option<&str>) -> anyhow::Result<()> {
     require_pyzmq();
     let mut t = TransmitterProcess::spawn(args)?;
-    let out = selftest(t.command_endpoint(), token)?;
+    let out = selftest(script, t.command_endpoint(), token)?;
+    let name = script.trim_end_matches(".py");
     assert!(
-        out.status.success() && out.stdout.contains("raw_cell selftest: ok"),
-        "raw_cell.py --selftest failed ({}):\nstdout:\n{}\nstderr:\n{}\ntransmitter log:\n{}",
+        out.status.success() && out.stdout.contains(&format!("{name} selftest: ok")),
+        "{script} --selftest failed ({}):\nstdout:\n{}\nstderr:\n{}\ntransmitter log:\n{}",
         out.status,
         out.stdout,
         out.stderr,
@@ -72,7 +80,7 @@ fn passes_against(args: &[&str], token: Option<&str>) -> anyhow::Result<()> {
 fn is_refused(args: &[&str], token: Option<&str>) -> anyhow::Result<()> {
     require_pyzmq();
     let t = TransmitterProcess::spawn(args)?;
-    let out = selftest(t.command_endpoint(), token)?;
+    let out = selftest("raw_cell.py", t.command_endpoint(), token)?;
     assert!(
         !out.status.success() && !out.stdout.contains("selftest: ok"),
         "raw_cell.py with token {token:?} passed against a transmitter started with {args:?}:\n{}",
@@ -113,4 +121,9 @@ fn the_python_raw_cell_without_a_token_is_never_welcomed_by_a_transmitter_that_w
     binary_watchdog("python_no_token", || {
         is_refused(&["--token", "s3cret-token"], None)
     })
+}
+
+#[test]
+fn the_python_raw_responder_answers_requests_and_its_requests_are_answered() -> anyhow::Result<()> {
+    script_passes("raw_responder.py", &["--no-mesh"], None)
 }
