@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use thynapse_protocol::limits;
 
-/// Default high-water mark (messages queued per peer) on both sockets.
-pub const DEFAULT_HWM: i32 = 100_000;
+/// Default high-water mark (messages queued per peer) on both sockets. It
+/// bounds what one consumer that stops reading can cost: at 1 KiB a message
+/// about 10 MiB per peer (100,000 let a single stuck cell grow the
+/// transmitter past 300 MiB).
+pub const DEFAULT_HWM: i32 = 10_000;
 /// Most redeliveries one service may have waiting for a cell to come back.
 pub const MAX_BACKLOG_PER_SERVICE: usize = 100_000;
 /// How often the router checks heartbeats and ack deadlines.
