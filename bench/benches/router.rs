@@ -94,6 +94,24 @@ fn route(c: &mut Criterion) {
                 })
             },
         );
+        // ack: false, the event's THID given by the publisher (as the SDK
+        // does): no SHA-1 of the payload in the router.
+        let with_id = format!(
+            r#"J EVNT {{"channel":"{CHANNEL}","id":"{}","seq":1}}"#,
+            Thid::random()
+        );
+        g.bench_with_input(
+            BenchmarkId::new("evnt_with_id_4_anycatch_noack", size),
+            &payload,
+            |b, p| {
+                b.iter(|| {
+                    h.router
+                        .handle(b"pub", &[with_id.as_bytes(), p], false, h.now, &mut h.out);
+                    black_box(&h.out);
+                    h.out.clear();
+                })
+            },
+        );
         // ack: true — route, emit the DLVR, then handle the cell's ACKN.
         let mut h = Harness::new(true);
         let mut ack = Vec::with_capacity(128);
