@@ -150,6 +150,18 @@ enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// Request/reply against a transmitter, on the cell SDK.
+    SdkRr {
+        /// The transmitter's command endpoint (loopback).
+        #[arg(long)]
+        command: String,
+        /// Concurrent requesters, one client and one request in flight
+        /// each.
+        #[arg(long, default_value_t = 16)]
+        requesters: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
     /// Server resident size idle and with N idle NATS connections.
     NatsMemory {
         /// Server URL (loopback).
@@ -247,6 +259,11 @@ fn main() -> anyhow::Result<()> {
             requesters,
             load,
         } => raw::request_reply(&command, &load.load(), requesters)?,
+        Command::SdkRr {
+            command,
+            requesters,
+            load,
+        } => tokio_runtime()?.block_on(sdk::request_reply(&command, &load.load(), requesters))?,
         Command::NatsMemory {
             url,
             pid,

@@ -332,8 +332,10 @@ pub async fn request_reply(url: &str, load: &Load, requesters: usize) -> anyhow:
                 tokio::select! {
                     m = sub.next() => match m {
                         Some(m) => {
+                            // The answer is the request's sequence number.
                             if let Some(reply) = m.reply {
-                                if c.publish(reply, m.payload).await.is_err() { break; }
+                                let seq = m.payload.slice(..payload::MIN_PAYLOAD.min(m.payload.len()));
+                                if c.publish(reply, seq).await.is_err() { break; }
                             }
                         }
                         None => break,

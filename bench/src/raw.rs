@@ -442,7 +442,8 @@ pub const RR_CHANNEL: &str = "bench::requests";
 pub const REQUESTER_SERVICE: &str = "bench-requesters";
 
 /// A responder cell: listens anycatch to [`RR_CHANNEL`] and answers every
-/// RQST with an RPLY carrying the request's binary payload back.
+/// RQST with an RPLY carrying the request's sequence number (its first 8
+/// bytes) as a binary frame.
 fn respond(command: &str, ready: &Barrier, stop: &AtomicBool) -> anyhow::Result<u64> {
     let ctx = zmq::Context::new();
     let setup = (|| -> anyhow::Result<Joined> {
@@ -481,10 +482,11 @@ fn respond(command: &str, ready: &Barrier, stop: &AtomicBool) -> anyhow::Result<
                 reply.extend_from_slice(br#"J RPLY {"id":""#);
                 reply.extend_from_slice(id);
                 reply.extend_from_slice(br#""}"#);
-                match parts.get(1) {
-                    Some(b) => {
+                // The answer is the request's sequence number (8 bytes).
+                match parts.get(1).and_then(|b| b.get(..payload::MIN_PAYLOAD)) {
+                    Some(seq) => {
                         j.dealer.send(&reply[..], zmq::SNDMORE)?;
-                        j.dealer.send(&b[..], 0)?;
+                        j.dealer.send(seq, 0)?;
                     }
                     None => j.dealer.send(&reply[..], 0)?,
                 }

@@ -7,20 +7,21 @@
 //! - `anycatch_ack`: `ListenOptions::any()`; every event is acked when
 //!   dropped, the SDK batches the ACKNs.
 //! - `multicatch`: `ListenOptions::multi()`.
+//! - request/reply: `Client::serve` and `Client::request_bytes`.
 //!
 //! Payloads go as binary frames (`publish_bytes`), as NATS payloads are
 //! opaque bytes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use thynapse_cell::{Client, ListenOptions, Options};
+use thynapse_cell::{Client, ListenOptions, Options, Request};
 
 use crate::payload;
 use crate::procfs::{self, CpuMark};
-use crate::raw::{CELL_SERVICE, CHANNEL, PUBLISHER_SERVICE};
+use crate::raw::{CELL_SERVICE, CHANNEL, PUBLISHER_SERVICE, REQUESTER_SERVICE, RR_CHANNEL};
 use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
 use crate::{Load, Scenario};
 
@@ -164,5 +165,104 @@ pub async fn memory(
     r.rss_loaded_kib = Some(loaded);
     r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
     r.note = Some("each cell: SDK Client (DEALER + SUB)".into());
+    Ok(r)
+}
+
+/// Request/reply on the SDK: `load.cells` clients serving
+/// [`RR_CHANNEL`] with `Client::serve` (the handler answers the request's
+/// sequence number, as JSON), `requesters` clients each with one
+/// `Client::request_bytes` outstanding at a time. Reports replies per
+/// second and the request → reply latency.
+///
+/// # Errors
+/// When a client cannot join or serve.
+pub async fn request_reply(
+    command: &str,
+    load: &Load,
+    requesters: usize,
+) -> anyhow::Result<Report> {
+    let begin = Instant::now();
+    let mut responders = Vec::new();
+    for _ in 0..load.cells {
+        let c = connect(command, CELL_SERVICE).await?;
+        let r = c
+            .serve(RR_CHANNEL, |request: Request| async move {
+                Ok::<_, String>(request.binary().and_then(payload::seq_of))
+            })
+            .await?;
+        responders.push((c, r));
+    }
+    let mut clients = Vec::new();
+    for _ in 0..requesters.max(1) {
+        clients.push(connect(command, REQUESTER_SERVICE).await?);
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let mark = CpuMark::now(load.server_pid);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in clients {
+        let (next, msgs, size, deadline) = (next.clone(), load.msgs, load.payload, load.deadline);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut tally = Tally::new(msgs);
+            let mut errors = 0u64;
+            let mut template = payload::template(size);
+            let mut last = Instant::now();
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= msgs || begin.elapsed() > deadline {
+                    break;
+                }
+                payload::stamp(&mut template, seq);
+                let t = Instant::now();
+                match c.request_bytes(RR_CHANNEL, template.clone()).await {
+                    Ok(reply) => {
+                        last = Instant::now();
+                        latencies.push((last - t).as_micros() as u32);
+                        tally.record(reply.payload::<Option<u64>>().ok().flatten());
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            c.close().await;
+            (latencies, tally, errors, last)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut tally = Tally::new(load.msgs);
+    let mut errors = 0;
+    let mut last = t0;
+    for t in tasks {
+        let (l, ta, e, la) = t.await?;
+        latencies.extend(l);
+        tally.merge(&ta);
+        errors += e;
+        last = last.max(la);
+    }
+    let cpu = mark.since();
+    for (c, r) in responders {
+        r.stop().await;
+        c.close().await;
+    }
+    let sent = next.load(Ordering::Relaxed).min(load.msgs);
+    let mut r = Report::new("thynapse-sdk", "request_reply");
+    r.payload = load.payload;
+    r.cells = load.cells;
+    r.requesters = Some(requesters.max(1));
+    r.msgs = sent;
+    r.delivered = latencies.len() as u64;
+    r.secs = (last - t0).as_secs_f64();
+    r.msgs_per_sec = if r.secs > 0.0 {
+        r.delivered as f64 / r.secs
+    } else {
+        0.0
+    };
+    r.lost = sent.saturating_sub(r.delivered);
+    r.dup = tally.lost_dup(1).1;
+    r.cpu(cpu);
+    r.latencies(latencies);
+    if errors > 0 {
+        r.note = Some(format!("{errors} failed requests"));
+    }
     Ok(r)
 }
