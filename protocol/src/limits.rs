@@ -24,6 +24,8 @@ pub const ZAP_DOMAIN: &str = "thynapse";
 /// Deliveries a cell may hold unacked per listen when its LSTN names no
 /// `concurrency` (requests count too). Further ones wait at the transmitter.
 pub const DEFAULT_CONCURRENCY: u32 = 1024;
+/// Largest `concurrency` a listen may declare; larger values are capped.
+pub const MAX_CONCURRENCY: u32 = 65_536;
 /// Default time a request waits for its reply.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5000;
 /// Deliveries that may wait at the transmitter for one cell; past it they

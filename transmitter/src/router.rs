@@ -4,7 +4,7 @@
 //! (see [`crate::server`]) feeds it commands and clock ticks and sends the
 //! [`Output`]s it produces. That keeps it testable without sockets.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,8 @@ use thynapse_protocol::body::{
     MeshDelivery, MetaUpdate, Publish, Ref, Reply, Request, Targeted, Unlisten, Welcome,
 };
 use thynapse_protocol::limits::{
-    DEFAULT_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT_MS, HEARTBEAT_MISSES, MAX_LISTENS_PER_CELL,
-    MAX_QUEUED_PER_CELL, MAX_SERVICE_LEN,
+    DEFAULT_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT_MS, HEARTBEAT_MISSES, MAX_CONCURRENCY,
+    MAX_LISTENS_PER_CELL, MAX_QUEUED_PER_CELL, MAX_SERVICE_LEN,
 };
 use thynapse_protocol::query::{Outcome, Query};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
@@ -99,8 +99,9 @@ struct Cell {
     last_seen: Instant,
     /// Sequence counter for its events that carry no `seq`.
     seq: u64,
-    /// Deliveries sent to it that await ACKN, NACK or RPLY.
-    unacked: u32,
+    /// Deliveries sent to it that await ACKN, NACK or RPLY, by event THID:
+    /// only these hold one of its slots.
+    held: HashSet<Thid>,
     /// Deliveries waiting for a free slot, in order.
     queue: VecDeque<Queued>,
 }
@@ -113,7 +114,7 @@ impl Cell {
             .iter()
             .filter(|l| l.mode == Mode::Any && l.ack)
             .map(|l| l.concurrency)
-            .sum::<u32>()
+            .fold(0u32, u32::saturating_add)
             .max(1)
     }
 }
@@ -490,6 +491,7 @@ impl Router {
             .map_err(|m| Failure::new(ErrorCode::BadMetadata, m, re.clone()))?;
         let address = self.addresses.remove(peer);
         self.add_reserved(&mut metadata, address);
+        check_size(&metadata).map_err(|m| Failure::new(ErrorCode::BadMetadata, m, re.clone()))?;
         match current {
             Some(id) if id != h.id => {
                 return Err(Failure::new(
@@ -538,7 +540,7 @@ impl Router {
                     listens: Vec::new(),
                     last_seen: now,
                     seq: 0,
-                    unacked: 0,
+                    held: HashSet::new(),
                     queue: VecDeque::new(),
                 },
             );
@@ -579,7 +581,10 @@ impl Router {
             pattern,
             mode: l.mode,
             ack: l.ack.unwrap_or(true),
-            concurrency: l.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
+            concurrency: l
+                .concurrency
+                .unwrap_or(DEFAULT_CONCURRENCY)
+                .clamp(1, MAX_CONCURRENCY),
         };
         let count = cell.listens.len();
         match cell.listens.iter_mut().find(|e| e.pattern == entry.pattern) {
@@ -805,8 +810,11 @@ impl Router {
                     request,
                 },
             );
-            self.deadlines
-                .push_back((now + self.ack_timeout, event.id, *cell, attempt));
+            // A request's own timeout governs it, not the ack deadline.
+            if !request {
+                self.deadlines
+                    .push_back((now + self.ack_timeout, event.id, *cell, attempt));
+            }
         }
     }
 
@@ -822,11 +830,16 @@ impl Router {
         let mut unknown = None;
         let mut forward: HashMap<Thid, Vec<Thid>> = HashMap::new();
         for id in a.id.iter().chain(a.ids.iter()) {
+            // A request is answered by RPLY (or handed on by NACK), not acked.
+            if positive && self.in_flight.get(&(*id, *cell)).is_some_and(|f| f.request) {
+                unknown = unknown.or(Some(*id));
+                continue;
+            }
             match self.take_in_flight(&(*id, *cell), out) {
                 Some(f) => self.settle(f, cell, positive, now, out),
                 None => match self.proxied.remove(&(*id, *cell)) {
                     Some(origin) => {
-                        self.release(cell, out);
+                        self.release(cell, id, out);
                         forward.entry(origin).or_default().push(*id);
                     }
                     None => unknown = unknown.or(Some(*id)),
@@ -1045,6 +1058,10 @@ impl Router {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
+        if f.request && !self.requests.contains_key(&f.event.id) {
+            // Its requester was told timed_out already.
+            return;
+        }
         let query = match &f.retarget {
             Retarget::Never => return,
             Retarget::Service => None,
@@ -1135,8 +1152,8 @@ impl Router {
             });
             return true;
         }
-        if c.unacked < c.limit() && c.queue.is_empty() {
-            c.unacked += 1;
+        if (c.held.len() as u32) < c.limit() && c.queue.is_empty() {
+            c.held.insert(key.0);
             out.push(Output::ToPeer {
                 peer: c.peer.clone(),
                 frame,
@@ -1156,19 +1173,21 @@ impl Router {
         true
     }
 
-    /// A local cell answered a delivery: frees its slot and sends what
-    /// waited for one.
-    fn release(&mut self, cell: &Thid, out: &mut Vec<Output>) {
+    /// A local cell's delivery of `event` is settled: if it held a slot,
+    /// the slot goes to what waited for one.
+    fn release(&mut self, cell: &Thid, event: &Thid, out: &mut Vec<Output>) {
         let Some(c) = self.cells.get_mut(cell) else {
             return;
         };
-        c.unacked = c.unacked.saturating_sub(1);
-        while c.unacked < c.limit() {
+        if !c.held.remove(event) {
+            return;
+        }
+        while (c.held.len() as u32) < c.limit() {
             let Some(q) = c.queue.pop_front() else { break };
             if !self.in_flight.contains_key(&q.key) && !self.proxied.contains_key(&q.key) {
                 continue;
             }
-            c.unacked += 1;
+            c.held.insert(q.key.0);
             out.push(Output::ToPeer {
                 peer: c.peer.clone(),
                 frame: q.frame,
@@ -1183,7 +1202,7 @@ impl Router {
         let f = self.in_flight.remove(key)?;
         let cell = key.1;
         if self.cells.contains_key(&cell) {
-            self.release(&cell, out);
+            self.release(&cell, &key.0, out);
         } else if let Some(load) = self.remote_load.get_mut(&cell) {
             *load = load.saturating_sub(1);
             if *load == 0 {
@@ -1204,7 +1223,7 @@ impl Router {
         let start = *cursor;
         *cursor = cursor.wrapping_add(1);
         let load = |t: &Target| match self.cells.get(&t.cell) {
-            Some(c) => c.unacked as usize + c.queue.len(),
+            Some(c) => c.held.len() + c.queue.len(),
             None => self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
         };
         let n = candidates.len();
@@ -1310,30 +1329,41 @@ impl Router {
     ) -> Handled {
         let r: Reply<'_> = parse(body)?;
         let key = (r.id, *cell);
-        if self.take_in_flight(&key, out).is_none() {
-            if via.is_none() {
-                if let Some(origin) = self.proxied.remove(&key) {
-                    // Answer to a request another transmitter routed here.
-                    self.release(cell, out);
-                    let mut frame = frame::encode(Verb::MRPL, body);
-                    frame.pop();
-                    frame.extend_from_slice(format!(r#","cell":"{cell}"}}"#).as_bytes());
-                    out.push(Output::ToNode {
-                        node: origin,
-                        frame,
-                        binary: binary.map(|b| Arc::new(b.to_vec())),
-                    });
-                    return Ok(());
-                }
-            }
-            return Err(Failure::new(
+        let unknown = |what: &str| {
+            Failure::new(
                 ErrorCode::UnknownDelivery,
                 format!(
-                    "no request {} awaits an answer from this cell (timed out, or answered)",
+                    "no request {} awaits an answer from this cell ({what})",
                     r.id
                 ),
                 Some(Value::String(r.id.to_hex())),
-            ));
+            )
+        };
+        match self.in_flight.get(&key).map(|f| f.request) {
+            Some(true) => {
+                self.take_in_flight(&key, out);
+            }
+            Some(false) => return Err(unknown("it is an event: ACKN it")),
+            None => {
+                let origin = via.is_none().then(|| self.proxied.remove(&key)).flatten();
+                let Some(origin) = origin else {
+                    return Err(unknown("timed out, or answered"));
+                };
+                // Answer to a request another transmitter routed here.
+                self.release(cell, &r.id, out);
+                let mut mrpl = Map::new();
+                mrpl.insert("id".into(), Value::String(r.id.to_hex()));
+                mrpl.insert("cell".into(), Value::String(cell.to_hex()));
+                if let Some(error) = r.error {
+                    mrpl.insert("error".into(), Value::String(error));
+                }
+                out.push(Output::ToNode {
+                    node: origin,
+                    frame: with_raw_payload(frame::encode_json(Verb::MRPL, &mrpl), r.payload),
+                    binary: binary.map(|b| Arc::new(b.to_vec())),
+                });
+                return Ok(());
+            }
         }
         let Some(requester) = self.requests.remove(&r.id) else {
             return Ok(());
@@ -1347,13 +1377,7 @@ impl Router {
         if let Some(error) = r.error {
             answer.insert("error".into(), Value::String(error));
         }
-        let mut frame = frame::encode_json(Verb::RPLY, &answer);
-        if let Some(p) = r.payload {
-            frame.pop();
-            frame.extend_from_slice(b",\"payload\":");
-            frame.extend_from_slice(p.get().as_bytes());
-            frame.push(b'}');
-        }
+        let frame = with_raw_payload(frame::encode_json(Verb::RPLY, &answer), r.payload);
         Metrics::incr(&self.metrics.replies);
         out.push(Output::ToPeer {
             peer: requester.peer,
@@ -1861,6 +1885,18 @@ pub const MAX_METADATA_DEPTH: usize = 8;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// Checks metadata a cell sent; the error names every bad key and why.
+/// Appends `"payload":<raw JSON>` to a frame whose body is a JSON object,
+/// copying the payload's text as it came.
+fn with_raw_payload(mut frame: Vec<u8>, payload: Option<&serde_json::value::RawValue>) -> Vec<u8> {
+    if let Some(p) = payload {
+        frame.pop();
+        frame.extend_from_slice(b",\"payload\":");
+        frame.extend_from_slice(p.get().as_bytes());
+        frame.push(b'}');
+    }
+    frame
+}
+
 /// A reply body: `fields`, plus `ref` when the command had one.
 fn with_ref<const N: usize>(
     reference: Option<Value>,
@@ -2031,7 +2067,6 @@ fn reference(body: &[u8]) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
 
     struct Harness {
         router: Router,
@@ -2713,6 +2748,80 @@ mod tests {
         let r = h.send("srv", &format!(r#"J RPLY {{"id":"{first}","payload":1}}"#));
         assert_eq!(r.len(), 1, "only the reply to a, no stale request b: {r:?}");
         assert_eq!(r[0].0, "cli");
+    }
+
+    #[test]
+    fn huge_concurrencies_are_capped_and_never_overflow() {
+        let mut h = Harness::new();
+        h.join("c", "s");
+        for p in ["a", "b"] {
+            let lstn =
+                format!(r#"J LSTN {{"pattern":"{p}","mode":"any","concurrency":4294967295}}"#);
+            assert_eq!(h.send("c", &lstn).len(), 1);
+        }
+        h.join("pub", "p");
+        assert_eq!(h.send("pub", r#"J EVNT {"channel":"a"}"#).len(), 1);
+    }
+
+    #[test]
+    fn a_settled_queued_request_frees_no_slot_it_never_held() {
+        let mut h = Harness::new();
+        h.join("srv", "calc");
+        h.send(
+            "srv",
+            r#"J LSTN {"pattern":"calc::add","mode":"any","concurrency":1}"#,
+        );
+        h.join("cli", "app");
+        let r = h.send("cli", r#"J RQST {"channel":"calc::add","ref":"a"}"#);
+        assert_eq!(r.len(), 1);
+        h.send(
+            "cli",
+            r#"J RQST {"channel":"calc::add","timeout_ms":100,"ref":"b"}"#,
+        );
+        assert_eq!(code(&h.tick(Duration::from_millis(150))), "timed_out");
+        let r = h.send("cli", r#"J RQST {"channel":"calc::add","ref":"c"}"#);
+        assert!(
+            r.is_empty(),
+            "the first request still holds the only slot: {r:?}"
+        );
+    }
+
+    #[test]
+    fn requests_are_answered_by_rply_not_acked_and_wait_past_the_ack_deadline() {
+        let mut h = Harness::new();
+        rpc_setup(&mut h);
+        let r = h.send(
+            "cli",
+            r#"J RQST {"channel":"calc::add","timeout_ms":60000}"#,
+        );
+        let id = delivery_id(&r[0].1.replacen("J RQST", "J DLVR", 1));
+        assert_eq!(
+            code(&h.send("srv", &format!(r#"J ACKN {{"id":"{id}"}}"#))),
+            "unknown_delivery"
+        );
+        h.now += Duration::from_secs(6);
+        h.send("srv", "J PING");
+        h.send("cli", "J PING");
+        assert!(
+            h.tick(Duration::ZERO).is_empty(),
+            "no redelivery at the ack deadline"
+        );
+        let r = h.send(
+            "srv",
+            &format!(
+                r#"J RPLY {{"id":"{id}","payload":1,"cell":"{}"}}"#,
+                Thid::random()
+            ),
+        );
+        assert_eq!(r[0].0, "cli");
+        h.join("pub", "p");
+        h.listen("srv", "jobs", "any");
+        let r = h.send("pub", r#"J EVNT {"channel":"jobs"}"#);
+        let ev = delivery_id(&r[0].1);
+        assert_eq!(
+            code(&h.send("srv", &format!(r#"J RPLY {{"id":"{ev}"}}"#))),
+            "unknown_delivery"
+        );
     }
 
     #[test]
