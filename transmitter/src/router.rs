@@ -268,6 +268,8 @@ pub struct Router {
     stopping: bool,
     /// Scratch buffer for frames, reused.
     scratch: Vec<u8>,
+    /// The time of the command or tick being handled.
+    clock: Instant,
 }
 
 /// A failed command: the code, an explanation and what it refers to.
@@ -316,6 +318,7 @@ impl Router {
             metrics,
             stopping: false,
             scratch: Vec::with_capacity(256),
+            clock: Instant::now(),
         }
     }
 
@@ -342,6 +345,7 @@ impl Router {
         out: &mut Vec<Output>,
     ) {
         Metrics::incr(&self.metrics.commands);
+        self.clock = now;
         if let Err(f) = self.dispatch(peer, parts, mesh_ok, now, out) {
             self.metrics.error(f.code);
             let reply = ErrorReply {
@@ -544,6 +548,7 @@ impl Router {
                     queue: VecDeque::new(),
                 },
             );
+            self.invalidate();
             self.announce(&h.id, "joined", out);
             self.peers.insert(peer.to_vec(), h.id);
             self.metrics.cells.store(
@@ -747,6 +752,25 @@ impl Router {
         let Target { cell, ack, node } = target;
         // A request always waits for its answer.
         let ack = ack || request;
+        // Every local cell it could go to is full (the least busy one is):
+        // it waits for the service's next free slot, not in this cell's queue.
+        let full = node.is_none()
+            && ack
+            && !matches!(retarget, Retarget::Never)
+            && self
+                .cells
+                .get(&cell)
+                .is_some_and(|c| c.held.len() as u32 >= c.limit());
+        if full {
+            self.park(InFlight {
+                event: event.clone(),
+                service: service.clone(),
+                attempt: attempt - 1,
+                retarget,
+                request,
+            });
+            return;
+        }
         self.scratch.clear();
         self.scratch
             .extend_from_slice(if request { b"J RQST " } else { b"J DLVR " });
@@ -1108,14 +1132,20 @@ impl Router {
                 now,
                 out,
             ),
-            None => {
-                let queue = self.backlog.entry(f.service.clone()).or_default();
-                if queue.len() >= MAX_BACKLOG_PER_SERVICE {
-                    Metrics::incr(&self.metrics.dropped_backlog_full);
-                } else {
-                    queue.push_back(f);
-                }
-            }
+            None => self.park(f),
+        }
+    }
+
+    /// Keeps a delivery at the transmitter until a cell of its service has
+    /// a free slot (or listens again); `f.attempt` is the attempt before
+    /// the one it will be sent as.
+    fn park(&mut self, f: InFlight) {
+        let queue = self.backlog.entry(f.service.clone()).or_default();
+        if queue.len() >= MAX_BACKLOG_PER_SERVICE {
+            Metrics::incr(&self.metrics.dropped_backlog_full);
+        } else {
+            Metrics::incr(&self.metrics.queued);
+            queue.push_back(f);
         }
     }
 
@@ -1182,6 +1212,7 @@ impl Router {
         if !c.held.remove(event) {
             return;
         }
+        let service = c.service.clone();
         while (c.held.len() as u32) < c.limit() {
             let Some(q) = c.queue.pop_front() else { break };
             if !self.in_flight.contains_key(&q.key) && !self.proxied.contains_key(&q.key) {
@@ -1193,6 +1224,17 @@ impl Router {
                 frame: q.frame,
                 binary: q.binary,
             });
+        }
+        // A slot is still free: the oldest delivery waiting for the service.
+        let free = self
+            .cells
+            .get(cell)
+            .is_some_and(|c| (c.held.len() as u32) < c.limit());
+        if free {
+            if let Some(f) = self.backlog.get_mut(&service).and_then(VecDeque::pop_front) {
+                let now = self.clock;
+                self.redeliver(f, None, now, out);
+            }
         }
     }
 
@@ -1212,9 +1254,9 @@ impl Router {
         Some(f)
     }
 
-    /// The least busy of `cells` (unanswered plus waiting deliveries for a
-    /// local cell, unanswered ones we sent for a remote cell); ties go
-    /// round robin.
+    /// The least busy of `cells`: one with a free slot first, then the
+    /// fewest unanswered plus waiting deliveries (for a remote cell, the
+    /// unanswered ones we sent); ties go round robin.
     fn least_loaded(&mut self, service: &Arc<str>, candidates: &[Target]) -> Option<Target> {
         if candidates.is_empty() {
             return None;
@@ -1222,9 +1264,17 @@ impl Router {
         let cursor = self.cursors.entry(service.clone()).or_insert(0);
         let start = *cursor;
         *cursor = cursor.wrapping_add(1);
+        // A cell with a free slot beats any cell that would have to queue;
+        // then the fewest unanswered-plus-waiting deliveries win.
         let load = |t: &Target| match self.cells.get(&t.cell) {
-            Some(c) => c.held.len() + c.queue.len(),
-            None => self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
+            Some(c) => (
+                c.held.len() as u32 >= c.limit(),
+                c.held.len() + c.queue.len(),
+            ),
+            None => (
+                false,
+                self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
+            ),
         };
         let n = candidates.len();
         (0..n).map(|i| candidates[(start + i) % n]).min_by_key(load)
@@ -1767,6 +1817,7 @@ impl Router {
 
     /// Expires silent cells and redelivers deliveries past their deadline.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
+        self.clock = now;
         let limit = self.heartbeat * HEARTBEAT_MISSES as u32;
         let silent: Vec<Thid> = self
             .cells
@@ -2643,7 +2694,11 @@ mod tests {
         let r = h.send("c", &format!(r#"J ACKN {{"id":"{id}"}}"#));
         assert_eq!(r.len(), 1, "one slot freed, one waiting delivery sent");
         assert!(r[0].1.contains(r#""payload":2"#), "in order: {}", r[0].1);
-        assert_eq!(h.router.in_flight_count(), 4);
+        assert_eq!(
+            h.router.in_flight_count(),
+            2,
+            "two held; two still wait at the transmitter"
+        );
         assert_eq!(h.router.metrics().snapshot()["queued"], 3);
     }
 
@@ -2662,6 +2717,42 @@ mod tests {
             .map(|_| h.send("pub", r#"J EVNT {"channel":"jobs"}"#)[0].0.clone())
             .collect();
         assert_eq!(r, ["idle", "idle", "idle"]);
+    }
+
+    #[test]
+    fn a_full_cell_gets_no_more_work_and_waiting_work_goes_to_the_next_free_slot() {
+        let mut h = Harness::new();
+        h.join("stuck", "s");
+        h.send(
+            "stuck",
+            r#"J LSTN {"pattern":"jobs","mode":"any","concurrency":1}"#,
+        );
+        h.join("busy", "s");
+        h.send(
+            "busy",
+            r#"J LSTN {"pattern":"jobs","mode":"any","concurrency":2}"#,
+        );
+        h.join("pub", "p");
+        let mut to: Vec<String> = Vec::new();
+        for i in 0..6 {
+            let r = h.send(
+                "pub",
+                &format!(r#"J EVNT {{"channel":"jobs","payload":{i}}}"#),
+            );
+            to.extend(
+                r.into_iter()
+                    .map(|(p, f)| format!("{p} {}", delivery_id(&f))),
+            );
+        }
+        assert_eq!(to.len(), 3, "three slots, three sent, three wait: {to:?}");
+        let busy: Vec<&String> = to.iter().filter(|t| t.starts_with("busy ")).collect();
+        assert_eq!(busy.len(), 2);
+        for b in busy {
+            let id = b.trim_start_matches("busy ");
+            let r = h.send("busy", &format!(r#"J ACKN {{"id":"{id}"}}"#));
+            assert_eq!(r.len(), 1, "a freed slot takes the next waiting event");
+            assert_eq!(r[0].0, "busy", "never the stuck cell");
+        }
     }
 
     fn rpc_setup(h: &mut Harness) {

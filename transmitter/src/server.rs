@@ -46,6 +46,11 @@ pub enum StartError {
     Config(&'static str),
 }
 
+/// How long messages wait for a transmitter that is not in the view yet.
+const UNSEEN_WAIT: Duration = Duration::from_secs(5);
+/// Most messages kept for one such transmitter.
+const UNSEEN_MAX: usize = 10_000;
+
 /// Where the router thread and the mesh thread talk.
 const MESH_PAIR: &str = "inproc://thynapse-mesh";
 
@@ -214,6 +219,7 @@ impl Transmitter {
             },
             out: Vec::with_capacity(BATCH),
             stuck: HashMap::new(),
+            unseen: HashMap::new(),
         };
         let thread = {
             let stop = stop.clone();
@@ -321,6 +327,9 @@ struct Switchboard {
     mesh_policy: MeshPolicy,
     /// Outputs waiting to be sent.
     out: Vec<Output>,
+    /// Messages for transmitters not in our view yet (one that saw us
+    /// first may forward to us before we see it), with when the first came.
+    unseen: HashMap<Thid, (Instant, Vec<Output>)>,
     /// Cells whose queue is full, since when: past
     /// [`SLOW_CONSUMER_MS`] they are disconnected.
     stuck: HashMap<Vec<u8>, Instant>,
@@ -368,6 +377,7 @@ impl Switchboard {
             if now >= next_tick {
                 self.router.tick(now, &mut self.out);
                 self.flush();
+                self.expire_unseen(now);
                 if let (Some(m), Some(view)) = (&self.mesh, self.router.take_local_view()) {
                     let _ = m.send(view.as_bytes(), zmq::DONTWAIT);
                 }
@@ -420,6 +430,9 @@ impl Switchboard {
                 Ok(socket) => {
                     tracing::info!(node = %id, command = %cmd, "transmitter joined the view");
                     self.nodes.insert(id, (cmd, socket));
+                    if let Some((_, held)) = self.unseen.remove(&id) {
+                        self.out.extend(held);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(node = %id, command = %cmd, error = %e, "cannot reach transmitter")
@@ -427,6 +440,34 @@ impl Switchboard {
             }
         }
         self.flush();
+    }
+
+    /// Keeps a message for a transmitter we do not see yet, for at most
+    /// [`UNSEEN_WAIT`] and [`UNSEEN_MAX`] messages.
+    fn hold_for_unseen(&mut self, node: Thid, o: Output) {
+        let (_, held) = self
+            .unseen
+            .entry(node)
+            .or_insert_with(|| (Instant::now(), Vec::new()));
+        if held.len() < UNSEEN_MAX {
+            held.push(o);
+        } else {
+            Metrics::incr(&self.router.metrics().dropped_hwm);
+        }
+    }
+
+    /// Drops what waited too long for a transmitter that never appeared.
+    fn expire_unseen(&mut self, now: Instant) {
+        let metrics = self.router.metrics();
+        self.unseen.retain(|_, (since, held)| {
+            let keep = now.duration_since(*since) < UNSEEN_WAIT;
+            if !keep {
+                for _ in held.iter() {
+                    Metrics::incr(&metrics.dropped_hwm);
+                }
+            }
+            keep
+        });
     }
 
     /// A DEALER to another transmitter's command socket.
@@ -476,7 +517,10 @@ impl Switchboard {
                         binary,
                     } => match self.nodes.get(node) {
                         Some((_, s)) => send(s, None, frame, binary.as_deref()),
-                        None => Err(zmq::Error::EHOSTUNREACH),
+                        None => {
+                            self.hold_for_unseen(*node, o);
+                            continue;
+                        }
                     },
                 };
                 match (sent, &o) {
