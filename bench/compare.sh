@@ -43,15 +43,17 @@ THYNAPSE=$ROOT/target/release/thynapse
 
 NATS_PID=
 THY_PID=
+MESH_PIDS=
 stop_servers() {
-    for pid in $NATS_PID $THY_PID; do
+    for pid in $NATS_PID $THY_PID $MESH_PIDS; do
         kill "$pid" 2>/dev/null || true
     done
-    for pid in $NATS_PID $THY_PID; do
+    for pid in $NATS_PID $THY_PID $MESH_PIDS; do
         wait "$pid" 2>/dev/null || true
     done
     NATS_PID=
     THY_PID=
+    MESH_PIDS=
 }
 cleanup() {
     stop_servers
@@ -89,7 +91,18 @@ fi
 log "nats-server: $NATS_SERVER ($("$NATS_SERVER" --version))"
 
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    free_ports 1
+}
+
+# N distinct free TCP ports on loopback, one per line (UDP is free too, for
+# the transmitters' gossip on their command port, more often than not).
+free_ports() {
+    python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print("\n".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
 wait_port() {
@@ -188,6 +201,55 @@ for payload in $PAYLOADS; do
         done
     done
 done
+
+# Mesh: three transmitters (gossip, --join) against a three-node NATS
+# cluster (routes); the publisher on node 1, the 4 cells on node 2.
+stop_servers
+start_meshes() {
+    local ports
+    mapfile -t ports < <(free_ports 12)
+    local routes="nats://127.0.0.1:${ports[3]},nats://127.0.0.1:${ports[4]},nats://127.0.0.1:${ports[5]}"
+    MESH_NATS=()
+    for i in 0 1 2; do
+        "$NATS_SERVER" -a 127.0.0.1 -p "${ports[$i]}" -n "bench$i" --cluster_name bench \
+            --cluster "nats://127.0.0.1:${ports[$((3 + i))]}" --routes "$routes" >"$TMP/nats-mesh$i.log" 2>&1 &
+        MESH_PIDS="$MESH_PIDS $!"
+        MESH_NATS+=("nats://127.0.0.1:${ports[$i]}")
+    done
+    MESH_THY=()
+    for i in 0 1 2; do
+        local cmd=${ports[$((6 + 2 * i))]} ev=${ports[$((7 + 2 * i))]} join=()
+        [ "$i" -gt 0 ] && join=(--join "tcp://127.0.0.1:${ports[6]}")
+        THYNAPSE_LOG=warn "$THYNAPSE" transmitter --command "tcp://127.0.0.1:$cmd" --event "tcp://127.0.0.1:$ev" \
+            "${join[@]}" >"$TMP/thynapse-mesh$i.out" 2>"$TMP/thynapse-mesh$i.log" &
+        MESH_PIDS="$MESH_PIDS $!"
+        MESH_THY+=("tcp://127.0.0.1:$cmd")
+    done
+    for i in 0 1 2; do
+        wait_port "${ports[$i]}"
+        wait_port "${ports[$((6 + 2 * i))]}"
+    done
+    # Let the routes and the gossip form.
+    sleep 3
+}
+start_meshes
+for scenario in anycatch-noack anycatch-ack multicatch; do
+    log "mesh: $scenario, 128 B, publisher on node 1, cells on node 2"
+    for _ in $(seq 1 "$RUNS"); do
+        # JetStream would need a clustered setup: the NATS mesh runs cover
+        # core NATS (queue group, fan-out) only.
+        if [ "$scenario" != anycatch-ack ]; then
+            run "$BENCH" nats --url "${MESH_NATS[1]}" --publish-to "${MESH_NATS[0]}" --settle-secs 1.5 \
+                "$scenario" --msgs "$MSGS"
+        fi
+        for sys in $SYSTEMS; do
+            run "$BENCH" "$sys" --command "${MESH_THY[1]}" --publish-to "${MESH_THY[0]}" --settle-secs 1.5 \
+                "$scenario" --msgs "$MSGS"
+        done
+    done
+done
+stop_servers
+start_servers
 
 # Request/reply: throughput with 16 concurrent requesters, latency with 1.
 # The SDK has no request API yet: the raw-frame client speaks RQST/RPLY.

@@ -13,7 +13,11 @@ SCENARIOS = [
     ("1b", "anycatch_ack", "anycatch, acked vs JetStream work queue, explicit acks (msgs/s)"),
     ("2", "multicatch", "multicatch to 4 cells vs 4 subscribers (deliveries/s)"),
 ]
-# Lower is better for memory: the ratio target is <= 1.0.
+MESH = [
+    ("5a", "mesh_anycatch_noack", "mesh of 3, publisher and cells on different nodes: anycatch, ack: false vs queue group"),
+    ("5b", "mesh_anycatch_ack", "mesh of 3: anycatch acked (NATS: not run, JetStream needs a clustered setup)"),
+    ("5c", "mesh_multicatch", "mesh of 3: multicatch vs 4 subscribers (deliveries/s)"),
+]
 THYNAPSE = ["thynapse-sdk", "thynapse-raw"]
 
 
@@ -51,7 +55,7 @@ def main():
         return (statistics.median(vals) if vals else None), len(g), lost, dup
 
     systems = [s for s in THYNAPSE if any(k[0] == s for k in groups)]
-    payloads = sorted({k[2] for k in groups if k[1] in {s for _, s, _ in SCENARIOS}})
+    payloads = sorted({k[2] for k in groups if k[1] in {s for _, s, _ in SCENARIOS + MESH}})
 
     def cpu_us(system, scenario, payload):
         """Median server CPU microseconds per published event."""
@@ -64,23 +68,27 @@ def main():
         f"{s} | {s}/NATS" for s in systems) + " | lost/dup (NATS; " + "; ".join(systems)
         + ") | server CPU µs/event (NATS; " + "; ".join(systems) + ") | runs |")
     print("|---|---|---|---|" + "---|---|" * len(systems) + "---|---|---|")
-    for num, scen, desc in SCENARIOS:
-        for p in payloads:
-            n, nruns, nl, nd = med("nats", scen, p)
-            cells = []
-            losses = [f"{nl}/{nd}"]
-            runs = [nruns]
-            for s in systems:
-                t, truns, tl, td = med(s, scen, p)
-                ratio = f"**{t / n:.2f}**" if (t and n) else "-"
-                cells.append(f"{fmt_rate(t)} | {ratio}")
-                losses.append(f"{tl}/{td}")
-                runs.append(truns)
-            if n is None and all(c.startswith("-") for c in cells):
-                continue
-            cpus = [cpu_us("nats", scen, p)] + [cpu_us(s, scen, p) for s in systems]
-            print(f"| {num} | {desc} | {p} B | {fmt_rate(n)} | " + " | ".join(cells)
-                  + f" | {'; '.join(losses)} | {'; '.join(cpus)} | {'/'.join(map(str, runs))} |")
+
+    def rows_for(scenarios):
+        for num, scen, desc in scenarios:
+            for p in payloads:
+                n, nruns, nl, nd = med("nats", scen, p)
+                cells = []
+                losses = [f"{nl}/{nd}"]
+                runs = [nruns]
+                for s in systems:
+                    t, truns, tl, td = med(s, scen, p)
+                    ratio = f"**{t / n:.2f}**" if (t and n) else "-"
+                    cells.append(f"{fmt_rate(t)} | {ratio}")
+                    losses.append(f"{tl}/{td}")
+                    runs.append(truns)
+                if n is None and all(c.startswith("-") for c in cells):
+                    continue
+                cpus = [cpu_us("nats", scen, p)] + [cpu_us(s, scen, p) for s in systems]
+                print(f"| {num} | {desc} | {p} B | {fmt_rate(n)} | " + " | ".join(cells)
+                      + f" | {'; '.join(losses)} | {'; '.join(cpus)} | {'/'.join(map(str, runs))} |")
+    rows_for(SCENARIOS)
+
     # Request/reply, keyed by the number of requesters.
     rr = defaultdict(list)
     for r in rows:
@@ -117,8 +125,10 @@ def main():
     else:
         print("| 4 | request/reply | - | not run | " + " | ".join(
             "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
-    print("| 5 | three-transmitter mesh | - | not run | " + " | ".join(
-        "not yet measured | -" for _ in systems) + " | - | - | 0 |")
+    rows_for(MESH)
+    if not any(k[1].startswith("mesh_") for k in groups):
+        print("| 5 | three-transmitter mesh | - | not run | " + " | ".join(
+            "not measured | -" for _ in systems) + " | - | - | 0 |")
 
     # Memory.
     mem_sys = {k[0] for k in groups if k[1] == "memory"}

@@ -49,6 +49,23 @@ pub struct Load {
     pub idle: Duration,
     /// The server's process id, to report the CPU it used.
     pub server_pid: Option<u32>,
+    /// Mesh runs: the server the publisher connects to, when it is not the
+    /// one the cells joined. The scenario is then reported as `mesh_<name>`.
+    pub publish_to: Option<String>,
+    /// How long to wait between the cells being ready and the first
+    /// publish (mesh runs: for the cells' interest to reach the
+    /// publisher's server).
+    pub settle: Duration,
+}
+
+impl Load {
+    /// The scenario's name in the JSON line: `mesh_` first for mesh runs.
+    pub fn scenario_name(&self, scenario: Scenario) -> String {
+        match self.publish_to {
+            Some(_) => format!("mesh_{}", scenario.name()),
+            None => scenario.name().to_owned(),
+        }
+    }
 }
 
 impl Default for Load {
@@ -60,6 +77,8 @@ impl Default for Load {
             deadline: Duration::from_secs(60),
             idle: Duration::from_secs(3),
             server_pid: None,
+            publish_to: None,
+            settle: Duration::ZERO,
         }
     }
 }

@@ -37,6 +37,14 @@ struct LoadArgs {
     /// The server's process id, to report the CPU seconds it used.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Mesh runs: the publisher connects here (another node of the mesh
+    /// or cluster) instead of where the cells are.
+    #[arg(long)]
+    publish_to: Option<String>,
+    /// Seconds to wait after the cells are ready before publishing (mesh:
+    /// for their interest to reach the publisher's node).
+    #[arg(long, default_value_t = 0.0)]
+    settle_secs: f64,
 }
 
 impl LoadArgs {
@@ -48,6 +56,8 @@ impl LoadArgs {
             deadline: Duration::from_secs(self.secs),
             idle: Duration::from_secs(self.idle_secs),
             server_pid: self.server_pid,
+            publish_to: self.publish_to.clone(),
+            settle: Duration::from_secs_f64(self.settle_secs.max(0.0)),
         }
     }
 }

@@ -89,7 +89,7 @@ pub async fn run(
     let begin = Instant::now();
     let clock = Arc::new(RunClock::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let publisher = connect(url).await?;
+    let publisher = connect(load.publish_to.as_deref().unwrap_or(url)).await?;
 
     // The cells.
     let mut cells = Vec::new();
@@ -193,6 +193,7 @@ pub async fn run(
 
     // The publisher.
     let published = Arc::new(AtomicBool::new(false));
+    tokio::time::sleep(load.settle).await;
     let mark = CpuMark::now(load.server_pid);
     clock.restart();
     let pub_begin = Instant::now();
@@ -257,7 +258,7 @@ pub async fn run(
         tally.merge(&c.await?);
     }
 
-    let mut r = Report::new("nats", scenario.name());
+    let mut r = Report::new("nats", &load.scenario_name(scenario));
     r.payload = load.payload;
     r.cells = load.cells;
     r.msgs = sent;

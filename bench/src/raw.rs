@@ -306,7 +306,12 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
     ready.wait();
 
     let pctx = zmq::Context::new();
-    let publisher = join(&pctx, command, PUBLISHER_SERVICE)?;
+    let publisher = join(
+        &pctx,
+        load.publish_to.as_deref().unwrap_or(command),
+        PUBLISHER_SERVICE,
+    )?;
+    std::thread::sleep(load.settle);
     let published = Arc::new(AtomicBool::new(false));
     let mark = CpuMark::now(load.server_pid);
     let pub_thread = {
@@ -369,7 +374,7 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
     for c in cells {
         tally.merge(&c.join().map_err(|_| anyhow::anyhow!("cell panicked"))??);
     }
-    let mut r = Report::new("thynapse-raw", scenario.name());
+    let mut r = Report::new("thynapse-raw", &load.scenario_name(scenario));
     r.payload = load.payload;
     r.cells = load.cells;
     r.msgs = sent;

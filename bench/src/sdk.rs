@@ -76,7 +76,12 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
         }));
     }
 
-    let publisher = connect(command, PUBLISHER_SERVICE).await?;
+    let publisher = connect(
+        load.publish_to.as_deref().unwrap_or(command),
+        PUBLISHER_SERVICE,
+    )
+    .await?;
+    tokio::time::sleep(load.settle).await;
     let published = Arc::new(AtomicBool::new(false));
     let mark = CpuMark::now(load.server_pid);
     clock.restart();
@@ -126,7 +131,7 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
     }
     publisher.close().await;
 
-    let mut r = Report::new("thynapse-sdk", scenario.name());
+    let mut r = Report::new("thynapse-sdk", &load.scenario_name(scenario));
     r.payload = load.payload;
     r.cells = load.cells;
     r.msgs = sent;
