@@ -177,10 +177,12 @@ pub fn workspace_root() -> PathBuf {
 
 /// The path of the `thynapse` binary, built once per test process.
 ///
-/// `THYNAPSE_BIN`, when set, names a binary to use as is. Otherwise this
-/// runs `cargo build -p thynapse-transmitter --bin thynapse` into the
-/// target folder and profile this test binary was built in (so it honours
-/// `CARGO_TARGET_DIR`), once, whatever the number of tests asking.
+/// `THYNAPSE_BIN`, when set, names a binary to use as is. Otherwise the
+/// binary in the target folder and profile this test binary was built in
+/// (so `CARGO_TARGET_DIR` is honoured) is used when it is newer than its
+/// sources, as after `cargo test --workspace`; else this runs `cargo build
+/// -p thynapse-transmitter --bin thynapse` there, once, whatever the
+/// number of tests asking.
 ///
 /// # Errors
 /// When cargo cannot be run or the build fails (with cargo's output).
@@ -190,6 +192,28 @@ pub fn thynapse_binary() -> anyhow::Result<PathBuf> {
         .get_or_init(|| build_thynapse().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow!("{e}"))
+}
+
+/// Whether `bin` exists and was written after every file of the crates it
+/// is built from (transmitter, protocol) and after `Cargo.lock`.
+fn is_newer_than_sources(bin: &Path) -> bool {
+    fn newest(path: &Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| newest(&e.ok()?.path()))
+            .max()
+    }
+    let Some(built) = std::fs::metadata(bin).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    let root = workspace_root();
+    ["transmitter", "protocol", "Cargo.lock", "Cargo.toml"]
+        .iter()
+        .all(|p| newest(&root.join(p)).is_some_and(|t| t < built))
 }
 
 fn build_thynapse() -> anyhow::Result<PathBuf> {
@@ -206,6 +230,14 @@ fn build_thynapse() -> anyhow::Result<PathBuf> {
     let target_dir = profile_dir
         .parent()
         .context("the profile folder has no parent")?;
+    // `cargo test --workspace` has just built the binary with the whole
+    // workspace's features; building it alone would rebuild many crates
+    // with other features. Use it when it is newer than every source it
+    // is made of.
+    let built = profile_dir.join("thynapse");
+    if is_newer_than_sources(&built) {
+        return Ok(built);
+    }
     let cargo = std::env::var_os("CARGO")
         .map(PathBuf::from)
         .or_else(|| option_env!("CARGO").map(PathBuf::from))
