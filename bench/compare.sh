@@ -15,6 +15,7 @@
 #   PAYLOADS    payload grid (default "32 128 1024 8192")
 #   CONNS       idle cells/connections for the memory scenario (default 1000)
 #   RR_MSGS     requests per request/reply run (default 50000)
+#   SECTIONS    what to run (default "ceiling memory grid mesh rr")
 #   SYSTEMS     Thynapse clients to run: "raw sdk" (default: both, sdk when
 #               the bench binary has it)
 #   NATS_SERVER path of a nats-server executable (skips the install)
@@ -29,6 +30,8 @@ MSGS=${MSGS:-200000}
 PAYLOADS=${PAYLOADS:-"32 128 1024 8192"}
 CONNS=${CONNS:-1000}
 RR_MSGS=${RR_MSGS:-50000}
+SECTIONS=${SECTIONS:-"ceiling memory grid mesh rr"}
+section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 if [ -n "${QUICK:-}" ]; then
     RUNS=1
     PAYLOADS=128
@@ -165,11 +168,14 @@ run() {
 }
 
 log "load: $(uptime)"
+if section ceiling; then
 log "raw libzmq DEALER->ROUTER ceiling"
 for _ in $(seq 1 "$RUNS"); do
     run "$BENCH" zmq --payload 128 --msgs 2000000
 done
+fi
 
+if section memory; then
 log "memory: $CONNS idle cells / connections (a fresh server for each measurement)"
 for _ in $(seq 1 "$RUNS"); do
     start_nats
@@ -188,7 +194,9 @@ for _ in $(seq 1 "$RUNS"); do
         fi
     done
 done
+fi
 
+if section grid; then
 start_servers
 for payload in $PAYLOADS; do
     for scenario in anycatch-noack anycatch-ack multicatch; do
@@ -202,9 +210,11 @@ for payload in $PAYLOADS; do
     done
 done
 
+stop_servers
+fi
+
 # Mesh: three transmitters (gossip, --join) against a three-node NATS
 # cluster (routes); the publisher on node 1, the 4 cells on node 2.
-stop_servers
 start_meshes() {
     local ports
     mapfile -t ports < <(free_ports 12)
@@ -232,6 +242,7 @@ start_meshes() {
     # Let the routes and the gossip form.
     sleep 3
 }
+if section mesh; then
 start_meshes
 for scenario in anycatch-noack anycatch-ack multicatch; do
     log "mesh: $scenario, 128 B, publisher on node 1, cells on node 2"
@@ -249,10 +260,11 @@ for scenario in anycatch-noack anycatch-ack multicatch; do
     done
 done
 stop_servers
-start_servers
+fi
 
 # Request/reply: throughput with 16 concurrent requesters, latency with 1.
-# The SDK has no request API yet: the raw-frame client speaks RQST/RPLY.
+if section rr; then
+start_servers
 for requesters in 16 1; do
     log "request/reply, $requesters requester(s), 128 B"
     for _ in $(seq 1 "$RUNS"); do
@@ -266,6 +278,7 @@ for requesters in 16 1; do
     done
 done
 stop_servers
+fi
 log "load: $(uptime)"
 
 log "raw results: $OUT"

@@ -83,6 +83,13 @@ impl Default for Load {
     }
 }
 
+/// A short random tag that makes a run's channel and service names unique,
+/// so that deliveries a transmitter still holds from an earlier run (to be
+/// redelivered) never reach this run's cells.
+pub fn run_tag() -> String {
+    thynapse_protocol::Thid::random().to_hex()[..8].to_owned()
+}
+
 /// Where a scenario sends its events and how the cells take them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {

@@ -20,9 +20,10 @@ use crate::procfs::{self, CpuMark};
 use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
 use crate::{Load, Scenario};
 
-/// The channel every run publishes on.
+/// The channel every run publishes on (throughput runs add `::<tag>`, see
+/// [`crate::run_tag`]).
 pub const CHANNEL: &str = "bench::events";
-/// The service of the listening cells.
+/// The service of the listening cells (throughput runs add `-<tag>`).
 pub const CELL_SERVICE: &str = "bench-cells";
 /// The service of the publisher.
 pub const PUBLISHER_SERVICE: &str = "bench-publisher";
@@ -216,9 +217,15 @@ impl CellLoop {
     }
 }
 
-fn setup_cell(command: &str, scenario: Scenario, msgs: u64) -> anyhow::Result<CellLoop> {
+fn setup_cell(
+    command: &str,
+    scenario: Scenario,
+    msgs: u64,
+    channel: &str,
+    service: &str,
+) -> anyhow::Result<CellLoop> {
     let ctx = zmq::Context::new();
-    let join = join(&ctx, command, CELL_SERVICE)?;
+    let join = join(&ctx, command, service)?;
     let mut sub = None;
     match scenario {
         Scenario::AnycatchNoack | Scenario::AnycatchAck => {
@@ -226,7 +233,7 @@ fn setup_cell(command: &str, scenario: Scenario, msgs: u64) -> anyhow::Result<Ce
             send_cmd(
                 &join.dealer,
                 Verb::LSTN,
-                &format!(r#"{{"pattern":"{CHANNEL}","mode":"any","ack":{ack}}}"#),
+                &format!(r#"{{"pattern":"{channel}","mode":"any","ack":{ack}}}"#),
             )?;
             expect(&join.dealer, Verb::OKAY)?;
         }
@@ -235,12 +242,12 @@ fn setup_cell(command: &str, scenario: Scenario, msgs: u64) -> anyhow::Result<Ce
             s.set_rcvhwm(100_000)?;
             s.connect(&join.event_endpoint)?;
             let mut topic = frame::EVENT_TOPIC.to_vec();
-            topic.extend_from_slice(CHANNEL.as_bytes());
+            topic.extend_from_slice(channel.as_bytes());
             s.set_subscribe(&topic)?;
             send_cmd(
                 &join.dealer,
                 Verb::LSTN,
-                &format!(r#"{{"pattern":"{CHANNEL}","mode":"multi"}}"#),
+                &format!(r#"{{"pattern":"{channel}","mode":"multi"}}"#),
             )?;
             expect(&join.dealer, Verb::OKAY)?;
             // Subscription sync: once our SYNC token comes back, the EVNT
@@ -288,17 +295,22 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
     let clock = Arc::new(RunClock::new());
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(Barrier::new(load.cells + 1));
+    let tag = crate::run_tag();
+    let channel = format!("{CHANNEL}::{tag}");
+    let service = format!("{CELL_SERVICE}-{tag}");
     let mut cells = Vec::new();
     for _ in 0..load.cells {
-        let (command, clock, stop, ready, msgs) = (
+        let (command, clock, stop, ready, msgs, channel, service) = (
             command.to_owned(),
             clock.clone(),
             stop.clone(),
             ready.clone(),
             load.msgs,
+            channel.clone(),
+            service.clone(),
         );
         cells.push(std::thread::spawn(move || -> anyhow::Result<Tally> {
-            let cell = setup_cell(&command, scenario, msgs);
+            let cell = setup_cell(&command, scenario, msgs, &channel, &service);
             ready.wait();
             cell?.run(&clock, &stop)
         }));
@@ -326,7 +338,7 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
         std::thread::spawn(move || -> anyhow::Result<(u64, Duration)> {
             let head = frame::encode(
                 Verb::EVNT,
-                format!(r#"{{"channel":"{CHANNEL}"}}"#).as_bytes(),
+                format!(r#"{{"channel":"{channel}"}}"#).as_bytes(),
             );
             let mut p = payload::template(size);
             clock.restart();

@@ -45,12 +45,15 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
         Scenario::AnycatchAck => ListenOptions::any(),
         Scenario::Multicatch => ListenOptions::multi(),
     };
+    let tag = crate::run_tag();
+    let channel = format!("{CHANNEL}::{tag}");
+    let service = format!("{CELL_SERVICE}-{tag}");
     let mut cells = Vec::new();
     for _ in 0..load.cells {
-        let c = connect(command, CELL_SERVICE).await?;
+        let c = connect(command, &service).await?;
         // Returns once the listen (and for multicatch the subscription) is
         // in place at the transmitter.
-        let mut sub = c.listen_with(CHANNEL, options).await?;
+        let mut sub = c.listen_with(&channel, options).await?;
         let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
         cells.push(tokio::spawn(async move {
             let mut tally = Tally::new(msgs);
@@ -89,6 +92,7 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
         let (published, msgs, size, deadline) =
             (published.clone(), load.msgs, load.payload, load.deadline);
         let publisher = publisher.clone();
+        let channel = channel.clone();
         tokio::spawn(async move {
             let t0 = Instant::now();
             let mut template = payload::template(size);
@@ -98,7 +102,7 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
                     break;
                 }
                 payload::stamp(&mut template, seq);
-                publisher.publish_bytes(CHANNEL, template.clone()).await?;
+                publisher.publish_bytes(&channel, template.clone()).await?;
                 sent += 1;
             }
             let took = t0.elapsed();
