@@ -124,7 +124,7 @@ def main():
                   f"{f'{np50:.0f} µs' if np50 else '-'} | " + " | ".join(cells) + f" | - | - | {runs} |")
     else:
         print("| 4 | request/reply | - | not run | " + " | ".join(
-            "not yet implemented in Thynapse | -" for _ in systems) + " | - | - | 0 |")
+            "not run | -" for _ in systems) + " | - | - | 0 |")
     rows_for(MESH)
     if not any(k[1].startswith("mesh_") for k in groups):
         print("| 5 | three-transmitter mesh | - | not run | " + " | ".join(
