@@ -209,6 +209,16 @@ struct RemoteCell {
     listens: Vec<ListenEntry>,
 }
 
+/// A cell of the view, local or remote, as routing and discovery see it.
+struct ViewCell<'a> {
+    id: &'a Thid,
+    service: &'a Arc<str>,
+    metadata: &'a Map<String, Value>,
+    listens: &'a [ListenEntry],
+    /// The transmitter that owns it; `None` for a local cell.
+    node: Option<Thid>,
+}
+
 /// Another transmitter of the mesh and its cells.
 #[derive(Debug)]
 struct RemoteNode {
@@ -1662,9 +1672,35 @@ impl Router {
         Ok(())
     }
 
+    /// Every cell of the view: the local ones, then the remote ones (a
+    /// remote record of a cell that is also local is skipped: the cell
+    /// moved here).
+    fn view_cells(&self) -> impl Iterator<Item = ViewCell<'_>> {
+        let local = self.cells.iter().map(|(id, c)| ViewCell {
+            id,
+            service: &c.service,
+            metadata: &c.metadata,
+            listens: &c.listens,
+            node: None,
+        });
+        let remote = self.remote.iter().flat_map(move |(node, n)| {
+            n.cells
+                .iter()
+                .filter(move |(id, _)| !self.cells.contains_key(id))
+                .map(move |(id, c)| ViewCell {
+                    id,
+                    service: &c.service,
+                    metadata: &c.metadata,
+                    listens: &c.listens,
+                    node: Some(*node),
+                })
+        });
+        local.chain(remote)
+    }
+
     /// Every cell of the view, local and remote.
     fn instances(&self) -> Vec<Instance> {
-        let listens = |l: &Vec<ListenEntry>| {
+        let listens = |l: &[ListenEntry]| {
             l.iter()
                 .map(|e| InstanceListen {
                     pattern: e.pattern.as_str().to_owned(),
@@ -1672,26 +1708,16 @@ impl Router {
                 })
                 .collect()
         };
-        let local = self.cells.iter().map(|(id, c)| Instance {
-            id: *id,
-            service: c.service.to_string(),
-            metadata: c.metadata.clone(),
-            transmitter: self.id,
-            listens: listens(&c.listens),
-        });
-        let remote = self.remote.iter().flat_map(|(node, n)| {
-            n.cells
-                .iter()
-                .filter(|(id, _)| !self.cells.contains_key(id))
-                .map(move |(id, c)| Instance {
-                    id: *id,
-                    service: c.service.to_string(),
-                    metadata: c.metadata.clone(),
-                    transmitter: *node,
-                    listens: listens(&c.listens),
-                })
-        });
-        let mut all: Vec<Instance> = local.chain(remote).collect();
+        let mut all: Vec<Instance> = self
+            .view_cells()
+            .map(|c| Instance {
+                id: *c.id,
+                service: c.service.to_string(),
+                metadata: c.metadata.clone(),
+                transmitter: c.node.unwrap_or(self.id),
+                listens: listens(c.listens),
+            })
+            .collect();
         all.sort_by(|a, b| (&a.service, a.id).cmp(&(&b.service, b.id)));
         all
     }
@@ -1766,17 +1792,14 @@ impl Router {
             return r.clone();
         }
         let mut route = Route::default();
-        let local = self
-            .cells
-            .iter()
-            .map(|(id, c)| (id, &c.service, &c.listens, None));
-        let remote = self.remote.iter().flat_map(|(node, n)| {
-            n.cells
-                .iter()
-                .filter(|(id, _)| !self.cells.contains_key(id))
-                .map(move |(id, c)| (id, &c.service, &c.listens, Some(*node)))
-        });
-        for (id, service, listens, node) in local.chain(remote) {
+        for ViewCell {
+            id,
+            service,
+            listens,
+            node,
+            ..
+        } in self.view_cells()
+        {
             let mut matched_any = None;
             for l in listens.iter().filter(|l| l.pattern.matches(channel)) {
                 match (l.mode, node) {
