@@ -43,7 +43,7 @@ counters! {
     deliveries,
     /// Redeliveries (attempt > 1).
     redeliveries,
-    /// Events published on the event socket for multicatch listeners.
+    /// Multicatch copies sent to local cells (one per cell and event).
     multicast,
     /// Deliveries acknowledged.
     acks,
@@ -55,6 +55,9 @@ counters! {
     dropped_backlog_full,
     /// Messages not sent because a peer's queue was full.
     dropped_hwm,
+    /// Multicatch copies dropped because the cell's queue was full (also
+    /// counted in `dropped_hwm`).
+    dropped_multicatch,
     /// Cells expired for missing heartbeats.
     expired_cells,
     /// Subscription handshakes answered on the event socket.

@@ -49,9 +49,19 @@ pub enum Output {
         /// The optional binary payload frame.
         binary: Option<Arc<Vec<u8>>>,
     },
-    /// A message on the event socket (multicatch).
+    /// A multicatch event to one cell over the command socket: dropped and
+    /// counted, never queued, when the cell's queue is full.
+    Multicatch {
+        /// The cell's connection.
+        peer: PeerId,
+        /// The `J EVNT {json}` frame.
+        frame: Vec<u8>,
+        /// The optional binary payload frame.
+        binary: Option<Arc<Vec<u8>>>,
+    },
+    /// A message on the event socket (membership events).
     Publish {
-        /// The `EVNT <channel> {json}` frame.
+        /// The `MEMB <service> {json}` frame.
         frame: Vec<u8>,
         /// The optional binary payload frame.
         binary: Option<Arc<Vec<u8>>>,
@@ -195,8 +205,8 @@ struct ServiceRoute {
 #[derive(Debug, Default)]
 struct Route {
     any: Vec<ServiceRoute>,
-    /// Whether a local cell listens in multicatch mode.
-    multi: bool,
+    /// Local cells that listen in multicatch mode.
+    multi: Vec<Thid>,
     /// Other transmitters with a multicatch listener.
     multi_nodes: Vec<Thid>,
 }
@@ -679,17 +689,11 @@ impl Router {
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
         let route = self.route(&p.channel);
         let mut routed = 0u32;
-        if route.multi || !route.multi_nodes.is_empty() {
+        if !route.multi.is_empty() || !route.multi_nodes.is_empty() {
             self.scratch.clear();
             body::write_delivery(&mut self.scratch, &id, &p.channel, payload, from, None);
             let binary = binary.map(|b| Arc::new(b.to_vec()));
-            if route.multi {
-                out.push(Output::Publish {
-                    frame: frame::encode_event(&p.channel, &self.scratch),
-                    binary: binary.clone(),
-                });
-                Metrics::incr(&self.metrics.multicast);
-            }
+            self.multicatch(&route.multi, &self.scratch, binary.as_ref(), out);
             for node in &route.multi_nodes {
                 out.push(Output::ToNode {
                     node: *node,
@@ -950,7 +954,7 @@ impl Router {
     }
 
     /// `MEVT`: a multicatch event published at another transmitter for our
-    /// cells; it goes out on our event socket and nowhere else.
+    /// cells; it goes to each of them and nowhere else.
     fn mesh_event(&mut self, body: &[u8], binary: Option<&[u8]>, out: &mut Vec<Output>) -> Handled {
         Metrics::incr(&self.metrics.mesh_in);
         #[derive(serde::Deserialize)]
@@ -961,12 +965,33 @@ impl Router {
         let c: Channel<'_> = parse(body)?;
         pattern::validate_channel(&c.channel)
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), None))?;
-        out.push(Output::Publish {
-            frame: frame::encode_event(&c.channel, body),
-            binary: binary.map(|b| Arc::new(b.to_vec())),
-        });
-        Metrics::incr(&self.metrics.multicast);
+        let route = self.route(&c.channel);
+        let binary = binary.map(|b| Arc::new(b.to_vec()));
+        self.multicatch(&route.multi, body, binary.as_ref(), out);
         Ok(())
+    }
+
+    /// Sends one multicatch event, `body` being its `DLVR` fields without
+    /// `attempt`, as `J EVNT` to each of the local `cells`.
+    fn multicatch(
+        &self,
+        cells: &[Thid],
+        body: &[u8],
+        binary: Option<&Arc<Vec<u8>>>,
+        out: &mut Vec<Output>,
+    ) {
+        if cells.is_empty() {
+            return;
+        }
+        let frame = frame::encode(Verb::EVNT, body);
+        for cell in cells.iter().filter_map(|c| self.cells.get(c)) {
+            out.push(Output::Multicatch {
+                peer: cell.peer.clone(),
+                frame: frame.clone(),
+                binary: binary.cloned(),
+            });
+            Metrics::incr(&self.metrics.multicast);
+        }
     }
 
     /// Replaces the view of the other transmitters. Deliveries to cells
@@ -1801,15 +1826,19 @@ impl Router {
         } in self.view_cells()
         {
             let mut matched_any = None;
+            let mut matched_multi = false;
             for l in listens.iter().filter(|l| l.pattern.matches(channel)) {
                 match (l.mode, node) {
-                    (Mode::Multi, None) => route.multi = true,
+                    (Mode::Multi, None) => matched_multi = true,
                     (Mode::Multi, Some(n)) if !route.multi_nodes.contains(&n) => {
                         route.multi_nodes.push(n)
                     }
                     (Mode::Multi, Some(_)) => {}
                     (Mode::Any, _) => matched_any = matched_any.or(Some(l.ack)),
                 }
+            }
+            if matched_multi {
+                route.multi.push(*id);
             }
             if let Some(ack) = matched_any {
                 let target = Target {
@@ -2187,10 +2216,12 @@ mod tests {
             }
             rest.into_iter()
                 .map(|o| match o {
-                    Output::ToPeer { peer, frame, .. } => (
-                        String::from_utf8(peer).unwrap(),
-                        String::from_utf8(frame).unwrap(),
-                    ),
+                    Output::ToPeer { peer, frame, .. } | Output::Multicatch { peer, frame, .. } => {
+                        (
+                            String::from_utf8(peer).unwrap(),
+                            String::from_utf8(frame).unwrap(),
+                        )
+                    }
                     Output::Publish { frame, .. } => {
                         ("PUB".into(), String::from_utf8(frame).unwrap())
                     }
@@ -2263,24 +2294,31 @@ mod tests {
     }
 
     #[test]
-    fn multicatch_publishes_once_on_the_event_socket() {
+    fn multicatch_sends_one_copy_to_each_listening_cell() {
         let mut h = Harness::new();
         h.join("m1", "m");
         h.listen("m1", "news::*", "multi");
+        h.listen("m1", "news::sport", "multi");
         h.join("m2", "m");
         h.listen("m2", "news::sport", "multi");
+        h.join("m3", "m");
+        h.listen("m3", "news::weather", "multi");
         h.join("pub", "p");
-        let r = h.send(
+        let mut r = h.send(
             "pub",
             r#"J EVNT {"channel":"news::sport","payload":"goal"}"#,
         );
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].0, "PUB");
-        assert!(
-            r[0].1.starts_with(r#"EVNT news::sport {"id":""#),
-            "{}",
-            r[0].1
+        r.sort();
+        let peers: Vec<&str> = r.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            peers,
+            ["m1", "m2"],
+            "one copy per cell, however many listens match"
         );
+        assert_eq!(r[0].1, r[1].1);
+        assert!(r[0].1.starts_with(r#"J EVNT {"id":""#), "{}", r[0].1);
+        assert!(!r[0].1.contains("attempt"), "{}", r[0].1);
+        assert_eq!(h.router.metrics().snapshot()["multicast"], 2);
     }
 
     #[test]
@@ -2451,9 +2489,12 @@ mod tests {
         r.sort();
         assert_eq!(r.len(), 2, "{r:?}");
         assert!(r.iter().all(|(_, f)| f.starts_with("J MEVT ")));
-        let r = h.send("node-peer", &r[0].1.clone());
-        assert_eq!(r[0].0, "PUB");
-        assert!(r[0].1.starts_with("EVNT jobs::1 {"));
+        h.join("m", "m");
+        h.listen("m", "jobs::*", "multi");
+        let evnt = h.send("node-peer", &r[0].1.clone());
+        assert_eq!(evnt.len(), 1, "{evnt:?}");
+        assert_eq!(evnt[0].0, "m");
+        assert!(evnt[0].1.starts_with(r#"J EVNT {"id":""#), "{evnt:?}");
     }
 
     #[test]

@@ -502,38 +502,50 @@ impl Switchboard {
         while !self.out.is_empty() {
             let batch = std::mem::take(&mut self.out);
             for o in batch {
-                let sent = match &o {
+                let (sent, peer) = match &o {
                     Output::ToPeer {
                         peer,
                         frame,
                         binary,
-                    } => send(&self.commands, Some(peer), frame, binary.as_deref()),
+                    }
+                    | Output::Multicatch {
+                        peer,
+                        frame,
+                        binary,
+                    } => (
+                        send(&self.commands, Some(peer), frame, binary.as_deref()),
+                        Some(peer),
+                    ),
                     Output::Publish { frame, binary } => {
-                        send(&self.events, None, frame, binary.as_deref())
+                        (send(&self.events, None, frame, binary.as_deref()), None)
                     }
                     Output::ToNode {
                         node,
                         frame,
                         binary,
                     } => match self.nodes.get(node) {
-                        Some((_, s)) => send(s, None, frame, binary.as_deref()),
+                        Some((_, s)) => (send(s, None, frame, binary.as_deref()), None),
                         None => {
                             self.hold_for_unseen(*node, o);
                             continue;
                         }
                     },
                 };
-                match (sent, &o) {
-                    (Ok(()), Output::ToPeer { peer, .. }) if !self.stuck.is_empty() => {
+                let metrics = self.router.metrics();
+                match (sent, peer) {
+                    (Ok(()), Some(peer)) if !self.stuck.is_empty() => {
                         self.stuck.remove(peer.as_slice());
                     }
                     (Ok(()), _) => {}
-                    (Err(zmq::Error::EHOSTUNREACH), Output::ToPeer { peer, .. }) => {
+                    (Err(zmq::Error::EHOSTUNREACH), Some(peer)) => {
                         self.router
                             .peer_unreachable(peer, Instant::now(), &mut self.out);
                     }
-                    (Err(_), Output::ToPeer { peer, .. }) => {
-                        Metrics::incr(&self.router.metrics().dropped_hwm);
+                    (Err(_), Some(peer)) => {
+                        Metrics::incr(&metrics.dropped_hwm);
+                        if matches!(o, Output::Multicatch { .. }) {
+                            Metrics::incr(&metrics.dropped_multicatch);
+                        }
                         let now = Instant::now();
                         let since = *self.stuck.entry(peer.clone()).or_insert(now);
                         if now.duration_since(since) > Duration::from_millis(SLOW_CONSUMER_MS) {
@@ -541,7 +553,7 @@ impl Switchboard {
                             self.router.slow_consumer(peer, now, &mut self.out);
                         }
                     }
-                    (Err(_), _) => Metrics::incr(&self.router.metrics().dropped_hwm),
+                    (Err(_), None) => Metrics::incr(&metrics.dropped_hwm),
                 }
             }
         }
