@@ -50,6 +50,14 @@ pub struct ListenRecord {
     pub mode: Mode,
     /// Whether deliveries wait for ACKN.
     pub ack: bool,
+    /// Deliveries of this listen the cell takes at once (§21); records
+    /// from transmitters that do not send it count the default.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+}
+
+fn default_concurrency() -> u32 {
+    thynapse_protocol::limits::DEFAULT_CONCURRENCY
 }
 
 /// A cell as the mesh knows it.

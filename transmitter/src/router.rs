@@ -117,16 +117,21 @@ struct Cell {
 }
 
 impl Cell {
-    /// How many deliveries it takes at once: the sum over its acked
-    /// anycatch listens.
+    /// How many deliveries it takes at once.
     fn limit(&self) -> u32 {
-        self.listens
-            .iter()
-            .filter(|l| l.mode == Mode::Any && l.ack)
-            .map(|l| l.concurrency)
-            .fold(0u32, u32::saturating_add)
-            .max(1)
+        limit_of(&self.listens)
     }
+}
+
+/// How many deliveries a cell with `listens` takes at once: the sum over
+/// its acked anycatch listens, and at least one.
+fn limit_of(listens: &[ListenEntry]) -> u32 {
+    listens
+        .iter()
+        .filter(|l| l.mode == Mode::Any && l.ack)
+        .map(|l| l.concurrency)
+        .fold(0u32, u32::saturating_add)
+        .max(1)
 }
 
 /// A delivery frame waiting for a cell to have a free slot.
@@ -766,15 +771,10 @@ impl Router {
         let Target { cell, ack, node } = target;
         // A request always waits for its answer.
         let ack = ack || request;
-        // Every local cell it could go to is full (the least busy one is):
-        // it waits for the service's next free slot, not in this cell's queue.
-        let full = node.is_none()
-            && ack
-            && !matches!(retarget, Retarget::Never)
-            && self
-                .cells
-                .get(&cell)
-                .is_some_and(|c| c.held.len() as u32 >= c.limit());
+        // Every cell it could go to is full (the least busy one is): it
+        // waits for the service's next free slot, not in this cell's queue
+        // nor in another transmitter's.
+        let full = ack && !matches!(retarget, Retarget::Never) && self.is_full(&cell);
         if full {
             self.park(InFlight {
                 event: event.clone(),
@@ -1014,7 +1014,7 @@ impl Router {
                                 pattern: Pattern::parse(&l.pattern).ok()?,
                                 mode: l.mode,
                                 ack: l.ack,
-                                concurrency: DEFAULT_CONCURRENCY,
+                                concurrency: l.concurrency.clamp(1, MAX_CONCURRENCY),
                             })
                         })
                         .collect();
@@ -1086,6 +1086,7 @@ impl Router {
                         pattern: l.pattern.as_str().to_owned(),
                         mode: l.mode,
                         ack: l.ack,
+                        concurrency: l.concurrency,
                     })
                     .collect(),
             })
@@ -1274,7 +1275,8 @@ impl Router {
     }
 
     /// Removes a delivery awaiting an answer and frees what it held: the
-    /// local cell's slot, or the remote cell's share of the load.
+    /// local cell's slot, or one of the slots we use of a remote cell,
+    /// which then goes to the oldest delivery waiting for its service.
     fn take_in_flight(&mut self, key: &(Thid, Thid), out: &mut Vec<Output>) -> Option<InFlight> {
         let f = self.in_flight.remove(key)?;
         let cell = key.1;
@@ -1285,8 +1287,32 @@ impl Router {
             if *load == 0 {
                 self.remote_load.remove(&cell);
             }
+            if let Some(waiting) = self
+                .backlog
+                .get_mut(&f.service)
+                .and_then(VecDeque::pop_front)
+            {
+                let now = self.clock;
+                self.redeliver(waiting, None, now, out);
+            }
         }
         Some(f)
+    }
+
+    /// Whether `cell` holds as many unanswered deliveries as it takes at
+    /// once: a local cell counting all of them, a remote one those we sent.
+    fn is_full(&self, cell: &Thid) -> bool {
+        match self.cells.get(cell) {
+            Some(c) => c.held.len() as u32 >= c.limit(),
+            None => self.remote_cell(cell).is_some_and(|c| {
+                self.remote_load.get(cell).copied().unwrap_or(0) >= limit_of(&c.listens)
+            }),
+        }
+    }
+
+    /// A cell of another transmitter, as the view describes it.
+    fn remote_cell(&self, cell: &Thid) -> Option<&RemoteCell> {
+        self.remote.values().find_map(|n| n.cells.get(cell))
     }
 
     /// The least busy of `cells`: one with a free slot first, then the
@@ -1301,15 +1327,12 @@ impl Router {
         *cursor = cursor.wrapping_add(1);
         // A cell with a free slot beats any cell that would have to queue;
         // then the fewest unanswered-plus-waiting deliveries win.
-        let load = |t: &Target| match self.cells.get(&t.cell) {
-            Some(c) => (
-                c.held.len() as u32 >= c.limit(),
-                c.held.len() + c.queue.len(),
-            ),
-            None => (
-                false,
-                self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
-            ),
+        let load = |t: &Target| {
+            let busy = match self.cells.get(&t.cell) {
+                Some(c) => c.held.len() + c.queue.len(),
+                None => self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
+            };
+            (self.is_full(&t.cell), busy)
         };
         let n = candidates.len();
         (0..n).map(|i| candidates[(start + i) % n]).min_by_key(load)
@@ -1579,11 +1602,10 @@ impl Router {
 
     /// The metadata of a cell anywhere in the view.
     fn metadata_of(&self, cell: &Thid) -> Option<&Map<String, Value>> {
-        self.cells.get(cell).map(|c| &c.metadata).or_else(|| {
-            self.remote
-                .values()
-                .find_map(|n| n.cells.get(cell).map(|c| &c.metadata))
-        })
+        self.cells
+            .get(cell)
+            .map(|c| &c.metadata)
+            .or_else(|| self.remote_cell(cell).map(|c| &c.metadata))
     }
 
     /// `SEND`: delivers to one, or every, cell of a service whose metadata
@@ -2432,6 +2454,37 @@ mod tests {
         let ack = format!(r#"J MACK {{"ids":["{id}"],"cell":"{cell}","ok":true}}"#);
         assert!(h.send("node-peer", &ack).is_empty());
         assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn a_remote_cell_gets_no_more_unanswered_deliveries_from_us_than_its_concurrency() {
+        let mut h = Harness::new();
+        let (node, cell) = (Thid::random(), Thid::random());
+        let mut rec = remote_node(node, cell, "w", "any");
+        rec.cells[0].listens[0].concurrency = 2;
+        h.router.set_view(vec![rec], h.now, &mut h.out);
+        h.join("pub", "p");
+        let mut sent = Vec::new();
+        for i in 0..5 {
+            let r = h.send(
+                "pub",
+                &format!(r#"J EVNT {{"channel":"jobs::1","payload":{i}}}"#),
+            );
+            sent.extend(r.into_iter().map(|(_, f)| f));
+        }
+        assert_eq!(
+            sent.len(),
+            2,
+            "the other three wait at the origin: {sent:?}"
+        );
+        let id = delivery_id(&sent[0].replace("J MDLV ", "J DLVR "));
+        let ack = format!(r#"J MACK {{"ids":["{id}"],"cell":"{cell}","ok":true}}"#);
+        let r = h.send("node-peer", &ack);
+        assert_eq!(r.len(), 1, "one freed slot, one waiting delivery: {r:?}");
+        assert!(
+            r[0].1.starts_with("J MDLV ") && r[0].1.contains(r#""payload":2"#),
+            "{r:?}"
+        );
     }
 
     #[test]
