@@ -15,6 +15,7 @@ pub const WHATS: &[&str] = &[
     "regions",
     "versions",
     "topology",
+    "metrics",
 ];
 
 /// The label used where a cell has no value for a grouping key.
@@ -56,7 +57,8 @@ impl Instance {
 }
 
 /// The answer to `what` over `instances`, or `None` when `what` is not
-/// one of [`WHATS`].
+/// one of [`WHATS`] or is `metrics`, which the router answers itself
+/// from the transmitter's counters.
 pub fn answer(what: &str, instances: &[Instance]) -> Option<Value> {
     let count_by = |key: &str, name: &str| {
         let mut counts: BTreeMap<String, (usize, BTreeMap<String, ()>)> = BTreeMap::new();

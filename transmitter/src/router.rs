@@ -1781,17 +1781,21 @@ impl Router {
             .filter(|i| d.service.as_deref().is_none_or(|s| s == i.service))
             .filter(|i| query.matches(&i.metadata))
             .collect();
-        let result = discovery::answer(&d.what, &instances).ok_or_else(|| {
-            Failure::new(
-                ErrorCode::BadJson,
-                format!(
-                    "unknown question {:?}; ask one of {}",
-                    d.what,
-                    discovery::WHATS.join(", ")
-                ),
-                re.clone(),
-            )
-        })?;
+        let result = if d.what == "metrics" {
+            serde_json::to_value(self.metrics.snapshot()).expect("counters serialize")
+        } else {
+            discovery::answer(&d.what, &instances).ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::BadJson,
+                    format!(
+                        "unknown question {:?}; ask one of {}",
+                        d.what,
+                        discovery::WHATS.join(", ")
+                    ),
+                    re.clone(),
+                )
+            })?
+        };
         let reply = with_ref(
             d.reference,
             [("what", Value::String(d.what)), ("result", result)],
@@ -2746,6 +2750,20 @@ mod tests {
         }
         h.send(&holder, &format!(r#"J ACKN {{"id":"{id}"}}"#));
         assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn discovery_answers_the_transmitters_counters() {
+        let mut h = Harness::new();
+        h.join("a", "s");
+        h.send("a", r#"J EVNT {"channel":"nobody"}"#);
+        let r = h.send("a", r#"J DISC {"what":"metrics","ref":1}"#);
+        let body: Value = serde_json::from_str(r[0].1.strip_prefix("J OKAY ").unwrap()).unwrap();
+        assert_eq!(body["what"], "metrics");
+        assert_eq!(body["result"]["events_in"], 1);
+        assert_eq!(body["result"]["dropped_no_listeners"], 1);
+        assert_eq!(body["result"]["dropped_multicatch"], 0);
+        assert_eq!(body["result"]["cells"], 1);
     }
 
     #[test]
