@@ -94,9 +94,10 @@ impl fmt::Debug for Client {
 impl Client {
     /// Joins the transmitter whose command socket is at `endpoint`
     /// (`tcp://host:port`) as a new cell of `options`' service: draws a
-    /// random cell THID, says HELO, waits for WLCM, then connects to the
-    /// transmitter's event socket. The failover endpoints of `options` are
-    /// for later, if this transmitter goes away: the first join is to
+    /// random cell THID, says HELO and waits for WLCM. Only the command
+    /// socket is connected; the event socket is connected by the first
+    /// [`Client::membership`] stream. The failover endpoints of `options`
+    /// are for later, if this transmitter goes away: the first join is to
     /// `endpoint` only.
     ///
     /// # Errors
@@ -203,9 +204,8 @@ impl Client {
 
     /// Listens to `pattern` (exact `a::b`, prefix `a::*` or glob `*::b`).
     ///
-    /// Returns once the listen is in place: for multicatch, once the event
-    /// subscription has reached the transmitter too, so no event published
-    /// after this returns is missed.
+    /// Returns once the transmitter has answered the `LSTN` (in either
+    /// mode), so no event published after this returns is missed.
     ///
     /// Several subscriptions of one client may listen to the same pattern
     /// with the same options: a multicatch event goes to each of them, an

@@ -1,7 +1,14 @@
-//! The background thread: sole owner of the DEALER (command socket), the
-//! SUB (event socket) and a monitor socket. It polls them with `zmq_poll`,
-//! together with the doorbell of the async side, and uses the poll timeout
-//! as its clock (heartbeats, ack batches).
+//! The background thread: sole owner of the DEALER (command socket), a
+//! monitor socket and, once the first membership stream asks for it, a SUB
+//! (event socket). It polls them with `zmq_poll`, together with the
+//! doorbell of the async side, and uses the poll timeout as its clock
+//! (heartbeats, ack batches).
+//!
+//! Everything a cell listens to arrives on the DEALER: anycatch `DLVR`s,
+//! `RQST`s, and multicatch events, each cell's own `J EVNT` copy
+//! (PROTOCOL.md §6). The event socket carries only membership events and
+//! the `SYNC` markers that prove a membership subscription in place
+//! (§18), so a cell that never follows membership never opens a SUB.
 //!
 //! libzmq sockets are not thread-safe: nothing outside this module touches
 //! them, and the sockets never leave this thread.
@@ -132,29 +139,17 @@ struct MemberSub {
     ready: Option<oneshot::Sender<Result<(), Error>>>,
 }
 
-/// What a `SYNC <token>` subscription proves to be in place.
-enum SyncFor {
-    /// The event subscription of the wire listen of this pattern.
-    Listen(String),
-    /// The subscription of this membership stream.
-    Membership(u64),
-}
-
 /// What the transmitter knows: one listen per pattern string (the
 /// protocol keeps one mode per pattern and cell), shared by every
 /// subscription of that pattern.
 struct WireListen {
-    /// The parsed pattern.
-    pattern: Pattern,
     /// Mode and ack, the same for every subscription of it.
     options: ListenOptions,
     /// The subscriptions on it.
     subs: HashSet<u64>,
     /// The `ref` of the LSTN not yet answered, while setting up.
     lstn_ref: Option<u64>,
-    /// The `SYNC <token>` topic not yet seen, while setting up (multicatch).
-    sync_topic: Option<Vec<u8>>,
-    /// Whether the listen is in place.
+    /// Whether the listen is in place (its first LSTN was answered).
     active: bool,
     /// Subscriptions waiting for it to be in place.
     waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
@@ -166,8 +161,11 @@ struct Conn {
     ctx: Option<zmq::Context>,
     /// Command socket.
     dealer: zmq::Socket,
-    /// Event socket (connected after WLCM).
-    sub: zmq::Socket,
+    /// Event socket, for membership streams only: created and connected
+    /// by the first one, then kept (and moved along on failover).
+    sub: Option<zmq::Socket>,
+    /// The token, for the credentials of a SUB created later.
+    token: Option<String>,
     /// Monitor of the DEALER: reports failed PLAIN handshakes.
     monitor: zmq::Socket,
     /// Messages from the async side.
@@ -193,7 +191,9 @@ struct Conn {
     heartbeat_override: Option<Duration>,
     /// PING after this much silence.
     heartbeat: Duration,
-    /// The event endpoint the SUB is connected to.
+    /// The event endpoint of the latest WLCM, where a SUB connects.
+    event_endpoint: String,
+    /// The event endpoint the SUB is connected to, once there is one.
     pub_endpoint: Option<String>,
     /// When we last sent anything.
     last_sent: Instant,
@@ -203,8 +203,9 @@ struct Conn {
     wire: HashMap<String, WireListen>,
     /// Subscriptions by id (ordered, for a stable round robin).
     subs: BTreeMap<u64, Sub>,
-    /// Outstanding `SYNC <token>` topics and what they are for.
-    syncs: HashMap<Vec<u8>, SyncFor>,
+    /// Outstanding `SYNC <token>` topics and the membership stream each
+    /// one proves subscribed.
+    syncs: HashMap<Vec<u8>, u64>,
     /// Membership streams by id.
     members: BTreeMap<u64, MemberSub>,
     /// Makes SYNC tokens unique.
@@ -240,24 +241,32 @@ fn ceil_ms(d: Duration) -> i64 {
     i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX)
 }
 
+/// A DEALER or SUB with the SDK's high-water marks and linger, and PLAIN
+/// credentials when there is a token.
+fn new_socket(
+    ctx: &zmq::Context,
+    kind: zmq::SocketType,
+    token: Option<&str>,
+) -> Result<zmq::Socket, Error> {
+    let s = ctx
+        .socket(kind)
+        .map_err(|e| Error::zmq(&format!("{kind:?}"), e))?;
+    s.set_sndhwm(SOCKET_HWM)?;
+    s.set_rcvhwm(SOCKET_HWM)?;
+    s.set_linger(SOCKET_LINGER_MS)?;
+    if let Some(token) = token {
+        s.set_plain_username(Some(PLAIN_USERNAME))?;
+        s.set_plain_password(Some(token))?;
+    }
+    Ok(s)
+}
+
 impl Conn {
-    /// Creates the sockets and connects the DEALER.
+    /// Creates the DEALER and its monitor, and connects the DEALER.
     fn open(start: Start) -> Result<Conn, Error> {
         let ctx = zmq::Context::new();
-        let dealer = ctx
-            .socket(zmq::DEALER)
-            .map_err(|e| Error::zmq("DEALER", e))?;
-        let sub = ctx.socket(zmq::SUB).map_err(|e| Error::zmq("SUB", e))?;
+        let dealer = new_socket(&ctx, zmq::DEALER, start.options.token.as_deref())?;
         let monitor = ctx.socket(zmq::PAIR).map_err(|e| Error::zmq("PAIR", e))?;
-        for s in [&dealer, &sub] {
-            s.set_sndhwm(SOCKET_HWM)?;
-            s.set_rcvhwm(SOCKET_HWM)?;
-            s.set_linger(SOCKET_LINGER_MS)?;
-            if let Some(token) = &start.options.token {
-                s.set_plain_username(Some(PLAIN_USERNAME))?;
-                s.set_plain_password(Some(token))?;
-            }
-        }
         let monitor_endpoint = format!("inproc://thynapse-cell-monitor-{}", start.id);
         let events = zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
             | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
@@ -279,7 +288,8 @@ impl Conn {
         Ok(Conn {
             ctx: Some(ctx),
             dealer,
-            sub,
+            sub: None,
+            token: start.options.token,
             monitor,
             rx: start.rx,
             link: start.link,
@@ -301,6 +311,7 @@ impl Conn {
             metadata: start.options.metadata,
             heartbeat_override: start.options.heartbeat,
             heartbeat,
+            event_endpoint: String::new(),
             pub_endpoint: None,
             last_sent: Instant::now(),
             pending: HashMap::new(),
@@ -325,7 +336,7 @@ impl Conn {
     }
 
     /// Sends HELO and waits for WLCM (or ERRR, or a failed PLAIN
-    /// handshake), then connects the SUB to the event endpoint.
+    /// handshake).
     fn handshake(
         &mut self,
         timeout: Duration,
@@ -428,21 +439,14 @@ impl Conn {
             .is_ok_and(|m| m == zmq::Mechanism::ZMQ_PLAIN)
     }
 
-    /// Applies a WLCM: heartbeat, event endpoint.
+    /// Applies a WLCM: heartbeat, event endpoint (a SUB, if there is
+    /// one, moves to it).
     fn welcomed(&mut self, welcome: &Welcome) -> Result<(), Error> {
         self.heartbeat = self
             .heartbeat_override
             .unwrap_or(Duration::from_millis(welcome.heartbeat_ms.max(1)));
-        if self.pub_endpoint.as_deref() != Some(welcome.event_endpoint.as_str()) {
-            if let Some(old) = self.pub_endpoint.take() {
-                // Subscriptions stay on the socket and reach the new peer.
-                let _ = self.sub.disconnect(&old);
-            }
-            self.sub
-                .connect(&welcome.event_endpoint)
-                .map_err(|e| Error::zmq(&format!("connect {}", welcome.event_endpoint), e))?;
-            self.pub_endpoint = Some(welcome.event_endpoint.clone());
-        }
+        self.event_endpoint.clone_from(&welcome.event_endpoint);
+        self.follow_event_endpoint()?;
         debug!(
             transmitter = %welcome.id,
             event_endpoint = %welcome.event_endpoint,
@@ -450,6 +454,68 @@ impl Conn {
             "welcomed"
         );
         Ok(())
+    }
+
+    /// Connects the SUB, if there is one, to the latest event endpoint,
+    /// leaving the one it was connected to.
+    fn follow_event_endpoint(&mut self) -> Result<(), Error> {
+        let Some(sub) = &self.sub else {
+            return Ok(());
+        };
+        if self.pub_endpoint.as_deref() == Some(self.event_endpoint.as_str()) {
+            return Ok(());
+        }
+        if let Some(old) = self.pub_endpoint.take() {
+            // Subscriptions stay on the socket and reach the new peer.
+            let _ = sub.disconnect(&old);
+        }
+        sub.connect(&self.event_endpoint)
+            .map_err(|e| Error::zmq(&format!("connect {}", self.event_endpoint), e))?;
+        self.pub_endpoint = Some(self.event_endpoint.clone());
+        Ok(())
+    }
+
+    /// The SUB, created and connected to the event endpoint on first use.
+    fn subscriber(&mut self) -> Result<&zmq::Socket, Error> {
+        let sub = match self.sub.take() {
+            Some(sub) => sub,
+            None => {
+                let ctx = self.ctx.as_ref().ok_or_else(Error::disconnected)?;
+                let sub = new_socket(ctx, zmq::SUB, self.token.as_deref())?;
+                sub.connect(&self.event_endpoint)
+                    .map_err(|e| Error::zmq(&format!("connect {}", self.event_endpoint), e))?;
+                self.pub_endpoint = Some(self.event_endpoint.clone());
+                debug!(event_endpoint = %self.event_endpoint, "event socket connected");
+                sub
+            }
+        };
+        Ok(self.sub.insert(sub))
+    }
+
+    /// Polls the sockets and the doorbell: whether the DEALER, the
+    /// monitor, the doorbell and the SUB are readable, in that order.
+    fn poll(&self, timeout: i64) -> Result<[bool; 4], zmq::Error> {
+        let dealer_events = if self.outbox.is_empty() {
+            zmq::POLLIN
+        } else {
+            zmq::POLLIN | zmq::POLLOUT
+        };
+        let dealer = self.dealer.as_poll_item(dealer_events);
+        let monitor = self.monitor.as_poll_item(zmq::POLLIN);
+        let bell = zmq::PollItem::from_fd(self.rx.bell.fd(), zmq::POLLIN);
+        match &self.sub {
+            Some(sub) => {
+                let mut items = [dealer, monitor, bell, sub.as_poll_item(zmq::POLLIN)];
+                zmq::poll(&mut items, timeout)?;
+                Ok(items.each_ref().map(zmq::PollItem::is_readable))
+            }
+            None => {
+                let mut items = [dealer, monitor, bell];
+                zmq::poll(&mut items, timeout)?;
+                let [d, m, b] = items.each_ref().map(zmq::PollItem::is_readable);
+                Ok([d, m, b, false])
+            }
+        }
     }
 
     /// The main loop.
@@ -471,41 +537,25 @@ impl Conn {
             }
 
             let timeout = self.poll_timeout(Instant::now());
-            let dealer_events = if self.outbox.is_empty() {
-                zmq::POLLIN
-            } else {
-                zmq::POLLIN | zmq::POLLOUT
-            };
-            let mut items = [
-                self.dealer.as_poll_item(dealer_events),
-                self.sub.as_poll_item(zmq::POLLIN),
-                self.monitor.as_poll_item(zmq::POLLIN),
-                zmq::PollItem::from_fd(self.rx.bell.fd(), zmq::POLLIN),
-            ];
-            match zmq::poll(&mut items, timeout) {
-                Ok(_) | Err(zmq::Error::EINTR) => {}
+            let [dealer, monitor, bell, sub] = match self.poll(timeout) {
+                Ok(ready) => ready,
+                Err(zmq::Error::EINTR) => [false; 4],
                 Err(e) => {
                     error!(error = %e, "zmq_poll failed; closing the connection");
                     self.stop = Some(Stop::Failed(e.to_string()));
                     break;
                 }
-            }
-            let ready = [
-                items[0].is_readable(),
-                items[1].is_readable(),
-                items[2].is_readable(),
-                items[3].is_readable(),
-            ];
-            if ready[3] {
+            };
+            if bell {
                 self.rx.bell.drain();
             }
-            if ready[0] {
+            if dealer {
                 self.read_commands();
             }
-            if ready[1] {
+            if sub {
                 self.read_events();
             }
-            if ready[2] {
+            if monitor {
                 while let Some((event, value)) = self.read_monitor() {
                     match event {
                         zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => warn!(
@@ -761,37 +811,12 @@ impl Conn {
                 pattern: key.clone(),
             },
         );
-        let mut sync_topic = None;
-        if options.mode == Mode::Multi {
-            // Subscribe to the events first, then to a unique SYNC topic:
-            // a SUB's subscriptions reach the publisher in order, so seeing
-            // the SYNC frame proves the event subscription is in place.
-            let prefix = wire::event_prefix(pattern.literal_prefix());
-            let topic = self.next_sync_topic();
-            let subscribed = self
-                .sub
-                .set_subscribe(&prefix)
-                .and_then(|()| self.sub.set_subscribe(&topic));
-            if let Err(e) = subscribed {
-                let _ = reply.send(Err(Error::zmq("subscribe", e)));
-                // The LSTN went out: take it back.
-                let r = self.link.next_ref();
-                self.send(vec![wire::unlisten(&key, r)]);
-                self.pending.insert(r, Pending::Unlisten);
-                return;
-            }
-            self.syncs
-                .insert(topic.clone(), SyncFor::Listen(key.clone()));
-            sync_topic = Some(topic);
-        }
         self.wire.insert(
             key,
             WireListen {
-                pattern: pattern.clone(),
                 options,
                 subs: HashSet::from([sub]),
                 lstn_ref: Some(reference),
-                sync_topic,
                 active: false,
                 waiters: vec![(sub, reply)],
             },
@@ -814,7 +839,9 @@ impl Conn {
     }
 
     /// Subscribes a membership stream: `MEMB <prefix>`, then a SYNC topic
-    /// whose answer proves the subscription in place.
+    /// whose answer proves the subscription in place (a SUB's
+    /// subscriptions reach the publisher in order). The first one creates
+    /// the SUB.
     fn add_member(
         &mut self,
         sub: u64,
@@ -823,16 +850,21 @@ impl Conn {
         reply: oneshot::Sender<Result<(), Error>>,
     ) {
         let topic = self.next_sync_topic();
-        let subscribed = self
-            .sub
-            .set_subscribe(&wire::membership_prefix(&prefix))
-            .and_then(|()| self.sub.set_subscribe(&topic));
+        let events_topic = wire::membership_prefix(&prefix);
+        let subscribed = self.subscriber().and_then(|socket| {
+            let subscribed = socket
+                .set_subscribe(&events_topic)
+                .and_then(|()| socket.set_subscribe(&topic));
+            subscribed.map_err(|e| {
+                let _ = socket.set_unsubscribe(&events_topic);
+                Error::zmq("subscribe", e)
+            })
+        });
         if let Err(e) = subscribed {
-            let _ = self.sub.set_unsubscribe(&wire::membership_prefix(&prefix));
-            let _ = reply.send(Err(Error::zmq("subscribe", e)));
+            let _ = reply.send(Err(e));
             return;
         }
-        self.syncs.insert(topic, SyncFor::Membership(sub));
+        self.syncs.insert(topic, sub);
         self.members.insert(
             sub,
             MemberSub {
@@ -846,29 +878,24 @@ impl Conn {
     /// A membership stream is gone: unsubscribe its topic (libzmq counts
     /// subscriptions, so other streams of the same prefix keep theirs).
     fn remove_member(&mut self, sub: u64) {
-        if let Some(m) = self.members.remove(&sub) {
-            let _ = self
-                .sub
-                .set_unsubscribe(&wire::membership_prefix(&m.prefix));
-            let stale: Vec<Vec<u8>> = self
-                .syncs
-                .iter()
-                .filter(|(_, f)| matches!(f, SyncFor::Membership(s) if *s == sub))
-                .map(|(t, _)| t.clone())
-                .collect();
-            for topic in stale {
-                let _ = self.sub.set_unsubscribe(&topic);
-                self.syncs.remove(&topic);
+        let (Some(m), Some(socket)) = (self.members.remove(&sub), &self.sub) else {
+            return;
+        };
+        let _ = socket.set_unsubscribe(&wire::membership_prefix(&m.prefix));
+        self.syncs.retain(|topic, s| {
+            if *s == sub {
+                let _ = socket.set_unsubscribe(topic);
             }
-        }
+            *s != sub
+        });
     }
 
-    /// Completes a wire listen whose LSTN was answered and SYNC seen.
-    fn maybe_complete(&mut self, key: &str) {
+    /// Completes a wire listen whose LSTN was answered.
+    fn complete(&mut self, key: &str) {
         let Some(w) = self.wire.get_mut(key) else {
             return;
         };
-        if w.active || w.lstn_ref.is_some() || w.sync_topic.is_some() {
+        if w.active {
             return;
         }
         w.active = true;
@@ -894,20 +921,6 @@ impl Conn {
         for sub in &w.subs {
             self.subs.remove(sub);
         }
-        self.drop_subscriptions(&w);
-    }
-
-    /// Unsubscribes the SUB topics of a wire listen.
-    fn drop_subscriptions(&mut self, w: &WireListen) {
-        if w.options.mode == Mode::Multi {
-            let _ = self
-                .sub
-                .set_unsubscribe(&wire::event_prefix(w.pattern.literal_prefix()));
-        }
-        if let Some(topic) = &w.sync_topic {
-            let _ = self.sub.set_unsubscribe(topic);
-            self.syncs.remove(topic);
-        }
     }
 
     /// A subscription is gone: stop routing to it, and unlisten its
@@ -925,11 +938,10 @@ impl Conn {
         if !w.subs.is_empty() {
             return;
         }
-        if let Some(w) = self.wire.remove(key) {
+        if self.wire.remove(key).is_some() {
             let r = self.link.next_ref();
             self.send(vec![wire::unlisten(key, r)]);
             self.pending.insert(r, Pending::Unlisten);
-            self.drop_subscriptions(&w);
         }
     }
 
@@ -971,6 +983,7 @@ impl Conn {
     fn on_command(&mut self, message: Incoming) {
         match message {
             Incoming::Deliver { delivery, binary } => self.on_delivery(delivery, binary),
+            Incoming::Event { delivery, binary } => self.on_multicatch(delivery, binary),
             Incoming::Request { delivery, binary } => self.on_request(delivery, binary),
             Incoming::Reply { reference, reply } => {
                 match reference.and_then(|r| self.pending.remove(&r)) {
@@ -995,7 +1008,7 @@ impl Conn {
                         if let Some(w) = self.wire.get_mut(&pattern) {
                             if w.lstn_ref == Some(r) {
                                 w.lstn_ref = None;
-                                self.maybe_complete(&pattern);
+                                self.complete(&pattern);
                             }
                         }
                     }
@@ -1268,60 +1281,17 @@ impl Conn {
         }
     }
 
-    // ---- the event socket -------------------------------------------------
-
-    fn read_events(&mut self) {
-        for _ in 0..READ_BURST {
-            let frames = match self.sub.recv_multipart(zmq::DONTWAIT) {
-                Ok(frames) => frames,
-                Err(zmq::Error::EAGAIN) => return,
-                Err(e) => {
-                    warn!(error = %e, "event socket receive failed");
-                    return;
-                }
-            };
-            match wire::decode_published(frames) {
-                Ok(Published::Event { delivery, binary }) => self.on_published(delivery, binary),
-                Ok(Published::Sync(topic)) => match self.syncs.remove(&topic) {
-                    Some(SyncFor::Listen(key)) => {
-                        let _ = self.sub.set_unsubscribe(&topic);
-                        if let Some(w) = self.wire.get_mut(&key) {
-                            w.sync_topic = None;
-                        }
-                        self.maybe_complete(&key);
-                    }
-                    Some(SyncFor::Membership(sub)) => {
-                        let _ = self.sub.set_unsubscribe(&topic);
-                        let ready = self.members.get_mut(&sub).and_then(|m| m.ready.take());
-                        if let Some(ready) = ready {
-                            if ready.send(Ok(())).is_err() {
-                                self.remove_member(sub);
-                            }
-                        }
-                    }
-                    None => {}
-                },
-                Ok(Published::Membership(event)) => {
-                    // The SUB prefix may let in other streams' services.
-                    for m in self.members.values() {
-                        if m.ready.is_none() && event.service.starts_with(&m.prefix) {
-                            let _ = m.events.send(event.clone());
-                        }
-                    }
-                }
-                Err(e) => debug!(error = %e, "unreadable event-socket frame"),
-            }
-        }
-    }
-
-    fn on_published(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+    /// A multicatch event (`EVNT` on the command socket): a copy to every
+    /// multicatch subscription whose pattern matches its channel. The
+    /// transmitter sends one copy per cell, however many of its patterns
+    /// match; one that matches none (unlistened meanwhile) is dropped.
+    fn on_multicatch(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
         let event = Event {
-            // Event-socket bodies carry no `attempt`: it reads as 1.
+            // Multicatch bodies carry no `attempt`: it reads as 1.
             delivered: Delivered::new(d, binary),
             mode: Mode::Multi,
             guard: None,
         };
-        // The SUB prefix is only the pattern's literal prefix: filter here.
         let mut targets = self
             .subs
             .values()
@@ -1337,6 +1307,47 @@ impl Conn {
             } else {
                 let _ = events.send(event);
                 break;
+            }
+        }
+    }
+
+    // ---- the event socket -------------------------------------------------
+
+    fn read_events(&mut self) {
+        for _ in 0..READ_BURST {
+            let Some(socket) = &self.sub else {
+                return;
+            };
+            let frames = match socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    warn!(error = %e, "event socket receive failed");
+                    return;
+                }
+            };
+            match wire::decode_published(frames) {
+                Ok(Published::Sync(topic)) => {
+                    let Some(sub) = self.syncs.remove(&topic) else {
+                        continue;
+                    };
+                    let _ = socket.set_unsubscribe(&topic);
+                    let ready = self.members.get_mut(&sub).and_then(|m| m.ready.take());
+                    if let Some(ready) = ready {
+                        if ready.send(Ok(())).is_err() {
+                            self.remove_member(sub);
+                        }
+                    }
+                }
+                Ok(Published::Membership(event)) => {
+                    // The SUB prefix may let in other streams' services.
+                    for m in self.members.values() {
+                        if m.ready.is_none() && event.service.starts_with(&m.prefix) {
+                            let _ = m.events.send(event.clone());
+                        }
+                    }
+                }
+                Err(e) => debug!(error = %e, "unreadable event-socket frame"),
             }
         }
     }

@@ -7,9 +7,11 @@
 //!
 //! A [`Client`] is a cheap, cloneable handle in the async-nats shape. One
 //! background thread per connection owns the ZeroMQ sockets (a DEALER on
-//! the transmitter's command socket, a SUB on its event socket), since
-//! libzmq sockets are not thread-safe; the handles talk to it over
-//! channels and wake it through a doorbell it polls beside the sockets.
+//! the transmitter's command socket, which carries every delivery,
+//! multicatch events included; a SUB on its event socket only once
+//! [`Client::membership`] asks for one), since libzmq sockets are not
+//! thread-safe; the handles talk to it over channels and wake it through
+//! a doorbell it polls beside the sockets.
 //! That thread sends heartbeats, batches acks, drops redeliveries of
 //! events already processed, joins again when the transmitter has expired
 //! the cell or the connection was re-established, and fails over to
@@ -24,7 +26,9 @@
 //!   last [`consts::DEDUP_CAPACITY`]), so a handler runs once per event.
 //!   Without acks ([`ListenOptions::any_unacked`]) it is at-most-once.
 //! - **multicatch** ([`Mode::Multi`]): every listening cell gets the event,
-//!   at most once.
+//!   at most once: a cell that falls far behind loses events, which the
+//!   transmitter counts, and one stuck for long is removed as a slow
+//!   consumer (PROTOCOL.md §21).
 //!
 //! ## Request/reply
 //! A responder serves a channel pattern with a handler

@@ -47,7 +47,8 @@ pub struct MembershipEvent {
 /// A `Stream<Item = MembershipEvent>`; [`MembershipStream::next_event`]
 /// reads it without any extra crate. It ends when the connection closes,
 /// and unsubscribes when dropped. Membership events travel on the event
-/// socket: at most once, like multicatch events.
+/// socket, at most once (a subscriber that falls behind loses them
+/// silently); a client's first stream connects it to that socket.
 pub struct MembershipStream {
     /// Identifies it to the background thread.
     id: u64,

@@ -335,13 +335,6 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// The topic a cell subscribes to for one multicatch pattern.
-pub(crate) fn event_prefix(literal_prefix: &str) -> Vec<u8> {
-    let mut t = frame::EVENT_TOPIC.to_vec();
-    t.extend_from_slice(literal_prefix.as_bytes());
-    t
-}
-
 /// The topic of membership events of services starting with `prefix`.
 pub(crate) fn membership_prefix(prefix: &str) -> Vec<u8> {
     let mut t = MEMBERSHIP_TOPIC.to_vec();
@@ -394,6 +387,14 @@ pub(crate) enum Incoming {
     },
     /// `DLVR`: an anycatch delivery.
     Deliver {
+        /// Its body.
+        delivery: Delivery,
+        /// The optional binary payload frame.
+        binary: Option<Vec<u8>>,
+    },
+    /// `EVNT`: a multicatch event, this cell's own copy (a `DLVR`'s body
+    /// without `attempt`; never acked).
+    Event {
         /// Its body.
         delivery: Delivery,
         /// The optional binary payload frame.
@@ -525,6 +526,10 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
             delivery: serde_json::from_slice(f.body).map_err(bad)?,
             binary,
         },
+        Verb::EVNT => Incoming::Event {
+            delivery: serde_json::from_slice(f.body).map_err(bad)?,
+            binary,
+        },
         Verb::PING => {
             let b: RefReply = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Ping {
@@ -542,13 +547,6 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
 /// A message from the event socket, decoded.
 #[derive(Debug)]
 pub(crate) enum Published {
-    /// A multicatch event.
-    Event {
-        /// Its body.
-        delivery: Delivery,
-        /// The optional binary payload frame.
-        binary: Option<Vec<u8>>,
-    },
     /// The answer to a `SYNC <token>` subscription: the whole frame.
     Sync(Vec<u8>),
     /// A membership event.
@@ -594,16 +592,12 @@ fn decode_membership(frame: &[u8]) -> Result<MembershipEvent, String> {
     })
 }
 
-/// Decodes an event-socket message.
+/// Decodes an event-socket message: membership events and `SYNC`
+/// markers, one frame each.
 pub(crate) fn decode_published(mut frames: Vec<Vec<u8>>) -> Result<Published, String> {
-    if frames.is_empty() || frames.len() > 2 {
+    if frames.len() != 1 {
         return Err(format!("a message of {} frames", frames.len()));
     }
-    let binary = if frames.len() == 2 {
-        frames.pop()
-    } else {
-        None
-    };
     let first = frames.swap_remove(0);
     if first.starts_with(SYNC_TOPIC) {
         return Ok(Published::Sync(first));
@@ -611,9 +605,7 @@ pub(crate) fn decode_published(mut frames: Vec<Vec<u8>>) -> Result<Published, St
     if first.starts_with(MEMBERSHIP_TOPIC) {
         return decode_membership(&first).map(Published::Membership);
     }
-    let (_, body) = frame::decode_event(&first).ok_or("not an EVNT or SYNC frame")?;
-    let delivery = serde_json::from_slice(body).map_err(|e| format!("EVNT body: {e}"))?;
-    Ok(Published::Event { delivery, binary })
+    Err("not a MEMB or SYNC frame".to_owned())
 }
 
 #[cfg(test)]
@@ -890,23 +882,41 @@ mod tests {
     }
 
     #[test]
-    fn event_socket_frames_decode() {
+    fn multicatch_events_decode_from_the_command_socket() {
         let id = Thid::random();
-        let mut body = Vec::new();
+        let mut body = b"J EVNT ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a::b", Some(b"[1]"), &id, None);
-        let f = frame::encode_event("a::b", &body);
-        match decode_published(vec![f]).unwrap() {
-            Published::Event { delivery, binary } => {
+        match decode_command(vec![body.clone()]).unwrap() {
+            Incoming::Event { delivery, binary } => {
+                assert_eq!((delivery.id, delivery.from), (id, id));
                 assert_eq!(delivery.channel, "a::b");
                 assert_eq!(delivery.payload.unwrap().get(), "[1]");
+                assert_eq!(delivery.attempt, None);
                 assert!(binary.is_none());
             }
             other => panic!("{other:?}"),
         }
+        match decode_command(vec![body, vec![7, 8]]).unwrap() {
+            Incoming::Event { binary, .. } => assert_eq!(binary, Some(vec![7, 8])),
+            other => panic!("{other:?}"),
+        }
+        assert!(decode_command(vec![b"J EVNT {\"channel\":1}".to_vec()]).is_err());
+    }
+
+    #[test]
+    fn event_socket_frames_decode() {
         assert!(matches!(
             decode_published(vec![sync_topic("t1")]).unwrap(),
             Published::Sync(t) if t == b"SYNC t1"
         ));
         assert!(decode_published(vec![b"JUNK".to_vec()]).is_err());
+        // Events no longer travel there.
+        let id = Thid::random();
+        let mut body = Vec::new();
+        thynapse_protocol::body::write_delivery(&mut body, &id, "a::b", None, &id, None);
+        let mut f = b"EVNT a::b ".to_vec();
+        f.extend_from_slice(&body);
+        assert!(decode_published(vec![f]).is_err());
+        assert!(decode_published(vec![sync_topic("t2"), vec![0]]).is_err());
     }
 }
