@@ -204,7 +204,8 @@ async fn multicatch_reaches_every_listening_cell_and_filters_by_the_full_pattern
         );
         assert_eq!(e1.mode(), Mode::Multi);
         assert!(!e1.needs_ack());
-        // b's SUB prefix "EVNT news::" lets both through; the glob keeps one.
+        assert_eq!(e1.attempt(), 1);
+        assert_eq!(e1.from(), publisher.id());
         let only = next(&mut sb).await;
         assert_eq!(only.channel(), "news::sport::eu");
         assert_eq!(only.payload_value(), json!({"n": 2}));
@@ -226,6 +227,15 @@ async fn two_subscriptions_of_one_client_each_get_multicatch_events() {
         for s in [&mut s1, &mut s2, &mut s3] {
             assert_eq!(next(s).await.channel(), "a::b");
         }
+        // The cell gets one copy of a::c, for a::*: not for a::b.
+        c.publish("a::c", "y").await.unwrap();
+        for s in [&mut s1, &mut s3] {
+            assert_eq!(next(s).await.channel(), "a::c");
+        }
+        c.flush().await.unwrap();
+        assert!(s1.try_next_event().is_none());
+        assert!(s2.try_next_event().is_none());
+        assert_eq!(metric(&t, "multicast"), 2, "one copy per cell and event");
         // Same pattern, other mode: refused locally.
         let err = c.listen("a::*", Mode::Any).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Conflict);
@@ -331,13 +341,18 @@ async fn a_token_is_required_when_the_transmitter_has_one() {
             "{err}"
         );
 
-        // The right token opens both sockets.
+        // The right token opens the command socket, and the event socket
+        // when a membership stream asks for it.
         let c = Client::connect(t.command_endpoint(), Options::new("svc").token("s3cret"))
             .await
             .unwrap();
         let mut s = c.listen("a::*", Mode::Multi).await.unwrap();
         c.publish("a::b", 1).await.unwrap();
         assert_eq!(next(&mut s).await.payload::<u8>().unwrap(), 1);
+        let _members = c
+            .membership(None)
+            .await
+            .expect("the SUB's handshake passes");
     })
     .await;
 }
@@ -483,7 +498,7 @@ async fn a_goodbye_moves_a_cell_with_a_failover_endpoint_to_the_next_transmitter
         assert_eq!(next(&mut jobs).await.id(), confirm.id);
         assert!(!c.is_closed());
 
-        // Its SUB follows t2's event endpoint.
+        // Its multicatch listen moved to t2 too.
         let got = loop {
             publisher.publish("news::today", 2).await.unwrap();
             if let Some(e) = arrives_within(&mut news, Duration::from_millis(20)).await {
@@ -492,6 +507,99 @@ async fn a_goodbye_moves_a_cell_with_a_failover_endpoint_to_the_next_transmitter
             assert!(Instant::now() < deadline, "no multicatch event through t2");
         };
         assert_eq!(got.payload::<u8>().unwrap(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn multicatch_needs_no_event_socket_and_membership_opens_it() {
+    watchdog(async {
+        let t = start(config());
+        let events_port = port_of(t.event_endpoint());
+        let c = client(&t, "dash").await;
+        let publisher = client(&t, "api").await;
+        let mut news = c.listen("news::*", Mode::Multi).await.unwrap();
+        publisher.publish("news::today", 1).await.unwrap();
+        assert_eq!(next(&mut news).await.payload::<u8>().unwrap(), 1);
+        c.flush().await.unwrap();
+        assert_eq!(metric(&t, "syncs"), 0, "no SYNC handshake for a listen");
+        assert_eq!(
+            connections_to(events_port),
+            0,
+            "no client connected to the event socket"
+        );
+
+        // The first membership stream connects one SUB; a second reuses it.
+        let mut members = c.membership(None).await.unwrap();
+        assert_eq!(connections_to(events_port), 1);
+        let _shop = c.membership(Some("shop")).await.unwrap();
+        assert_eq!(metric(&t, "syncs"), 2);
+        assert_eq!(connections_to(events_port), 1);
+        let late = client(&t, "late").await;
+        let joined = loop {
+            let e = tokio::time::timeout(PATIENCE, members.next_event())
+                .await
+                .expect("a membership event within the deadline")
+                .expect("the stream is open");
+            if e.cell == late.id() {
+                break e;
+            }
+        };
+        assert_eq!(joined.service, "late");
+
+        // Multicatch still comes over the command socket.
+        publisher.publish("news::later", 2).await.unwrap();
+        assert_eq!(next(&mut news).await.payload::<u8>().unwrap(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_membership_stream_follows_its_cell_to_the_failover_transmitter() {
+    watchdog(async {
+        let mut t1 = start(config());
+        let t2 = start(config());
+        let options = Options::new("ops").endpoint(t2.command_endpoint());
+        let c = Client::connect(t1.command_endpoint(), options)
+            .await
+            .unwrap();
+        let mut members = c.membership(None).await.unwrap();
+        let mut news = c.listen("news::*", Mode::Multi).await.unwrap();
+        tokio::task::spawn_blocking(move || t1.shutdown())
+            .await
+            .unwrap();
+
+        // Once the cell is welcomed at t2, its SUB moves to t2's event
+        // socket; a cell joining t2 after that shows in the stream.
+        let publisher = client(&t2, "api").await;
+        let deadline = Instant::now() + PATIENCE;
+        while publisher.publish_confirmed("news::x", 1).await.is_err() {
+            assert!(Instant::now() < deadline, "the cell never re-listened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(next(&mut news).await.payload::<u8>().unwrap(), 1);
+        let port = port_of(t2.event_endpoint());
+        eventually("the SUB connected to t2", || connections_to(port) == 1).await;
+        let mut joiners = Vec::new();
+        loop {
+            // Subscriptions reach t2 asynchronously: join until one is seen.
+            let late = client(&t2, "late").await;
+            let seen = tokio::time::timeout(Duration::from_millis(100), async {
+                while let Some(e) = members.next_event().await {
+                    if e.cell == late.id() {
+                        return Some(e);
+                    }
+                }
+                None
+            })
+            .await;
+            if let Ok(Some(e)) = seen {
+                assert_eq!(e.transmitter, t2.id());
+                break;
+            }
+            joiners.push(late);
+            assert!(Instant::now() < deadline, "no membership event from t2");
+        }
     })
     .await;
 }

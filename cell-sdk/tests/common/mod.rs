@@ -76,3 +76,30 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn metric(t: &Transmitter, name: &str) -> u64 {
     t.metrics().snapshot().get(name).copied().unwrap_or(0)
 }
+
+/// The port of a `tcp://host:port` endpoint.
+pub fn port_of(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a tcp endpoint with a port")
+}
+
+/// Established IPv4 TCP connections from this host to `port`, read from
+/// `/proc/net/tcp`: how many sockets are connected to a transmitter's
+/// event socket, without asking the SDK.
+pub fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port = format!("{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `rem_address` is `HEXADDR:HEXPORT`; state 01 is ESTABLISHED.
+            fields.get(2).and_then(|remote| remote.split(':').nth(1)) == Some(port.as_str())
+                && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
