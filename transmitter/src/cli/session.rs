@@ -64,18 +64,15 @@ impl Connection {
 
 /// A welcomed cell of the service [`SERVICE`].
 pub struct Session {
-    /// The DEALER (declared before the context so it closes first).
+    /// The DEALER (each socket holds the libzmq context).
     socket: zmq::Socket,
     /// A PAIR receiving the DEALER's connection events, to say why no
     /// connection was made.
     monitor: zmq::Socket,
-    /// How to connect, for the SUB of [`Session::subscriber`] and for
-    /// error messages.
+    /// How to connect, for error messages.
     connection: Connection,
     /// Counter behind the `ref` of each command.
     refs: u64,
-    /// The libzmq context of both sockets.
-    ctx: zmq::Context,
 }
 
 /// The connection events the monitor reports (see [`Session::diagnose`]).
@@ -122,7 +119,6 @@ impl Session {
             monitor,
             connection: connection.clone(),
             refs: 0,
-            ctx,
         };
         let hello = json!({
             "id": Thid::random(),
@@ -235,22 +231,6 @@ impl Session {
         &self.socket
     }
 
-    /// A SUB connected to the transmitter's event socket (`announced` is
-    /// `WLCM.pub`), with the same credentials as the DEALER; returns it and
-    /// the endpoint it connected to.
-    ///
-    /// # Errors
-    /// [`Failure::Unreachable`] when the event endpoint is not valid.
-    pub fn subscriber(&self, announced: &str) -> Result<(zmq::Socket, String), Failure> {
-        let sub = new_socket(&self.ctx, zmq::SUB, &self.connection)?;
-        let endpoint = event_endpoint(announced, self.endpoint());
-        sub.connect(&endpoint).map_err(|e| Failure::Unreachable {
-            endpoint: endpoint.clone(),
-            why: format!("the event endpoint is not valid ({e})"),
-        })?;
-        Ok((sub, endpoint))
-    }
-
     /// Why no connection took a command, from the monitor's events.
     fn diagnose(&self) -> String {
         let mut seen = Vec::new();
@@ -342,50 +322,4 @@ pub fn readable(socket: &zmq::Socket, timeout: Duration) -> Result<bool, Failure
 /// A duration in whole milliseconds, as libzmq options want them.
 fn millis(d: Duration) -> i32 {
     i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
-}
-
-/// The endpoint to connect a SUB to: `WLCM.pub`, with a wildcard host
-/// (`0.0.0.0`, `*`) replaced by the host of the command endpoint.
-fn event_endpoint(announced: &str, command: &str) -> String {
-    let host_of = |e: &str| -> Option<(usize, usize)> {
-        let start = e.find("://")? + 3;
-        let end = e.rfind(':').filter(|&c| c > start)?;
-        Some((start, end))
-    };
-    let (Some((a0, a1)), Some((c0, c1))) = (host_of(announced), host_of(command)) else {
-        return announced.to_owned();
-    };
-    if matches!(&announced[a0..a1], "0.0.0.0" | "*") {
-        format!(
-            "{}{}{}",
-            &announced[..a0],
-            &command[c0..c1],
-            &announced[a1..]
-        )
-    } else {
-        announced.to_owned()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcard_event_hosts_take_the_command_host() {
-        let command = "tcp://10.0.0.7:5454";
-        assert_eq!(
-            event_endpoint("tcp://0.0.0.0:5455", command),
-            "tcp://10.0.0.7:5455"
-        );
-        assert_eq!(
-            event_endpoint("tcp://*:5455", command),
-            "tcp://10.0.0.7:5455"
-        );
-        assert_eq!(
-            event_endpoint("tcp://127.0.0.1:9", command),
-            "tcp://127.0.0.1:9"
-        );
-        assert_eq!(event_endpoint("ipc:///tmp/x", command), "ipc:///tmp/x");
-    }
 }

@@ -1,23 +1,22 @@
 //! `tail`: prints the events published on channels matching a pattern, as
 //! they come, until Ctrl-C or a count.
 //!
-//! The command's cell listens multicatch (PROTOCOL.md §6): its SUB
-//! subscribes to `EVNT ` + the pattern's literal prefix, waits for its
-//! `SYNC` marker, then the cell sends `LSTN` with mode `multi`. Events are
-//! filtered locally with the whole pattern. The cell PINGs every
-//! `heartbeat_ms` so the transmitter keeps it, and gives up when a PONG
-//! does not come within the timeout.
+//! The command's cell listens multicatch (PROTOCOL.md §6): it sends `LSTN`
+//! with mode `multi`, and once the `OKAY` is in, every matching event
+//! reaches its DEALER as a `J EVNT` frame (the event socket is not used).
+//! The cell PINGs every `heartbeat_ms` so the transmitter keeps it, and
+//! gives up when a PONG does not come within the timeout.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use thynapse_protocol::{frame, Pattern, Thid, Verb};
+use thynapse_protocol::{frame, Pattern, Verb};
 
 use super::exit::{Failure, Outcome};
 use super::render::{text, write_stdout, Format};
-use super::session::{Connection, Session};
+use super::session::{readable, Connection, Session};
 
 /// Longest wait between two looks at the Ctrl-C flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -52,23 +51,17 @@ fn parse_pattern(text: &str) -> Result<Pattern, String> {
 ///
 /// # Errors
 /// As [`Session::open`] and [`Session::request`]; [`Failure::NoAnswer`]
-/// when the `SYNC` marker or a `PONG` does not come in time,
-/// [`Failure::Left`] when the transmitter leaves.
+/// when a `PONG` does not come in time, [`Failure::Left`] when the
+/// transmitter leaves.
 pub fn tail(args: &TailArgs) -> Result<Outcome, Failure> {
     let stop = stop_flag()?;
     let (mut session, welcome) = Session::open(&args.connection)?;
-    let (sub, event_endpoint) = session.subscriber(&welcome.event_endpoint)?;
-    let marker = format!("SYNC thynapse-cli-{}", Thid::random());
-    let mut topic = frame::EVENT_TOPIC.to_vec();
-    topic.extend_from_slice(args.pattern.literal_prefix().as_bytes());
-    for t in [&topic, marker.as_bytes()] {
-        sub.set_subscribe(t)
-            .map_err(|e| Failure::local("subscribing", e))?;
-    }
+    session.request(
+        Verb::LSTN,
+        json!({"pattern": args.pattern.as_str(), "mode": "multi"}),
+    )?;
     let timeout = session.timeout();
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
-    let sync_deadline = Instant::now() + timeout;
-    let mut synced = false;
     let mut printed = 0;
     let mut pings = 0u64;
     let mut next_ping = Instant::now() + heartbeat;
@@ -76,13 +69,6 @@ pub fn tail(args: &TailArgs) -> Result<Outcome, Failure> {
     let mut awaiting: Option<(Value, Instant)> = None;
     while !stop.load(Ordering::Relaxed) && args.count.is_none_or(|n| printed < n) {
         let now = Instant::now();
-        if !synced && now >= sync_deadline {
-            return Err(Failure::NoAnswer {
-                endpoint: event_endpoint,
-                awaited: "SYNC marker on the event socket".to_owned(),
-                waited: timeout,
-            });
-        }
         if now >= next_ping {
             if let Some((_, sent)) = &awaiting {
                 if now.duration_since(*sent) >= timeout {
@@ -101,55 +87,62 @@ pub fn tail(args: &TailArgs) -> Result<Outcome, Failure> {
             next_ping = now + heartbeat;
         }
         let wait = next_ping.saturating_duration_since(now).min(STOP_CHECK);
-        let mut items = [
-            sub.as_poll_item(zmq::POLLIN),
-            session.socket().as_poll_item(zmq::POLLIN),
-        ];
-        match zmq::poll(&mut items, i64::try_from(wait.as_millis()).unwrap_or(0)) {
-            Ok(_) | Err(zmq::Error::EINTR) => {}
-            Err(e) => return Err(Failure::local("waiting for events", e)),
+        if !readable(session.socket(), wait)? {
+            continue;
         }
-        if items[1].is_readable() {
-            if let Some((verb, body)) = session.next_message(Duration::ZERO)? {
-                if verb == Verb::PONG && awaiting.as_ref().is_some_and(|(r, _)| body["ref"] == *r) {
+        let parts = session
+            .socket()
+            .recv_multipart(0)
+            .map_err(|e| Failure::local("receiving", e))?;
+        let Some(message) = parts.first().and_then(|f| frame::decode(f).ok()) else {
+            continue;
+        };
+        match message.verb {
+            Verb::EVNT => {
+                if let Some(line) =
+                    event_line(message.body, parts.get(1), &args.pattern, args.output)
+                {
+                    write_stdout(&line)?;
+                    printed += 1;
+                }
+            }
+            Verb::PONG => {
+                let body: Value = serde_json::from_slice(message.body).unwrap_or_default();
+                if awaiting.as_ref().is_some_and(|(r, _)| body["ref"] == *r) {
                     awaiting = None;
                 }
             }
-        }
-        if !items[0].is_readable() {
-            continue;
-        }
-        let parts = sub
-            .recv_multipart(0)
-            .map_err(|e| Failure::local("receiving an event", e))?;
-        if !synced && parts.first().is_some_and(|f| f == marker.as_bytes()) {
-            sub.set_unsubscribe(marker.as_bytes())
-                .map_err(|e| Failure::local("unsubscribing", e))?;
-            session.request(
-                Verb::LSTN,
-                json!({"pattern": args.pattern.as_str(), "mode": "multi"}),
-            )?;
-            synced = true;
-        } else if let Some(line) = event_line(&parts, &args.pattern, args.output) {
-            write_stdout(&line)?;
-            printed += 1;
+            Verb::GBYE => {
+                let body: Value = serde_json::from_slice(message.body).unwrap_or_default();
+                return Err(Failure::Left {
+                    endpoint: session.endpoint().to_owned(),
+                    reason: body["reason"].as_str().unwrap_or("no reason").to_owned(),
+                });
+            }
+            _ => {}
         }
     }
     Ok(Outcome::Done)
 }
 
-/// The line to print for an event-socket message, or `None` when it is not
-/// an event on a channel matching `pattern`.
-fn event_line(parts: &[Vec<u8>], pattern: &Pattern, format: Format) -> Option<String> {
-    let (channel, body) = frame::decode_event(parts.first()?)?;
+/// The line to print for a multicatch event (`body` is its JSON body,
+/// `binary` its optional second frame), or `None` when its body does not
+/// read or its channel does not match `pattern`.
+fn event_line(
+    body: &[u8],
+    binary: Option<&Vec<u8>>,
+    pattern: &Pattern,
+    format: Format,
+) -> Option<String> {
+    let body: Value = serde_json::from_slice(body).ok()?;
+    let channel = body.get("channel")?.as_str()?;
     if !pattern.matches(channel) {
         return None;
     }
-    let body: Value = serde_json::from_slice(body).ok()?;
     Some(match format {
         Format::Json => format!("{body}\n"),
         Format::Table => {
-            let payload = match (body.get("payload"), parts.get(1)) {
+            let payload = match (body.get("payload"), binary) {
                 (Some(p), _) => p.to_string(),
                 (None, Some(binary)) => format!("({} bytes)", binary.len()),
                 (None, None) => text(&Value::Null),
@@ -181,34 +174,38 @@ fn stop_flag() -> Result<Arc<AtomicBool>, Failure> {
 mod tests {
     use super::*;
 
-    fn event(channel: &str, body: &str) -> Vec<Vec<u8>> {
-        vec![frame::encode_event(channel, body.as_bytes())]
+    fn line(body: &str, binary: Option<&Vec<u8>>, pattern: &str, format: Format) -> Option<String> {
+        event_line(
+            body.as_bytes(),
+            binary,
+            &Pattern::parse(pattern).unwrap(),
+            format,
+        )
     }
 
     #[test]
     fn events_print_as_channel_and_compact_payload() {
-        let p = Pattern::parse("billing::*").unwrap();
-        let e = event("billing::paid", r#"{"id":"x","payload":{ "a" : [1, 2] }}"#);
+        let e = r#"{"id":"x","channel":"billing::paid","payload":{ "a" : [1, 2] }}"#;
         assert_eq!(
-            event_line(&e, &p, Format::Table).unwrap(),
+            line(e, None, "billing::*", Format::Table).unwrap(),
             "billing::paid {\"a\":[1,2]}\n"
         );
         assert_eq!(
-            event_line(&e, &p, Format::Json).unwrap(),
-            "{\"id\":\"x\",\"payload\":{\"a\":[1,2]}}\n"
+            line(e, None, "billing::*", Format::Json).unwrap(),
+            "{\"channel\":\"billing::paid\",\"id\":\"x\",\"payload\":{\"a\":[1,2]}}\n"
         );
-        let mut binary = event("billing::x", r#"{"id":"x"}"#);
-        binary.push(vec![0; 3]);
+        let binary = r#"{"id":"x","channel":"billing::x"}"#;
         assert_eq!(
-            event_line(&binary, &p, Format::Table).unwrap(),
+            line(binary, Some(&vec![0; 3]), "billing::*", Format::Table).unwrap(),
             "billing::x (3 bytes)\n"
         );
     }
 
     #[test]
-    fn events_outside_the_pattern_are_skipped() {
-        let p = Pattern::parse("billing::*::paid").unwrap();
-        assert!(event_line(&event("billing::x::late", "{}"), &p, Format::Table).is_none());
-        assert!(event_line(&[b"SYNC x".to_vec()], &p, Format::Table).is_none());
+    fn events_outside_the_pattern_or_unreadable_are_skipped() {
+        let late = r#"{"id":"x","channel":"billing::x::late"}"#;
+        assert!(line(late, None, "billing::*::paid", Format::Table).is_none());
+        assert!(line("not json", None, "billing::*", Format::Table).is_none());
+        assert!(line(r#"{"id":"x"}"#, None, "billing::*", Format::Table).is_none());
     }
 }
