@@ -19,6 +19,9 @@
 //! - [`raw`]: a Thynapse client written on raw libzmq frames (the spec's
 //!   `J VERB {json}` frames, batched `ACKN`), independent of the cell SDK.
 //! - [`sdk`]: the same runs on the cell SDK (`thynapse-cell`).
+//! - here: [`Load`] and [`Scenario`], and what the async runs (NATS, SDK)
+//!   share: [`tally_deliveries`], a cell's receive loop, and
+//!   [`await_deliveries`], the wait for the last one.
 //!
 //! Every load loop is bounded in count (`--msgs`) and in time (`--secs`);
 //! traffic goes to loopback endpoints only.
@@ -31,7 +34,13 @@ pub mod report;
 pub mod sdk;
 pub mod zmq_ceiling;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+
+use report::{wait_for_deliveries, RunClock, Tally};
 
 /// The shape of one load run, shared by every system.
 #[derive(Debug, Clone)]
@@ -64,6 +73,16 @@ impl Load {
         match self.publish_to {
             Some(_) => format!("mesh_{}", scenario.name()),
             None => scenario.name().to_owned(),
+        }
+    }
+
+    /// Deliveries a complete run counts: every event once, or once per
+    /// cell when each cell gets all of them.
+    pub fn expected_deliveries(&self, scenario: Scenario) -> u64 {
+        if scenario.fan_out() {
+            self.msgs * self.cells as u64
+        } else {
+            self.msgs
         }
     }
 }
@@ -117,4 +136,63 @@ impl Scenario {
     pub fn fan_out(self) -> bool {
         matches!(self, Scenario::Multicatch)
     }
+}
+
+/// How often a cell's receive loop looks at the stop flag when nothing
+/// arrives.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+/// One cell's receive loop in the async runs: counts each delivery of
+/// `deliveries` (the sequence number it carried, `None` when unreadable)
+/// in a [`Tally`] of `msgs` and on the shared `clock`, until `stop` is set
+/// or the stream ends. The stream is dropped before this returns.
+pub async fn tally_deliveries<S>(
+    deliveries: S,
+    msgs: u64,
+    clock: &RunClock,
+    stop: &AtomicBool,
+) -> Tally
+where
+    S: Stream<Item = Option<u64>>,
+{
+    let mut deliveries = std::pin::pin!(deliveries);
+    let mut tally = Tally::new(msgs);
+    let mut wake = tokio::time::interval(STOP_CHECK);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::select! {
+            d = deliveries.next() => match d {
+                Some(seq) => {
+                    tally.record(seq);
+                    clock.delivered_now(1);
+                }
+                None => break,
+            },
+            _ = wake.tick() => {}
+        }
+    }
+    tally
+}
+
+/// [`wait_for_deliveries`] for `scenario` under `load`, on a blocking
+/// thread so that the runtime's tasks (the cells, the publisher) go on.
+///
+/// # Errors
+/// When the waiting thread panics.
+pub async fn await_deliveries(
+    clock: &Arc<RunClock>,
+    scenario: Scenario,
+    load: &Load,
+    begin: Instant,
+    published: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let expected = load.expected_deliveries(scenario);
+    let (clock, published, deadline, idle) =
+        (clock.clone(), published.clone(), load.deadline, load.idle);
+    tokio::task::spawn_blocking(move || {
+        wait_for_deliveries(&clock, expected, begin, deadline, idle, || {
+            published.load(Ordering::Relaxed)
+        })
+    })
+    .await?;
+    Ok(())
 }

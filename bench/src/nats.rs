@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{stream, StreamExt};
 
 use crate::payload;
 use crate::procfs::{self, CpuMark};
-use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
-use crate::{Load, Scenario};
+use crate::report::{Report, RunClock, Tally};
+use crate::{await_deliveries, tally_deliveries, Load, Scenario};
 
 /// The subject of the anycatch and multicatch runs.
 const SUBJECT: &str = "bench.events";
@@ -106,22 +106,8 @@ pub async fn run(
                 c.flush().await?;
                 let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
                 cells.push(tokio::spawn(async move {
-                    let mut sub = sub;
-                    let mut tally = Tally::new(msgs);
-                    // Wakes the loop now and then to look at the stop flag.
-                    let mut wake = tokio::time::interval(Duration::from_millis(50));
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::select! {
-                            m = sub.next() => match m {
-                                Some(m) => {
-                                    tally.record(payload::seq_of(&m.payload));
-                                    clock.delivered_now(1);
-                                }
-                                None => break,
-                            },
-                            _ = wake.tick() => {}
-                        }
-                    }
+                    let deliveries = sub.map(|m| payload::seq_of(&m.payload));
+                    let tally = tally_deliveries(deliveries, msgs, &clock, &stop).await;
                     drop(c);
                     tally
                 }));
@@ -158,32 +144,28 @@ pub async fn run(
                     .get_consumer(CONSUMER)
                     .await
                     .map_err(|e| anyhow::anyhow!("getting the consumer: {e}"))?;
-                let mut messages = consumer
+                let messages = consumer
                     .stream()
                     .max_messages_per_batch(js.batch)
                     .messages()
                     .await?;
                 let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
                 cells.push(tokio::spawn(async move {
-                    let mut tally = Tally::new(msgs);
-                    // Wakes the loop now and then to look at the stop flag.
-                    let mut wake = tokio::time::interval(Duration::from_millis(50));
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::select! {
-                            m = messages.next() => match m {
-                                Some(Ok(m)) => {
-                                    tally.record(payload::seq_of(&m.payload));
-                                    // Explicit ack (fire-and-forget, as a
-                                    // Thynapse ACKN is).
-                                    if m.ack().await.is_err() { break; }
-                                    clock.delivered_now(1);
+                    // A message counts once acked (explicitly, and
+                    // fire-and-forget as a Thynapse ACKN is); a failed
+                    // ack ends the cell.
+                    let deliveries = stream::unfold(messages, |mut messages| async move {
+                        loop {
+                            match messages.next().await? {
+                                Ok(m) => {
+                                    m.ack().await.ok()?;
+                                    return Some((payload::seq_of(&m.payload), messages));
                                 }
-                                Some(Err(_)) => continue,
-                                None => break,
-                            },
-                            _ = wake.tick() => {}
+                                Err(_) => continue,
+                            }
                         }
-                    }
+                    });
+                    let tally = tally_deliveries(deliveries, msgs, &clock, &stop).await;
                     drop(c);
                     tally
                 }));
@@ -235,21 +217,7 @@ pub async fn run(
         })
     };
 
-    let expected = if scenario.fan_out() {
-        load.msgs * load.cells as u64
-    } else {
-        load.msgs
-    };
-    {
-        let (clock, published, deadline, idle) =
-            (clock.clone(), published.clone(), load.deadline, load.idle);
-        tokio::task::spawn_blocking(move || {
-            wait_for_deliveries(&clock, expected, begin, deadline, idle, || {
-                published.load(Ordering::Relaxed)
-            })
-        })
-        .await?;
-    }
+    await_deliveries(&clock, scenario, load, begin, &published).await?;
     let cpu = mark.since();
     stop.store(true, Ordering::Relaxed);
     let (sent, publish_took) = pub_task.await??;

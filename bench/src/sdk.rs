@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::StreamExt;
 use thynapse_cell::{Client, ListenOptions, Options, Request};
 
 use crate::payload;
 use crate::procfs::{self, CpuMark};
 use crate::raw::{CELL_SERVICE, CHANNEL, PUBLISHER_SERVICE, REQUESTER_SERVICE, RR_CHANNEL};
-use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
-use crate::{Load, Scenario};
+use crate::report::{Report, RunClock, Tally};
+use crate::{await_deliveries, tally_deliveries, Load, Scenario};
 
 async fn connect(command: &str, service: &str) -> anyhow::Result<Client> {
     Client::connect(command, Options::new(service))
@@ -51,29 +52,13 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
     let mut cells = Vec::new();
     for _ in 0..load.cells {
         let c = connect(command, &service).await?;
-        // Returns once the listen (and for multicatch the subscription) is
-        // in place at the transmitter.
-        let mut sub = c.listen_with(&channel, options).await?;
+        // Returns once the listen is in place at the transmitter.
+        let sub = c.listen_with(&channel, options).await?;
         let (clock, stop, msgs) = (clock.clone(), stop.clone(), load.msgs);
         cells.push(tokio::spawn(async move {
-            let mut tally = Tally::new(msgs);
-            // Wakes the loop now and then to look at the stop flag.
-            let mut wake = tokio::time::interval(Duration::from_millis(50));
-            while !stop.load(Ordering::Relaxed) {
-                tokio::select! {
-                    e = sub.next_event() => match e {
-                        Some(e) => {
-                            tally.record(e.binary().and_then(payload::seq_of));
-                            clock.delivered_now(1);
-                            // Dropping the event acks it (acked listens).
-                            drop(e);
-                        }
-                        None => break,
-                    },
-                    _ = wake.tick() => {}
-                }
-            }
-            drop(sub);
+            // Dropping each event once read acks it (acked listens).
+            let deliveries = sub.map(|e| e.binary().and_then(payload::seq_of));
+            let tally = tally_deliveries(deliveries, msgs, &clock, &stop).await;
             c.close().await;
             tally
         }));
@@ -111,21 +96,7 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
         })
     };
 
-    let expected = if scenario.fan_out() {
-        load.msgs * load.cells as u64
-    } else {
-        load.msgs
-    };
-    {
-        let (clock, published, deadline, idle) =
-            (clock.clone(), published.clone(), load.deadline, load.idle);
-        tokio::task::spawn_blocking(move || {
-            wait_for_deliveries(&clock, expected, begin, deadline, idle, || {
-                published.load(Ordering::Relaxed)
-            })
-        })
-        .await?;
-    }
+    await_deliveries(&clock, scenario, load, begin, &published).await?;
     let cpu = mark.since();
     stop.store(true, Ordering::Relaxed);
     let (sent, took) = pub_task.await??;
@@ -145,9 +116,9 @@ pub async fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Resu
     Ok(r)
 }
 
-/// Joins `conns` idle SDK clients (each a DEALER and a SUB, on its own
-/// thread) and reports the transmitter's resident size before and with
-/// them.
+/// Joins `conns` idle SDK clients (each a DEALER on its own thread; the
+/// SDK opens a SUB only for membership streams) and reports the
+/// transmitter's resident size before and with them.
 ///
 /// # Errors
 /// When the transmitter's `/proc` entry cannot be read or a client cannot
@@ -173,7 +144,7 @@ pub async fn memory(
     r.rss_idle_kib = Some(idle);
     r.rss_loaded_kib = Some(loaded);
     r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
-    r.note = Some("each cell: SDK Client (DEALER + SUB)".into());
+    r.note = Some("each cell: SDK Client (DEALER)".into());
     Ok(r)
 }
 
