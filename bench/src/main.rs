@@ -198,9 +198,11 @@ enum Command {
         /// Idle cells to join.
         #[arg(long, default_value_t = 1000)]
         conns: usize,
-        /// Also connect a SUB per cell to the event socket.
-        #[arg(long)]
-        with_sub: bool,
+        /// Each cell also listens multicatch (`LSTN` mode `multi`; its
+        /// events would come on its DEALER). `--with-sub` is an older name
+        /// of this flag, from when a multicatch cell also held a SUB.
+        #[arg(long, alias = "with-sub")]
+        multicatch: bool,
         /// Seconds to wait with every cell joined before measuring.
         #[arg(long, default_value_t = 3)]
         settle_secs: u64,
@@ -289,13 +291,13 @@ fn main() -> anyhow::Result<()> {
             command,
             pid,
             conns,
-            with_sub,
+            multicatch,
             settle_secs,
         } => raw::memory(
             &command,
             pid,
             conns,
-            with_sub,
+            multicatch,
             Duration::from_secs(settle_secs),
         )?,
     };

@@ -6,7 +6,9 @@
 //! users get.
 //!
 //! Each cell is a thread with its own libzmq context (its own I/O thread),
-//! as separate processes would have; the publisher likewise.
+//! as separate processes would have; the publisher likewise. A cell has one
+//! socket, its DEALER: deliveries, requests and multicatch events (`J EVNT`,
+//! each cell its own copy) all come there.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -32,15 +34,17 @@ pub const ACK_BATCH: usize = 64;
 /// How often an otherwise silent client pings (the transmitter expires a
 /// cell after 3 silent heartbeats, 1 s each by default).
 pub const PING_EVERY: Duration = Duration::from_millis(500);
+/// Receive high-water mark of a multicatch cell's DEALER, in messages (the
+/// SDK's sockets have the same): the transmitter drops, and counts, the
+/// events of a cell beyond what its own queue, this and the TCP buffers
+/// hold.
+pub const MULTICATCH_RCVHWM: i32 = 100_000;
 /// How long to wait for a reply during setup.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A welcomed connection.
 struct Joined {
     dealer: zmq::Socket,
-    /// The event socket endpoint from WLCM.
-    event_endpoint: String,
-    id: Thid,
 }
 
 fn send_cmd(s: &zmq::Socket, verb: Verb, body: &str) -> anyhow::Result<()> {
@@ -76,9 +80,19 @@ fn expect(s: &zmq::Socket, verb: Verb) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-fn join(ctx: &zmq::Context, command: &str, service: &str) -> anyhow::Result<Joined> {
+/// Connects a DEALER (with `rcvhwm` when given, else libzmq's default)
+/// and says HELO.
+fn join(
+    ctx: &zmq::Context,
+    command: &str,
+    service: &str,
+    rcvhwm: Option<i32>,
+) -> anyhow::Result<Joined> {
     let dealer = ctx.socket(zmq::DEALER)?;
     dealer.set_linger(1000)?;
+    if let Some(hwm) = rcvhwm {
+        dealer.set_rcvhwm(hwm)?;
+    }
     dealer
         .connect(command)
         .with_context(|| format!("connecting to {command}"))?;
@@ -88,14 +102,8 @@ fn join(ctx: &zmq::Context, command: &str, service: &str) -> anyhow::Result<Join
         Verb::HELO,
         &format!(r#"{{"id":"{id}","service":"{service}"}}"#),
     )?;
-    let body = expect(&dealer, Verb::WLCM)?;
-    let w: serde_json::Value = serde_json::from_slice(&body)?;
-    let event_endpoint = w["pub"].as_str().context("WLCM without pub")?.to_owned();
-    Ok(Joined {
-        dealer,
-        event_endpoint,
-        id,
-    })
+    expect(&dealer, Verb::WLCM)?;
+    Ok(Joined { dealer })
 }
 
 /// The id of a DLVR body, which the transmitter writes first:
@@ -107,7 +115,6 @@ fn delivery_id(body: &[u8]) -> Option<&[u8]> {
 
 struct CellLoop {
     join: Joined,
-    sub: Option<zmq::Socket>,
     ack: bool,
     tally: Tally,
     pending: Vec<u8>,
@@ -154,6 +161,11 @@ impl CellLoop {
                     }
                 }
             }
+            Verb::EVNT => {
+                self.tally
+                    .record(parts.get(1).and_then(|p| payload::seq_of(p)));
+                clock.delivered_now(1);
+            }
             Verb::ERRR => {
                 if self.errors == 0 {
                     eprintln!("cell got ERRR {}", String::from_utf8_lossy(f.body));
@@ -167,18 +179,7 @@ impl CellLoop {
 
     fn run(mut self, clock: &RunClock, stop: &AtomicBool) -> anyhow::Result<Tally> {
         while !stop.load(Ordering::Relaxed) {
-            let (cmd_ready, sub_ready) = {
-                let mut items = vec![self.join.dealer.as_poll_item(zmq::POLLIN)];
-                if let Some(s) = &self.sub {
-                    items.push(s.as_poll_item(zmq::POLLIN));
-                }
-                zmq::poll(&mut items, 50)?;
-                (
-                    items[0].is_readable(),
-                    items.get(1).is_some_and(|i| i.is_readable()),
-                )
-            };
-            if cmd_ready {
+            if self.join.dealer.poll(zmq::POLLIN, 50)? > 0 {
                 for _ in 0..1024 {
                     match self.join.dealer.recv_multipart(zmq::DONTWAIT) {
                         Ok(parts) => self.on_command(&parts, clock)?,
@@ -187,25 +188,6 @@ impl CellLoop {
                     }
                 }
                 self.flush_acks()?;
-            }
-            if sub_ready {
-                if let Some(sub) = &self.sub {
-                    let mut n = 0;
-                    for _ in 0..1024 {
-                        match sub.recv_multipart(zmq::DONTWAIT) {
-                            Ok(parts) => {
-                                if parts[0].starts_with(frame::EVENT_TOPIC) {
-                                    self.tally
-                                        .record(parts.get(1).and_then(|p| payload::seq_of(p)));
-                                    n += 1;
-                                }
-                            }
-                            Err(zmq::Error::EAGAIN) => break,
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    clock.delivered_now(n);
-                }
             }
             if self.last_sent.elapsed() >= PING_EVERY {
                 send_cmd(&self.join.dealer, Verb::PING, "{}")?;
@@ -225,57 +207,22 @@ fn setup_cell(
     service: &str,
 ) -> anyhow::Result<CellLoop> {
     let ctx = zmq::Context::new();
-    let join = join(&ctx, command, service)?;
-    let mut sub = None;
-    match scenario {
+    let listen = match scenario {
         Scenario::AnycatchNoack | Scenario::AnycatchAck => {
             let ack = scenario == Scenario::AnycatchAck;
-            send_cmd(
-                &join.dealer,
-                Verb::LSTN,
-                &format!(r#"{{"pattern":"{channel}","mode":"any","ack":{ack}}}"#),
-            )?;
-            expect(&join.dealer, Verb::OKAY)?;
+            format!(r#"{{"pattern":"{channel}","mode":"any","ack":{ack}}}"#)
         }
-        Scenario::Multicatch => {
-            let s = ctx.socket(zmq::SUB)?;
-            s.set_rcvhwm(100_000)?;
-            s.connect(&join.event_endpoint)?;
-            let mut topic = frame::EVENT_TOPIC.to_vec();
-            topic.extend_from_slice(channel.as_bytes());
-            s.set_subscribe(&topic)?;
-            send_cmd(
-                &join.dealer,
-                Verb::LSTN,
-                &format!(r#"{{"pattern":"{channel}","mode":"multi"}}"#),
-            )?;
-            expect(&join.dealer, Verb::OKAY)?;
-            // Subscription sync: once our SYNC token comes back, the EVNT
-            // subscription is in place at the transmitter.
-            let mut token = frame::SYNC_TOPIC.to_vec();
-            token.extend_from_slice(join.id.to_hex().as_bytes());
-            s.set_subscribe(&token)?;
-            let until = Instant::now() + SETUP_TIMEOUT;
-            loop {
-                if Instant::now() > until {
-                    bail!("no SYNC from the event socket");
-                }
-                if s.poll(zmq::POLLIN, 100)? == 0 {
-                    continue;
-                }
-                if s.recv_bytes(0)? == token {
-                    break;
-                }
-            }
-            s.set_unsubscribe(&token)?;
-            sub = Some(s);
-        }
-    }
+        Scenario::Multicatch => format!(r#"{{"pattern":"{channel}","mode":"multi"}}"#),
+    };
+    let rcvhwm = (scenario == Scenario::Multicatch).then_some(MULTICATCH_RCVHWM);
+    let join = join(&ctx, command, service, rcvhwm)?;
+    // Once OKAY is in, every later event reaches this DEALER.
+    send_cmd(&join.dealer, Verb::LSTN, &listen)?;
+    expect(&join.dealer, Verb::OKAY)?;
     // Each socket holds its context, so dropping this handle is fine.
     drop(ctx);
     Ok(CellLoop {
         join,
-        sub,
         ack: scenario == Scenario::AnycatchAck,
         tally: Tally::new(msgs),
         pending: br#"J ACKN {"ids":["#.to_vec(),
@@ -322,6 +269,7 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
         &pctx,
         load.publish_to.as_deref().unwrap_or(command),
         PUBLISHER_SERVICE,
+        None,
     )?;
     std::thread::sleep(load.settle);
     let published = Arc::new(AtomicBool::new(false));
@@ -369,11 +317,7 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
         })
     };
 
-    let expected = if scenario.fan_out() {
-        load.msgs * load.cells as u64
-    } else {
-        load.msgs
-    };
+    let expected = load.expected_deliveries(scenario);
     wait_for_deliveries(&clock, expected, begin, load.deadline, load.idle, || {
         published.load(Ordering::Relaxed)
     });
@@ -396,33 +340,38 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
     Ok(r)
 }
 
-/// Joins `conns` idle cells (each a DEALER that said HELO, plus a SUB on
-/// the event socket when `with_sub`) and reports the transmitter's
-/// resident size before and with them. The cells ping to stay alive.
+/// Joins `conns` idle cells (each a DEALER that said HELO and, when
+/// `multicatch`, listened multicatch to [`CHANNEL`]) and reports the
+/// transmitter's resident size before and with them. The cells ping to
+/// stay alive.
 ///
 /// # Errors
-/// When the transmitter's `/proc` entry cannot be read or a cell cannot join.
+/// When the transmitter's `/proc` entry cannot be read or a cell cannot
+/// join or listen.
 pub fn memory(
     command: &str,
     pid: u32,
     conns: usize,
-    with_sub: bool,
+    multicatch: bool,
     settle: Duration,
 ) -> anyhow::Result<Report> {
     let idle = procfs::rss_kib(pid)?;
     // libzmq allows 1023 sockets per context: take a new one every 400.
     let mut ctx = zmq::Context::new();
     let mut cells = Vec::with_capacity(conns);
-    let mut subs = Vec::new();
     for i in 0..conns {
         if i > 0 && i % 400 == 0 {
             ctx = zmq::Context::new();
         }
-        let j = join(&ctx, command, CELL_SERVICE)?;
-        if with_sub {
-            let s = ctx.socket(zmq::SUB)?;
-            s.connect(&j.event_endpoint)?;
-            subs.push(s);
+        let rcvhwm = multicatch.then_some(MULTICATCH_RCVHWM);
+        let j = join(&ctx, command, CELL_SERVICE, rcvhwm)?;
+        if multicatch {
+            send_cmd(
+                &j.dealer,
+                Verb::LSTN,
+                &format!(r#"{{"pattern":"{CHANNEL}","mode":"multi"}}"#),
+            )?;
+            expect(&j.dealer, Verb::OKAY)?;
         }
         cells.push(j);
     }
@@ -445,8 +394,8 @@ pub fn memory(
     r.rss_idle_kib = Some(idle);
     r.rss_loaded_kib = Some(loaded);
     r.per_cell_bytes = Some((loaded as f64 - idle as f64) * 1024.0 / conns.max(1) as f64);
-    r.note = Some(if with_sub {
-        "each cell: DEALER (HELO) + SUB connected to the event socket".into()
+    r.note = Some(if multicatch {
+        "each cell: DEALER (HELO) + LSTN multi".into()
     } else {
         "each cell: DEALER (HELO)".into()
     });
@@ -464,7 +413,7 @@ pub const REQUESTER_SERVICE: &str = "bench-requesters";
 fn respond(command: &str, ready: &Barrier, stop: &AtomicBool) -> anyhow::Result<u64> {
     let ctx = zmq::Context::new();
     let setup = (|| -> anyhow::Result<Joined> {
-        let j = join(&ctx, command, CELL_SERVICE)?;
+        let j = join(&ctx, command, CELL_SERVICE, None)?;
         send_cmd(
             &j.dealer,
             Verb::LSTN,
@@ -540,7 +489,7 @@ pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::R
 
     let ctx = zmq::Context::new();
     let socks = (0..requesters.max(1))
-        .map(|_| join(&ctx, command, REQUESTER_SERVICE))
+        .map(|_| join(&ctx, command, REQUESTER_SERVICE, None))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let head = frame::encode(
         Verb::RQST,
