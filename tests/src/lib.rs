@@ -16,8 +16,9 @@
 //!   process, built once per test binary, killed on drop.
 //! - [`RawCell`]: a cell written by hand over a libzmq DEALER, with helpers
 //!   for each verb; [`Msg`] is one message it received.
-//! - [`RawSub`]: a libzmq SUB on the event socket, with the `SYNC`
-//!   handshake.
+//! - [`RawSub`]: a libzmq SUB on the event socket (membership events),
+//!   with the `SYNC` handshake. Multicatch events come to a [`RawCell`] as
+//!   `J EVNT` on its DEALER.
 //! - [`Monitor`]: libzmq socket events of a [`RawCell`] or [`RawSub`]
 //!   (connection dropped, handshake refused).
 //! - [`FlowProbe`]: a publisher and an anycatch listener that prove events
@@ -959,7 +960,8 @@ impl RawCell {
     }
 }
 
-/// A libzmq SUB on a transmitter's event socket.
+/// A libzmq SUB on a transmitter's event socket, which carries membership
+/// events (`MEMB`) and `SYNC` markers.
 pub struct RawSub {
     /// The SUB (declared before the context so it closes first).
     socket: zmq::Socket,
@@ -1022,7 +1024,7 @@ impl RawSub {
         Monitor::attach(&self.ctx, &self.socket)
     }
 
-    /// Subscribes to a topic prefix, e.g. `EVNT billing::`.
+    /// Subscribes to a topic prefix, e.g. `MEMB billing `.
     ///
     /// # Errors
     /// When libzmq fails.
@@ -1070,32 +1072,6 @@ impl RawSub {
         match self.pending.pop_front() {
             Some(p) => Ok(Some(p)),
             None => self.recv_raw(timeout),
-        }
-    }
-
-    /// The next `EVNT <channel> {json}` frame within `timeout`, as
-    /// (channel, body); SYNC frames are skipped.
-    ///
-    /// # Errors
-    /// When none comes, or a frame is not an event.
-    pub fn expect_event(&mut self, timeout: Duration) -> anyhow::Result<(String, Value)> {
-        let end = Instant::now() + timeout;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            let Some(parts) = self.recv(left)? else {
-                bail!("no EVNT frame on the event socket within {timeout:?}");
-            };
-            if parts[0].starts_with(frame::SYNC_TOPIC) {
-                continue;
-            }
-            let (channel, body) = frame::decode_event(&parts[0]).with_context(|| {
-                format!(
-                    "not an event frame: {:?}",
-                    String::from_utf8_lossy(&parts[0])
-                )
-            })?;
-            let body: Value = serde_json::from_slice(body).context("EVNT body is not JSON")?;
-            return Ok((channel.to_owned(), body));
         }
     }
 }

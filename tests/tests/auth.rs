@@ -1,9 +1,11 @@
 //! With a token, both sockets are PLAIN servers: a cell presenting the
-//! token as its password is welcomed and gets events; a wrong password, or
-//! none, is refused at the handshake and nothing flows either way.
+//! token as its password is welcomed and gets events, and a SUB presenting
+//! it gets membership events; a wrong password, or none, is refused at the
+//! handshake and nothing flows either way.
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::json;
 use thynapse_tests::{watchdog, RawCell, RawSub, REPLY_TIMEOUT, SILENCE, TEST_DEADLINE};
 use thynapse_transmitter::{Config, Transmitter};
@@ -105,8 +107,17 @@ fn a_dealer_with_a_wrong_token_or_none_is_refused_at_the_handshake_and_gets_noth
     })
 }
 
+/// The next frame `sub` receives within [`REPLY_TIMEOUT`], as text.
+fn next_frame(sub: &mut RawSub) -> anyhow::Result<String> {
+    let parts = sub
+        .recv(REPLY_TIMEOUT)?
+        .context("no frame on the event socket")?;
+    Ok(String::from_utf8_lossy(&parts[0]).into_owned())
+}
+
 #[test]
-fn a_sub_with_a_wrong_token_receives_no_events_while_a_correct_one_does() -> anyhow::Result<()> {
+fn a_sub_with_a_wrong_token_receives_no_membership_events_while_a_correct_one_does(
+) -> anyhow::Result<()> {
     watchdog("sub_token", TEST_DEADLINE, || {
         let t = start()?;
         let mut listener = RawCell::open_with_token(t.command_endpoint(), Some(TOKEN))?;
@@ -114,29 +125,45 @@ fn a_sub_with_a_wrong_token_receives_no_events_while_a_correct_one_does() -> any
         let endpoint = welcome["pub"].as_str().unwrap_or_default().to_owned();
         assert_eq!(endpoint, t.event_endpoint());
 
+        // The good SUB takes everything the event socket publishes.
         let mut good = RawSub::open(&endpoint, Some(TOKEN))?;
-        good.subscribe("EVNT auth::")?;
+        good.subscribe("")?;
         good.sync(REPLY_TIMEOUT)?;
         let mut bad = RawSub::unconnected(Some("wrong horse"))?;
         let bad_events = bad.monitor()?;
         bad.connect(&endpoint)?;
-        bad.subscribe("EVNT ")?;
         bad.subscribe("")?;
         bad_events.expect(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH, REPLY_TIMEOUT)?;
         let mut none = RawSub::open(&endpoint, None)?;
         none.subscribe("")?;
 
+        // A publisher joins, publishes multicatch events and leaves: the
+        // good SUB sees it join and leave, and nothing in between, since
+        // multicatch events go to the listener's DEALER.
         listener.listen("auth::*", "multi", false)?;
         let mut publisher = RawCell::open_with_token(t.command_endpoint(), Some(TOKEN))?;
         publisher.hello("speaker")?;
+        let id = publisher.id().to_hex();
+        let joined = next_frame(&mut good)?;
+        assert!(
+            joined.starts_with("MEMB speaker {") && joined.contains(&id),
+            "expected the publisher's MEMB joined, got {joined:?}"
+        );
+        assert!(joined.ends_with(r#""event":"joined"}"#), "{joined}");
         for n in 0..5 {
             let okay = publisher.publish_confirmed("auth::news", &json!({ "n": n }))?;
             assert_eq!(okay["routed"], 1);
-            let (channel, body) = good.expect_event(REPLY_TIMEOUT)?;
-            assert_eq!(channel, "auth::news");
-            assert_eq!(body["id"], okay["id"]);
-            assert_eq!(body["payload"]["n"], n);
+            let e = listener.expect("EVNT", REPLY_TIMEOUT)?;
+            assert_eq!(e["channel"], "auth::news");
+            assert_eq!(e["id"], okay["id"]);
+            assert_eq!(e["payload"]["n"], n);
         }
+        publisher.bye()?;
+        let left = next_frame(&mut good)?;
+        assert!(
+            left.starts_with("MEMB speaker {") && left.ends_with(r#""event":"left"}"#),
+            "expected the publisher's MEMB left and no multicatch frame, got {left:?}"
+        );
         // Everything was published by now; the refused SUBs got none of it.
         assert_eq!(bad.recv(SILENCE)?, None, "the wrong password got a frame");
         assert_eq!(none.recv(Duration::ZERO)?, None, "no password got a frame");

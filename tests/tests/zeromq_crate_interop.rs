@@ -1,11 +1,12 @@
 //! A cell written with the pure-Rust `zeromq` crate (async, on tokio; no
-//! libzmq on its side) joins a transmitter, listens anycatch and
-//! multicatch, gets a DLVR and acks it, and gets the EVNT frame on its SUB:
-//! the wire protocol is plain ZMTP, not a libzmq peculiarity.
+//! libzmq on its side) joins a transmitter, follows membership on a SUB
+//! (with the SYNC handshake), listens anycatch and multicatch, gets a DLVR
+//! and acks it, and gets the multicatch EVNT on its DEALER: the wire
+//! protocol is plain ZMTP, not a libzmq peculiarity.
 
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::{json, Value};
-use thynapse_protocol::{frame, Thid};
+use thynapse_protocol::Thid;
 use thynapse_tests::{Msg, RawCell, REPLY_TIMEOUT, TEST_DEADLINE};
 use thynapse_transmitter::{Config, Transmitter};
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
@@ -44,13 +45,13 @@ async fn call(
     Ok(m.body)
 }
 
-/// The next frame on the SUB, as text.
-async fn recv_event(sub: &mut SubSocket) -> anyhow::Result<Vec<u8>> {
+/// The next frame on the SUB.
+async fn recv_sub(sub: &mut SubSocket) -> anyhow::Result<Vec<u8>> {
     let m = tokio::time::timeout(REPLY_TIMEOUT, sub.recv())
         .await
         .map_err(|_| anyhow!("nothing on the SUB within {REPLY_TIMEOUT:?}"))??;
     if m.len() != 1 {
-        bail!("an event message of {} frames", m.len());
+        bail!("a message of {} frames on the SUB", m.len());
     }
     Ok(m.get(0).map(|b| b.to_vec()).unwrap_or_default())
 }
@@ -74,13 +75,14 @@ async fn scenario() -> anyhow::Result<()> {
     assert_eq!(welcome["id"], t.id().to_hex());
     let endpoint = welcome["pub"].as_str().context("WLCM without pub")?;
 
-    // Subscribe, and make sure the subscription is in place (SYNC).
+    // Follow the publisher's service, and make sure the subscription is in
+    // place (SYNC).
     let mut sub = SubSocket::new();
     sub.connect(endpoint).await?;
-    sub.subscribe("EVNT zrs::multi::").await?;
+    sub.subscribe("MEMB libzmq-publisher ").await?;
     let marker = format!("SYNC {id}-1");
     sub.subscribe(&marker).await?;
-    let first = recv_event(&mut sub).await.context("SYNC handshake")?;
+    let first = recv_sub(&mut sub).await.context("SYNC handshake")?;
     assert_eq!(first, marker.as_bytes(), "first frame on the SUB");
     sub.unsubscribe(&marker).await?;
 
@@ -113,7 +115,18 @@ async fn scenario() -> anyhow::Result<()> {
     assert_eq!(okay_any["routed"], 1);
     assert_eq!(okay_multi["routed"], 1);
 
-    // The anycatch delivery, acked.
+    // The publisher's arrival on the SUB.
+    let joined = recv_sub(&mut sub).await?;
+    let joined = String::from_utf8(joined)?;
+    let body: Value = serde_json::from_str(
+        joined
+            .strip_prefix("MEMB libzmq-publisher ")
+            .with_context(|| format!("not the publisher's MEMB frame: {joined:?}"))?,
+    )?;
+    assert_eq!(body["event"], "joined", "{body}");
+    assert_eq!(body["cell"]["id"], publisher.to_hex(), "{body}");
+
+    // The anycatch delivery, then the multicatch event, in publish order.
     let d = recv(&mut dealer).await?;
     assert_eq!(d.verb, "DLVR", "{d}");
     assert_eq!(d.body["id"], okay_any["id"]);
@@ -122,24 +135,20 @@ async fn scenario() -> anyhow::Result<()> {
     assert_eq!(d.body["attempt"], 1);
     assert_eq!(d.body["payload"], json!({"k": 1}));
     assert!(d.binary.is_none());
+    let e = recv(&mut dealer).await?;
+    assert_eq!(e.verb, "EVNT", "{e}");
+    assert_eq!(e.body["id"], okay_multi["id"]);
+    assert_eq!(e.body["channel"], "zrs::multi::two");
+    assert_eq!(e.body["from"], publisher.to_hex());
+    assert_eq!(e.body["payload"], json!({"k": [2, "two"]}));
+    assert!(e.body.get("attempt").is_none(), "EVNT with an attempt: {e}");
+    assert!(e.binary.is_none());
+
+    // Only the DLVR is acked; an unknown id would get an ERRR before this
+    // PONG.
     send(&mut dealer, "ACKN", json!({"ids": [d.body["id"]]})).await?;
-    // An unknown id would get an ERRR before this PONG.
     call(&mut dealer, "PING", json!({}), "PONG").await?;
     assert_eq!(t.metrics().snapshot()["acks"], 1);
-
-    // The multicatch event on the SUB.
-    let ev = recv_event(&mut sub).await?;
-    let (channel, body) = frame::decode_event(&ev)
-        .with_context(|| format!("not an event: {:?}", String::from_utf8_lossy(&ev)))?;
-    assert_eq!(channel, "zrs::multi::two");
-    let body: Value = serde_json::from_slice(body)?;
-    assert_eq!(body["id"], okay_multi["id"]);
-    assert_eq!(body["from"], publisher.to_hex());
-    assert_eq!(body["payload"], json!({"k": [2, "two"]}));
-    assert!(
-        body.get("attempt").is_none(),
-        "EVNT with an attempt: {body}"
-    );
 
     // Leave.
     send(&mut dealer, "GBYE", json!({"reason": "done"})).await?;
