@@ -1,7 +1,8 @@
 //! Flow control end to end: a cell that stops taking deliveries must cost
 //! the others nothing and the transmitter bounded memory. Each test floods
-//! a real `thynapse` process from a raw publisher and reads the process's
-//! resident memory from `/proc/<pid>/status` while it runs.
+//! a transmitter from a raw publisher: a real `thynapse` process, whose
+//! resident memory it reads from `/proc/<pid>/status` while it runs, or an
+//! in-process one, whose counters it reads.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
@@ -10,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
+use thynapse_protocol::limits::SLOW_CONSUMER_MS;
 use thynapse_tests::{
-    thynapse_binary, wait_until, watchdog, FlowProbe, RawCell, RawSub, TransmitterProcess, POLL,
-    REPLY_TIMEOUT,
+    eventually, thynapse_binary, wait_until, watchdog, FlowProbe, RawCell, RawSub,
+    TransmitterProcess, POLL, REPLY_TIMEOUT, SILENCE,
 };
+use thynapse_transmitter::{Config, Transmitter};
 
 /// Whole-test deadline: 100,000 and 200,000 events through a debug build
 /// on a shared 2-core machine take a while; a test fails, it never hangs.
@@ -518,23 +521,23 @@ fn a_consumer_that_never_reads_its_unacked_deliveries_costs_bounded_memory() -> 
 }
 
 #[test]
-fn a_subscriber_that_never_reads_multicatch_events_costs_bounded_memory_and_loses_events(
+fn a_multicatch_cell_that_never_reads_costs_bounded_memory_and_is_removed_as_a_slow_consumer(
 ) -> anyhow::Result<()> {
     thynapse_binary()?;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    watchdog("flow_stuck_subscriber", DEADLINE, || {
+    watchdog("flow_stuck_multicatch", DEADLINE, || {
         let t = TransmitterProcess::spawn(&[])?;
         let baseline = rss_kib(t.pid())? / 1024;
         let rss = RssSampler::start(t.pid());
+        let mut members = RawSub::open(t.event_endpoint(), None)?;
+        members.subscribe("MEMB watcher ")?;
+        members.sync(REPLY_TIMEOUT)?;
 
-        // A multicatch cell: its LSTN makes the transmitter publish the
-        // channel; its SUB never reads.
+        // A multicatch cell that keeps pinging and never reads its DEALER.
         let mut watcher = RawCell::open(t.command_endpoint())?;
         watcher.hello("watcher")?;
-        let mut sub = RawSub::open(t.event_endpoint(), None)?;
-        sub.subscribe("EVNT bulk::")?;
-        sub.sync(REPLY_TIMEOUT)?;
-        watcher.listen("bulk::*", "multi", true)?;
+        watcher.listen("bulk::*", "multi", false)?;
+        let watcher_id = watcher.id().to_hex();
         let watcher = Stalled::start(watcher);
         let mut probe = FlowProbe::join(t.command_endpoint(), None)?;
         probe.check()?;
@@ -542,36 +545,61 @@ fn a_subscriber_that_never_reads_multicatch_events_costs_bounded_memory_and_lose
         let mut publisher = RawCell::open(t.command_endpoint())?;
         publisher.hello("publisher")?;
 
+        let started = Instant::now();
         let flooded = flood(&mut publisher, "bulk::e", FLOOD_EVENTS, FLOOD_PAYLOAD)?;
+
+        // Its queue stays full (the PONGs to its PINGs are refused too), so
+        // the transmitter lets it go SLOW_CONSUMER_MS after the first
+        // refusal: its membership ends with "left".
+        let mut left = None;
+        let end = Instant::now() + Duration::from_millis(SLOW_CONSUMER_MS) * 3;
+        while left.is_none() && Instant::now() < end {
+            let _ = publisher.send("J PING {}");
+            if let Some(parts) = members.recv(Duration::from_millis(200))? {
+                let text = String::from_utf8_lossy(&parts[0]).into_owned();
+                let body: Value = serde_json::from_str(
+                    text.strip_prefix("MEMB watcher ")
+                        .context("a MEMB frame of another service")?,
+                )?;
+                if body["event"] == "left" && body["cell"]["id"] == watcher_id.as_str() {
+                    left = Some(started.elapsed());
+                }
+            }
+        }
         let peak = rss.peak_mib();
         let probe = probe
             .stop()
             .context("a healthy cell stopped getting its events")?;
+        let counters = counters(&mut publisher)?;
 
-        let heads = read_until_quiet(|d| sub.recv(d))?;
-        let received = heads
-            .iter()
-            .filter(|h| h.starts_with(b"EVNT bulk::"))
-            .count() as u64;
-        // The subscriber still works: the next event reaches it.
-        let okay = publisher.publish_confirmed("bulk::after", &json!({"after": true}))?;
-        assert_eq!(okay["routed"], 1, "{okay}");
-        let (channel, body) = sub.expect_event(REPLY_TIMEOUT)?;
-        assert_eq!(
-            (channel.as_str(), &body["payload"]),
-            ("bulk::after", &json!({"after": true}))
+        // Now it reads what reached it, then asks whether it is still
+        // welcomed.
+        let mut watcher = watcher.stop();
+        let heads = read_until_quiet(|d| watcher.recv_parts(d))?;
+        let received = heads.iter().filter(|h| h.starts_with(b"J EVNT")).count() as u64;
+        let (copies, dropped) = (
+            counters["multicast"].as_u64().context("multicast")?,
+            counters["dropped_multicatch"]
+                .as_u64()
+                .context("dropped_multicatch")?,
         );
-        drop(watcher.stop());
+        let gbye = heads.iter().any(|h| h.starts_with(b"J GBYE"));
+        let reference = watcher.next_ref();
+        watcher.send_json("PING", &json!({ "ref": reference }))?;
+        let pong = watcher.expect_where("PONG", REPLY_TIMEOUT, |m| {
+            m.verb == "PONG" && m.body["ref"] == reference
+        })?;
         let (_, per_second) = rss.stop();
         eprintln!(
-            "flow_control (multicatch, SUB never read): {FLOOD_EVENTS} events of \
+            "flow_control (multicatch, never read): {FLOOD_EVENTS} events of \
              {FLOOD_PAYLOAD} B {flooded}; \
              transmitter RSS baseline {baseline} MiB, peak {peak} MiB (bound \
-             {FLOOD_RSS_BOUND_MIB} MiB), per second {per_second:?}, {} MiB at the end; the \
-             SUB then read {received} events ({} lost); {} probe events went through \
-             meanwhile",
+             {FLOOD_RSS_BOUND_MIB} MiB), per second {per_second:?}, {} MiB at the end; \
+             the stuck cell left the view after {left:?}, was sent {copies} copies, \
+             {dropped} of them dropped and counted, then read {received} EVNTs, a GBYE: \
+             {gbye}, and its PONG says welcomed {}; {} probe events went through meanwhile",
             rss_kib(t.pid())? / 1024,
-            FLOOD_EVENTS - received,
+            pong.body["welcomed"],
             probe.count()
         );
         assert!(
@@ -579,10 +607,244 @@ fn a_subscriber_that_never_reads_multicatch_events_costs_bounded_memory_and_lose
             "the transmitter's RSS peaked at {peak} MiB, over the {FLOOD_RSS_BOUND_MIB} MiB bound"
         );
         assert!(
-            received < FLOOD_EVENTS,
-            "the SUB that never read got all {FLOOD_EVENTS} events ({received}): the \
-             transmitter queued them all for it"
+            dropped > 0 && received < FLOOD_EVENTS,
+            "the cell that never read got all {FLOOD_EVENTS} events: the transmitter queued \
+             them all for it"
         );
+        assert_eq!(
+            received + dropped,
+            copies,
+            "every copy is either queued to the cell or dropped and counted"
+        );
+        assert!(
+            left.is_some(),
+            "the stuck cell was still in the view {:?} after the flood",
+            Duration::from_millis(SLOW_CONSUMER_MS) * 3
+        );
+        assert_eq!(pong.body["welcomed"], false, "{}", pong.body);
+        Ok(())
+    })
+}
+
+/// The transmitter's counters, asked with `DISC` `metrics` by `cell`.
+fn counters(cell: &mut RawCell) -> anyhow::Result<Value> {
+    let reference = cell.next_ref();
+    cell.send_json("DISC", &json!({"what": "metrics", "ref": reference}))?;
+    let okay = cell.expect_reply("OKAY", &reference)?;
+    Ok(okay["result"].clone())
+}
+
+/// A multicatch cell on its own thread: takes every `J EVNT`, requires
+/// the events' `n` to come in order without a gap (multicatch from one
+/// publisher keeps publish order), and counts them in `received`.
+fn multicatch_reader(
+    mut cell: RawCell,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<anyhow::Result<RawCell>> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Some(m) = cell.recv(Duration::from_millis(100))? else {
+                continue;
+            };
+            if m.verb != "EVNT" {
+                bail!("the healthy multicatch cell got {m}");
+            }
+            let n = m.body["payload"]["n"].as_u64().context("payload n")?;
+            let expected = received.load(Ordering::Relaxed);
+            if n != expected {
+                bail!("the healthy multicatch cell got event #{n} after {expected} events");
+            }
+            received.store(expected + 1, Ordering::Relaxed);
+        }
+        Ok(cell)
+    })
+}
+
+#[test]
+fn past_its_bound_a_stuck_multicatch_cell_loses_events_counted_and_is_removed_while_the_other_gets_all(
+) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    watchdog("flow_multicatch_counted", DEADLINE, || {
+        const EVENTS: u64 = 100_000;
+        /// How far the publisher may run ahead of the healthy cell: far
+        /// below the 10,000 messages the transmitter queues per cell, so
+        /// the healthy cell never loses an event.
+        const WINDOW: u64 = 2_000;
+        /// Events published after the flood, one at a time, until the
+        /// stuck cell is removed, then this many more.
+        const AFTER: u64 = 5;
+
+        // A heartbeat longer than the test: no cell needs to PING, so
+        // nothing but events goes to the stuck cell.
+        let t = Transmitter::start(Config {
+            heartbeat: Duration::from_secs(120),
+            mesh: false,
+            ..Config::for_tests()
+        })?;
+        let metrics = t.metrics().clone();
+        let mut stuck = RawCell::unconnected(None)?;
+        stuck.socket().set_rcvhwm(10)?;
+        stuck.socket().set_rcvbuf(4096)?;
+        stuck.connect(t.command_endpoint())?;
+        stuck.hello("stuck")?;
+        stuck.listen("feed::*", "multi", false)?;
+        let mut healthy = RawCell::open(t.command_endpoint())?;
+        healthy.hello("healthy")?;
+        healthy.listen("feed::*", "multi", false)?;
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = multicatch_reader(healthy, received.clone(), stop.clone());
+        let mut publisher = RawCell::open(t.command_endpoint())?;
+        publisher.hello("publisher")?;
+
+        let started = Instant::now();
+        let mut first_drop = None;
+        for n in 0..EVENTS {
+            if n >= received.load(Ordering::Relaxed) + WINDOW {
+                wait_until(
+                    &format!("the healthy cell to get event #{}", n - WINDOW),
+                    Duration::from_secs(20),
+                    Duration::from_millis(1),
+                    || received.load(Ordering::Relaxed) + WINDOW > n || reader.is_finished(),
+                )?;
+                if reader.is_finished() {
+                    break;
+                }
+            }
+            publisher.send(&format!(
+                r#"J EVNT {{"channel":"feed::tick","payload":{{"n":{n}}}}}"#
+            ))?;
+            if first_drop.is_none() && metrics.dropped_multicatch.load(Ordering::Relaxed) > 0 {
+                first_drop = Some(Instant::now());
+            }
+        }
+        let published = started.elapsed();
+        wait_until(
+            &format!("the healthy cell to get all {EVENTS} events"),
+            Duration::from_secs(20),
+            POLL,
+            || received.load(Ordering::Relaxed) == EVENTS || reader.is_finished(),
+        )
+        .with_context(|| format!("it has {}", received.load(Ordering::Relaxed)))?;
+        if reader.is_finished() {
+            stop.store(true, Ordering::Relaxed);
+            reader.join().expect("reader thread")?;
+            bail!("the healthy multicatch cell stopped");
+        }
+        let all_in = started.elapsed();
+        // Every event was handled before this PONG: the counters are final.
+        publisher.ping()?;
+        let dropped = metrics.dropped_multicatch.load(Ordering::Relaxed);
+        let first_drop = first_drop.context("no multicatch event was dropped in the flood")?;
+
+        // The stuck cell stays stuck; the next events it is refused make
+        // the transmitter remove it, SLOW_CONSUMER_MS after the first.
+        let mut next = EVENTS;
+        let mut failed = None;
+        let in_time = eventually(
+            Duration::from_millis(SLOW_CONSUMER_MS) * 3,
+            Duration::from_millis(100),
+            || {
+                if metrics.slow_consumers.load(Ordering::Relaxed) > 0 {
+                    return true;
+                }
+                match publisher.publish_confirmed("feed::tick", &json!({ "n": next })) {
+                    Ok(_) => next += 1,
+                    Err(e) => failed = Some(e),
+                }
+                failed.is_some()
+            },
+        );
+        if let Some(e) = failed {
+            return Err(e.context("publishing after the flood"));
+        }
+        if !in_time {
+            bail!(
+                "the stuck cell was not removed as a slow consumer {:?} after the flood",
+                Duration::from_millis(SLOW_CONSUMER_MS) * 3
+            );
+        }
+        let removed = first_drop.elapsed();
+        assert_eq!(metrics.slow_consumers.load(Ordering::Relaxed), 1);
+        // From now on only the healthy cell gets copies.
+        let copies = metrics.multicast.load(Ordering::Relaxed);
+        for _ in 0..AFTER {
+            let okay = publisher.publish_confirmed("feed::tick", &json!({ "n": next }))?;
+            assert_eq!(okay["routed"], 1, "{okay}");
+            next += 1;
+        }
+        wait_until(
+            "the healthy cell to get the events after the removal",
+            REPLY_TIMEOUT,
+            POLL,
+            || received.load(Ordering::Relaxed) == next || reader.is_finished(),
+        )?;
+        stop.store(true, Ordering::Relaxed);
+        drop(reader.join().expect("reader thread")?);
+        assert_eq!(
+            metrics.multicast.load(Ordering::Relaxed) - copies,
+            AFTER,
+            "copies went to the removed cell"
+        );
+
+        // Every copy for the stuck cell was either queued to it or
+        // dropped and counted: it now reads exactly the ones not dropped,
+        // in publish order.
+        let snapshot = t.metrics().snapshot();
+        let to_stuck = snapshot["multicast"] - next;
+        let dropped_total = snapshot["dropped_multicatch"];
+        let queued = to_stuck - dropped_total;
+        let mut got = 0u64;
+        let mut last = None;
+        let mut gbye = None;
+        let end = Instant::now() + Duration::from_secs(20);
+        while got < queued {
+            let left = end.saturating_duration_since(Instant::now());
+            let Some(m) = stuck.recv(left)? else {
+                bail!("the stuck cell read {got} EVNTs, {queued} were queued to it");
+            };
+            match m.verb.as_str() {
+                "EVNT" => {
+                    let n = m.body["payload"]["n"].as_u64().context("payload n")?;
+                    assert!(last < Some(n), "event #{n} after #{last:?}");
+                    last = Some(n);
+                    got += 1;
+                }
+                "GBYE" => gbye = Some(m.body),
+                _ => bail!("the stuck cell got {m}"),
+            }
+        }
+        while let Some(m) = stuck.recv(SILENCE)? {
+            match m.verb.as_str() {
+                "GBYE" => gbye = Some(m.body),
+                _ => bail!("the stuck cell got {m} after the {queued} EVNTs queued to it"),
+            }
+        }
+        let reference = stuck.next_ref();
+        stuck.send_json("PING", &json!({ "ref": reference }))?;
+        let pong = stuck.expect_reply("PONG", &reference)?;
+        eprintln!(
+            "flow_control (multicatch, counted): {EVENTS} events published in {published:.1?}, \
+             all at the healthy cell after {all_in:.1?}; the stuck cell was sent {to_stuck} \
+             copies: {queued} queued to it, {dropped_total} dropped and counted \
+             ({dropped} by the end of the flood; dropped_hwm {}); removed as a slow \
+             consumer {removed:.1?} after the first drop, GBYE seen: {gbye:?}",
+            snapshot["dropped_hwm"]
+        );
+        assert!(dropped > 0 && queued < EVENTS, "nothing was dropped");
+        assert!(
+            snapshot["dropped_hwm"] >= dropped_total,
+            "dropped_multicatch is part of dropped_hwm: {snapshot:?}"
+        );
+        assert!(
+            removed >= Duration::from_millis(SLOW_CONSUMER_MS - 500),
+            "removed {removed:?} after the first drop, before SLOW_CONSUMER_MS"
+        );
+        if let Some(g) = gbye {
+            assert_eq!(g["reason"], "slow_consumer", "{g}");
+        }
+        assert_eq!(pong["welcomed"], false, "{pong}");
         Ok(())
     })
 }
