@@ -363,3 +363,50 @@ fn transmitters_with_the_mesh_secret_route_to_each_other_and_others_stay_out() {
         .unwrap();
     impostor.expect_error("unknown_verb").unwrap();
 }
+
+#[test]
+fn a_multicatch_event_published_at_one_transmitter_reaches_a_raw_cell_of_another_as_evnt(
+) -> anyhow::Result<()> {
+    use thynapse_tests::{binary_watchdog, eventually, RawCell, REPLY_TIMEOUT};
+    binary_watchdog("mesh_multicatch_raw", || {
+        let t1 = TransmitterProcess::spawn(&[])?;
+        let t2 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()])?;
+        let mut c = RawCell::open(t2.command_endpoint())?;
+        c.hello("backend")?;
+        c.listen("orders::*", "multi", false)?;
+        let mut a = RawCell::open(t1.command_endpoint())?;
+        a.hello("billing")?;
+
+        // Until T1's view holds C's listen, a confirmed event finds no
+        // listener; C pings meanwhile so as not to expire.
+        let mut probes = 0;
+        let seen = eventually(Duration::from_secs(20), POLL, || {
+            let _ = c.send("J PING {}");
+            probes += 1;
+            a.publish_confirmed("orders::probe", &json!(probes)).is_ok()
+        });
+        anyhow::ensure!(seen, "T1 never saw C's multicatch listen");
+        let probe = c.expect("EVNT", REPLY_TIMEOUT)?;
+        assert_eq!(probe["channel"], "orders::probe", "{probe}");
+
+        a.send_parts(&[
+            br#"J EVNT {"channel":"orders::created","payload":{"order":"o-17"},"seq":10,"confirm":true,"ref":"e1"}"#,
+            b"\x89PNG",
+        ])?;
+        let okay = a.expect_reply("OKAY", &json!("e1"))?;
+        assert_eq!(okay["routed"], 1, "{okay}");
+        let e = c.expect_where("the EVNT from T1", REPLY_TIMEOUT, |m| {
+            m.verb == "EVNT" && m.body["channel"] == "orders::created"
+        })?;
+        assert_eq!(e.body["id"], okay["id"], "{e}");
+        assert_eq!(e.body["from"], a.id().to_hex(), "{e}");
+        assert_eq!(e.body["payload"], json!({"order": "o-17"}), "{e}");
+        assert!(e.body.get("attempt").is_none(), "{e}");
+        assert_eq!(e.binary.as_deref(), Some(&b"\x89PNG"[..]), "{e}");
+        // A multicatch event is never acked.
+        c.ack(e.body["id"].as_str().unwrap_or_default())?;
+        let err = c.expect_error("unknown_delivery")?;
+        assert_eq!(err["re"], okay["id"], "{err}");
+        Ok(())
+    })
+}
