@@ -10,10 +10,11 @@ Only pyzmq and the standard library: no SDK. Two modes:
 
     python3 raw_cell.py --command tcp://127.0.0.1:5454 [--token T] --selftest
         An interop test against a running transmitter: THID test vectors,
-        handshake, anycatch with batch acks, multicatch with the SYNC
-        handshake, computed event THIDs, error codes, GBYE. Every wait has a
-        deadline. Prints "raw_cell selftest: ok" and exits 0 on success; prints
-        one line saying what failed and exits 1 otherwise.
+        handshake, anycatch with batch acks, multicatch (J EVNT on the
+        DEALER), membership events on a SUB with the SYNC handshake, computed
+        event THIDs, error codes, GBYE. Every wait has a deadline. Prints
+        "raw_cell selftest: ok" and exits 0 on success; prints one line
+        saying what failed and exits 1 otherwise.
 """
 
 from __future__ import annotations
@@ -92,12 +93,6 @@ def decode(frames: list[bytes]) -> Msg:
     return Msg(verb, body, raw, frames[1] if len(frames) > 1 else None)
 
 
-def literal_prefix(pattern: str) -> str:
-    """The text before the first wildcard: a safe SUB prefix (§6)."""
-    cut = [i for i in (pattern.find("*"), pattern.find("?")) if i >= 0]
-    return pattern[:min(cut)] if cut else pattern
-
-
 def pattern_matches(pattern: str, channel: str) -> bool:
     """Exact, trailing-star prefix, or anchored glob with * and ? (§10)."""
     wild = pattern.count("*") + pattern.count("?")
@@ -124,7 +119,8 @@ def pattern_matches(pattern: str, channel: str) -> bool:
 
 
 # --------------------------------------------------------------------------
-# A cell: one DEALER (commands) and, for multicatch, one SUB (events)
+# A cell: one DEALER (commands, deliveries, multicatch events) and, to
+# follow membership, one SUB (PROTOCOL.md §18)
 # --------------------------------------------------------------------------
 
 
@@ -161,7 +157,6 @@ class Cell:
         self.welcome: dict | None = None
         self.pending: collections.deque[Msg] = collections.deque()
         self.sub: zmq.Socket | None = None
-        self.sub_pending: collections.deque[list[bytes]] = collections.deque()
         self.sync_count = 0
         self.last_sent = time.monotonic()
         self.dealer = self._socket(zmq.DEALER)
@@ -290,7 +285,18 @@ class Cell:
     def bye(self, reason: str = "done") -> None:
         self.send("GBYE", {"reason": reason})
 
-    # -- event socket (multicatch, PROTOCOL.md §6) --------------------------
+    def next_event(self, pattern: str, timeout: float | None = None) -> Msg:
+        """The next multicatch event (`J EVNT`, PROTOCOL.md §6); other
+        messages stay pending. Its channel must match `pattern`: the
+        transmitter sends only events the cell listens to."""
+        m = self.wait_for("EVNT", lambda m: m.verb == "EVNT", timeout)
+        channel = m.body.get("channel")
+        if not isinstance(channel, str) or not pattern_matches(pattern, channel):
+            raise Failure(f"{self.name}: EVNT on {channel!r}, which {pattern!r} "
+                          "does not match")
+        return m
+
+    # -- event socket (membership, PROTOCOL.md §18) -------------------------
 
     def open_sub(self) -> None:
         assert self.welcome is not None
@@ -302,26 +308,24 @@ class Cell:
         self.sub = self._socket(zmq.SUB)
         self.sub.connect(endpoint)
 
-    def subscribe(self, patterns: list[str]) -> None:
-        """SUB prefixes for `patterns`, then the SYNC handshake."""
+    def follow(self, service: str) -> None:
+        """Subscribes to the membership events of `service`, then the SYNC
+        handshake: once it returns, the subscription is in place."""
         assert self.sub is not None
-        for p in patterns:
-            self.sub.subscribe(b"EVNT " + literal_prefix(p).encode())
+        self.sub.subscribe(f"MEMB {service} ".encode())
         self.sync_count += 1
         marker = f"SYNC {self.thid}-{self.sync_count}".encode()
         self.sub.subscribe(marker)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            frames = self.recv_event(deadline - time.monotonic())
-            if frames is None:
-                raise Failure(f"{self.name}: no {marker.decode()!r} frame on the "
-                              "event socket (SYNC handshake)")
-            if frames[0] == marker:
-                break
-            self.sub_pending.append(frames)
+        frames = self.recv_published(self.timeout)
+        if frames is None:
+            raise Failure(f"{self.name}: no {marker.decode()!r} frame on the "
+                          "event socket (SYNC handshake)")
+        if frames[0] != marker:
+            raise Failure(f"{self.name}: {frames[0][:80]!r} on the event socket "
+                          f"before {marker.decode()!r}")
         self.sub.unsubscribe(marker)
 
-    def recv_event(self, timeout: float) -> list[bytes] | None:
+    def recv_published(self, timeout: float) -> list[bytes] | None:
         assert self.sub is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -332,28 +336,19 @@ class Cell:
             if self.sub.poll(int(min(left, POLL_SLICE) * 1000)):
                 return self.sub.recv_multipart()
 
-    def next_event(self, patterns: list[str], timeout: float
-                   ) -> tuple[str, dict, bytes, bytes | None] | None:
-        """The next multicatch event matching one of `patterns`, as
-        (channel, body, raw body, binary frame); None after `timeout` s.
-        The SUB filter is only a prefix: this is the local filter (§6)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frames = (self.sub_pending.popleft() if self.sub_pending
-                      else self.recv_event(deadline - time.monotonic()))
-            if frames is None:
-                return None
-            if not frames[0].startswith(b"EVNT "):
-                continue  # e.g. a late SYNC marker
-            channel, _, raw = frames[0][5:].partition(b" ")
-            name = channel.decode("utf-8", "replace")
-            if not any(pattern_matches(p, name) for p in patterns):
-                continue
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise Failure(f"{self.name}: bad JSON on the event socket: {raw[:80]!r}")
-            return name, body, raw, frames[1] if len(frames) > 1 else None
+    def next_membership(self, service: str, timeout: float | None = None) -> dict:
+        """The body of the next `MEMB <service> {json}` frame."""
+        frames = self.recv_published(timeout or self.timeout)
+        if frames is None:
+            raise Failure(f"{self.name}: no MEMB {service} frame on the event socket")
+        head = f"MEMB {service} ".encode()
+        if not frames[0].startswith(head):
+            raise Failure(f"{self.name}: expected a MEMB {service} frame, got "
+                          f"{frames[0][:80]!r}")
+        try:
+            return json.loads(frames[0][len(head):])
+        except ValueError:
+            raise Failure(f"{self.name}: bad JSON on the event socket: {frames[0][:80]!r}")
 
     def close(self) -> None:
         if self in Cell.live:
@@ -382,22 +377,22 @@ def check(cond: bool, reason: str) -> None:
         raise Failure(reason)
 
 
-#: PROTOCOL.md §10: (pattern, channel, matches, SUB literal prefix).
+#: PROTOCOL.md §10: (pattern, channel, matches).
 PATTERN_EXAMPLES = [
-    ("billing::invoice::paid", "billing::invoice::paid", True, "billing::invoice::paid"),
-    ("billing::invoice::paid", "billing::invoice::paid2", False, "billing::invoice::paid"),
-    ("billing::invoice", "billing::invoice::paid", False, "billing::invoice"),
-    ("billing::*", "billing::invoice::paid", True, "billing::"),
-    ("billing::*", "billing::", True, "billing::"),
-    ("billing::*", "shipping::x", False, "billing::"),
-    ("*", "anything::at::all", True, ""),
-    ("*::paid", "billing::invoice::paid", True, ""),
-    ("*::paid", "billing::paid::late", False, ""),
-    ("*::invoice::*", "billing::invoice::paid", True, ""),
-    ("billing::?nvoice::*", "billing::invoice::x", True, "billing::"),
-    ("billing::?nvoice::*", "billing::nvoice::x", False, "billing::"),
-    ("a?c", "abc", True, "a"),
-    ("a?c", "ac", False, "a"),
+    ("billing::invoice::paid", "billing::invoice::paid", True),
+    ("billing::invoice::paid", "billing::invoice::paid2", False),
+    ("billing::invoice", "billing::invoice::paid", False),
+    ("billing::*", "billing::invoice::paid", True),
+    ("billing::*", "billing::", True),
+    ("billing::*", "shipping::x", False),
+    ("*", "anything::at::all", True),
+    ("*::paid", "billing::invoice::paid", True),
+    ("*::paid", "billing::paid::late", False),
+    ("*::invoice::*", "billing::invoice::paid", True),
+    ("billing::?nvoice::*", "billing::invoice::x", True),
+    ("billing::?nvoice::*", "billing::nvoice::x", False),
+    ("a?c", "abc", True),
+    ("a?c", "ac", False),
 ]
 
 
@@ -405,11 +400,9 @@ def check_vectors() -> None:
     for from_hex, seq, channel, payload, want in THID_TEST_VECTORS:
         got = event_thid(from_hex, seq, channel, payload)
         check(got == want, f"THID vector seq={seq} {channel!r}: {got} != {want}")
-    for pattern, channel, want, prefix in PATTERN_EXAMPLES:
+    for pattern, channel, want in PATTERN_EXAMPLES:
         check(pattern_matches(pattern, channel) == want,
               f"pattern {pattern!r} vs {channel!r}: expected match={want}")
-        check(literal_prefix(pattern) == prefix,
-              f"literal prefix of {pattern!r}: {literal_prefix(pattern)!r}")
 
 
 def expect_error(cell: Cell, code: str, what: str, re: Any = None,
@@ -453,7 +446,8 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
         cells.append(c)
         return c
 
-    # b) cell A joins, subscribes (SYNC) and listens any + multi.
+    # b) cell A joins, follows the membership of service interop-b (SYNC)
+    # and listens any + multi.
     a = cell("cell A")
     wa = a.hello("interop-a", {"lang": "python", "role": "listener"}, "helo-a")
     limits = wa["limits"]
@@ -461,13 +455,21 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
           and isinstance(limits.get("ack_timeout_ms"), int),
           f"WLCM limits incomplete: {limits}")
     a.open_sub()
-    a.subscribe(["interop::multi::*"])
+    a.follow("interop-b")
     a.listen("interop::any::*", "any", ref="lstn-any")
     a.listen("interop::multi::*", "multi", ref="lstn-multi")
 
     # c) cell B publishes; the transmitter computes each THID from "seq".
     b = cell("cell B")
     b.hello("interop-b", {"lang": "python", "role": "publisher"}, "helo-b")
+    joined = a.next_membership("interop-b")
+    member = joined.get("cell") or {}
+    check(joined.get("event") == "joined" and member.get("id") == b.thid,
+          f"MEMB interop-b: expected B joined, got {joined}")
+    check(member.get("service") == "interop-b"
+          and (member.get("metadata") or {}).get("role") == "publisher"
+          and is_thid(member.get("transmitter")),
+          f"MEMB interop-b: B's record is wrong: {member}")
     sent: dict[str, list[tuple[str, str]]] = {ANY_CHANNEL: [], MULTI_CHANNEL: []}
     seq = 0
     for channel in (ANY_CHANNEL, MULTI_CHANNEL):
@@ -511,24 +513,24 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
     a.send("ACKN", {"ids": ids})
     ping(a, "after-ackn")  # an unknown_delivery ERRR would arrive before this PONG
 
-    # A gets every multicatch event on its SUB, and nothing else there.
-    deadline = time.monotonic() + args.timeout
+    # A gets every multicatch event on its DEALER, in publish order, with
+    # no attempt: nothing to ack.
     for n, (want_id, payload) in enumerate(sent[MULTI_CHANNEL], 1):
-        got = a.next_event(["interop::multi::*"], deadline - time.monotonic())
-        check(got is not None, f"cell A: timed out waiting for EVNT #{n} on "
-              f"the event socket ({n - 1} of {N_EVENTS} received)")
-        channel, e, raw, binary = got
-        check(channel == MULTI_CHANNEL, f"EVNT #{n}: topic channel {channel!r}")
+        m = a.next_event("interop::multi::*")
+        e = m.body
         check(e.get("id") == want_id, f"EVNT #{n}: id {e.get('id')} != sha1 per spec {want_id}")
         check(e.get("channel") == MULTI_CHANNEL and e.get("from") == b.thid,
               f"EVNT #{n}: channel/from wrong: {e}")
         check(e.get("payload") == json.loads(payload), f"EVNT #{n}: payload {e.get('payload')!r}")
-        check(b'"payload":' + payload.encode() in raw,
-              f"EVNT #{n}: payload not forwarded byte for byte: {raw[:200]!r}")
+        check(b'"payload":' + payload.encode() in m.raw,
+              f"EVNT #{n}: payload not forwarded byte for byte: {m.raw[:200]!r}")
         check("attempt" not in e, f"EVNT #{n}: has an attempt field: {e}")
-        check(binary is None, f"EVNT #{n}: unexpected binary frame")
+        check(m.binary is None, f"EVNT #{n}: unexpected binary frame")
     check(not any(m.verb == "DLVR" for m in a.pending),
           "cell A got a DLVR for a multicatch-only channel")
+    first_multi = sent[MULTI_CHANNEL][0][0]
+    a.send("ACKN", {"id": first_multi})
+    expect_error(a, "unknown_delivery", "ACKN of a multicatch event", re=first_multi)
 
     # A confirmed event nobody listens to is refused at once.
     b.send("EVNT", {"channel": "interop::nobody::z", "payload": {}, "seq": 1000,
@@ -554,9 +556,12 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
     check(not leftovers, f"unexpected {leftovers[0].verb} "
           f"{leftovers[0].raw[:120].decode('utf-8', 'replace')}" if leftovers else "")
 
-    # e) both cells leave.
-    a.bye("selftest done")
+    # e) both cells leave; A sees B go.
     b.bye("selftest done")
+    left = a.next_membership("interop-b")
+    check(left.get("event") == "left" and (left.get("cell") or {}).get("id") == b.thid,
+          f"MEMB interop-b: expected B left, got {left}")
+    a.bye("selftest done")
 
 
 # --------------------------------------------------------------------------
