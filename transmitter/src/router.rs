@@ -4,7 +4,11 @@
 //! (see [`crate::server`]) feeds it commands and clock ticks and sends the
 //! [`Output`]s it produces. That keeps it testable without sockets.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// THIDs are keys on the hot path: foldhash (seeded per process) instead
+// of SipHash.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +109,8 @@ struct Cell {
     metadata: Map<String, Value>,
     /// What it listens to.
     listens: Vec<ListenEntry>,
+    /// How many deliveries it takes at once, [`limit_of`] its listens.
+    limit: u32,
     /// Last time anything arrived from it (heartbeat expiry).
     last_seen: Instant,
     /// Sequence counter for its events that carry no `seq`.
@@ -119,7 +125,7 @@ struct Cell {
 impl Cell {
     /// How many deliveries it takes at once.
     fn limit(&self) -> u32 {
-        limit_of(&self.listens)
+        self.limit
     }
 }
 
@@ -222,6 +228,8 @@ struct RemoteCell {
     service: Arc<str>,
     metadata: Map<String, Value>,
     listens: Vec<ListenEntry>,
+    /// How many deliveries it takes at once, [`limit_of`] its listens.
+    limit: u32,
 }
 
 /// A cell of the view, local or remote, as routing and discovery see it.
@@ -567,6 +575,7 @@ impl Router {
                     service: Arc::from(h.service.as_str()),
                     metadata,
                     listens: Vec::new(),
+                    limit: limit_of(&[]),
                     last_seen: now,
                     seq: 0,
                     held: HashSet::new(),
@@ -628,6 +637,7 @@ impl Router {
             }
             None => cell.listens.push(entry),
         }
+        cell.limit = limit_of(&cell.listens);
         let service = cell.service.clone();
         self.invalidate();
         out.push(to_peer(peer, ok(l.reference)));
@@ -644,6 +654,7 @@ impl Router {
         let cell = self.cells.get_mut(id).expect("welcomed peers have a cell");
         let before = cell.listens.len();
         cell.listens.retain(|e| e.pattern.as_str() != u.pattern);
+        cell.limit = limit_of(&cell.listens);
         if cell.listens.len() == before {
             return Err(Failure::new(
                 ErrorCode::NotListening,
@@ -686,13 +697,11 @@ impl Router {
                 Thid::for_event(from, seq, &p.channel, hashed)
             }
         };
-        let re = p
-            .reference
-            .clone()
-            .or_else(|| Some(Value::String(id.to_hex())));
-        pattern::validate_channel(&p.channel)
-            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
-        let route = self.route(&p.channel);
+        // An error names the event by its `ref`, else by its THID.
+        let re = |reference: Option<Value>| reference.or_else(|| Some(Value::String(id.to_hex())));
+        let route = self
+            .checked_route(&p.channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e, re(p.reference.clone())))?;
         let mut routed = 0u32;
         if !route.multi.is_empty() || !route.multi_nodes.is_empty() {
             self.scratch.clear();
@@ -740,7 +749,7 @@ impl Router {
                 return Err(Failure::new(
                     ErrorCode::NoListeners,
                     "no cell listens to this channel",
-                    re,
+                    re(p.reference),
                 ));
             }
         } else if p.confirm {
@@ -963,9 +972,9 @@ impl Router {
             channel: std::borrow::Cow<'a, str>,
         }
         let c: Channel<'_> = parse(body)?;
-        pattern::validate_channel(&c.channel)
-            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), None))?;
-        let route = self.route(&c.channel);
+        let route = self
+            .checked_route(&c.channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e, None))?;
         let binary = binary.map(|b| Arc::new(b.to_vec()));
         self.multicatch(&route.multi, body, binary.as_ref(), out);
         Ok(())
@@ -1006,7 +1015,7 @@ impl Router {
                 .cells
                 .into_iter()
                 .map(|c| {
-                    let listens = c
+                    let listens: Vec<ListenEntry> = c
                         .listens
                         .into_iter()
                         .filter_map(|l| {
@@ -1025,6 +1034,7 @@ impl Router {
                         RemoteCell {
                             service,
                             metadata,
+                            limit: limit_of(&listens),
                             listens,
                         },
                     )
@@ -1304,9 +1314,9 @@ impl Router {
     fn is_full(&self, cell: &Thid) -> bool {
         match self.cells.get(cell) {
             Some(c) => c.held.len() as u32 >= c.limit(),
-            None => self.remote_cell(cell).is_some_and(|c| {
-                self.remote_load.get(cell).copied().unwrap_or(0) >= limit_of(&c.listens)
-            }),
+            None => self
+                .remote_cell(cell)
+                .is_some_and(|c| self.remote_load.get(cell).copied().unwrap_or(0) >= c.limit),
         }
     }
 
@@ -1835,6 +1845,18 @@ impl Router {
     fn invalidate(&mut self) {
         self.routes.clear();
         self.view_dirty = true;
+    }
+
+    /// The route of `channel`, which is checked first unless its route
+    /// is cached (only valid channels' are).
+    fn checked_route(&mut self, channel: &str) -> Result<Arc<Route>, String> {
+        match self.routes.get(channel) {
+            Some(r) => Ok(r.clone()),
+            None => {
+                pattern::validate_channel(channel).map_err(|e| e.to_string())?;
+                Ok(self.route(channel))
+            }
+        }
     }
 
     /// The cached route of `channel`, computed on first use.
