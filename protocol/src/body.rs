@@ -116,7 +116,8 @@ pub struct Publish<'a> {
     pub reference: Option<Value>,
 }
 
-/// `DLVR` to a cell, and the JSON body of event-socket `EVNT` frames.
+/// `DLVR` to a cell, and (without `attempt`) the body of a multicatch
+/// `EVNT` to a cell.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delivery {
     /// The event's THID.

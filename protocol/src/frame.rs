@@ -35,7 +35,8 @@ verbs! {
     LSTN,
     /// cell → transmitter: stop listening to a pattern.
     UNLS,
-    /// cell → transmitter: publish an event.
+    /// cell → transmitter: publish an event; transmitter → cell: a
+    /// multicatch event.
     EVNT,
     /// transmitter → cell: an anycatch delivery.
     DLVR,
@@ -69,7 +70,8 @@ verbs! {
     MDLV,
     /// transmitter → transmitter: a cell acked or refused a forwarded delivery.
     MACK,
-    /// transmitter → transmitter: publish a multicatch event locally.
+    /// transmitter → transmitter: a multicatch event for the receiver's
+    /// local listeners.
     MEVT,
     /// transmitter → transmitter: a cell answered a forwarded request.
     MRPL,
@@ -225,35 +227,13 @@ pub fn encode_json<T: serde::Serialize>(verb: Verb, body: &T) -> Vec<u8> {
     out
 }
 
-/// The topic prefix of event-socket frames carrying multicatch events:
-/// `EVNT <channel> {json}`.
-pub const EVENT_TOPIC: &[u8] = b"EVNT ";
-
-/// The topic prefix a cell subscribes to to learn that its subscriptions
-/// have reached the transmitter: `SYNC <token>`.
+/// The topic prefix a cell subscribes to to learn that its (membership)
+/// subscriptions have reached the transmitter: `SYNC <token>`.
 pub const SYNC_TOPIC: &[u8] = b"SYNC ";
 
 /// The topic prefix of membership events on the event socket:
 /// `MEMB <service> {json}`.
 pub const MEMBERSHIP_TOPIC: &[u8] = b"MEMB ";
-
-/// Encodes an event-socket frame `EVNT <channel> body`.
-pub fn encode_event(channel: &str, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(EVENT_TOPIC.len() + channel.len() + 1 + body.len());
-    out.extend_from_slice(EVENT_TOPIC);
-    out.extend_from_slice(channel.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(body);
-    out
-}
-
-/// Splits an event-socket frame `EVNT <channel> body` into channel and body.
-pub fn decode_event(frame: &[u8]) -> Option<(&str, &[u8])> {
-    let rest = frame.strip_prefix(EVENT_TOPIC)?;
-    let space = rest.iter().position(|&b| b == b' ')?;
-    let channel = std::str::from_utf8(&rest[..space]).ok()?;
-    Some((channel, &rest[space + 1..]))
-}
 
 #[cfg(test)]
 mod tests {
@@ -300,19 +280,10 @@ mod tests {
         assert!(Verb::EVNT.is_known());
     }
 
-    #[test]
-    fn event_socket_frames_round_trip() {
-        let f = encode_event("a::b", b"{}");
-        assert_eq!(f, b"EVNT a::b {}");
-        assert_eq!(decode_event(&f), Some(("a::b", &b"{}"[..])));
-        assert_eq!(decode_event(b"EVNTa"), None);
-    }
-
     proptest! {
         #[test]
         fn decode_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);
-            let _ = decode_event(&bytes);
         }
 
         #[test]
