@@ -487,6 +487,28 @@ fn publish_is_confirmed_and_reports_no_listeners_with_exit_4() -> anyhow::Result
 }
 
 #[test]
+fn metrics_shows_the_transmitters_counters() -> anyhow::Result<()> {
+    binary_watchdog("metrics", || {
+        let t = TransmitterProcess::spawn(&[])?;
+        let c = t.command_endpoint();
+        cli_fails(4, &at(c, &["publish", "nobody::here"]), "no_listeners: ")?;
+        let counters = cli_json(0, &at(c, &["metrics"]))?;
+        assert_eq!(counters["events_in"], 1, "{counters}");
+        assert_eq!(counters["dropped_no_listeners"], 1, "{counters}");
+        assert_eq!(counters["errors.no_listeners"], 1, "{counters}");
+        assert_eq!(counters["cells"], 1, "the command's own cell: {counters}");
+        assert_eq!(counters["dropped_multicatch"], 0, "{counters}");
+
+        let table = cli_exits(0, &at(c, &["metrics"]))?.stdout;
+        let rows = rows(&table);
+        assert_eq!(rows[0], ["COUNTER", "VALUE"]);
+        assert!(rows.contains(&vec!["events_in", "1"]), "{table}");
+        assert_eq!(rows.len() - 1, counters.as_object().map_or(0, |o| o.len()));
+        Ok(())
+    })
+}
+
+#[test]
 fn tail_prints_events_another_cell_publishes_until_its_count() -> anyhow::Result<()> {
     binary_watchdog("tail", || {
         let t = TransmitterProcess::spawn(&[])?;

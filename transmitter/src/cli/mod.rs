@@ -7,7 +7,7 @@
 //!
 //! ## Layout
 //! - this module: the subcommands, their flags, and `services` ...
-//!   `topology`, `publish` and `send`;
+//!   `topology`, `metrics`, `publish` and `send`;
 //! - [`exit`]: exit codes ([`EXIT_CODES_HELP`]) and failures;
 //! - [`session`]: the short-lived cell, its connection flags, and why a
 //!   connection failed;
@@ -52,6 +52,11 @@ pub enum Command {
     Versions(DiscoverArgs),
     /// Show the mesh as a tree: region, host, service, version, cells.
     Topology(DiscoverArgs),
+    /// Show the counters of the transmitter asked (not the mesh): events,
+    /// deliveries, what was queued and dropped, errors by code.
+    ///
+    /// The command's own connection counts among `cells` and `commands`.
+    Metrics(Common),
     /// Publish an event, confirmed; print its id and ROUTED.
     ///
     /// ROUTED counts the services that got it anycatch, plus 1 when
@@ -145,7 +150,7 @@ impl Command {
     /// Runs the command, prints its answer (or `error: ...` on stderr) and
     /// returns the exit code ([`EXIT_CODES_HELP`]).
     pub fn run(&self) -> ExitCode {
-        use render::{HOSTS, INSTANCES, REGIONS, SERVICES, VERSIONS};
+        use render::{COUNTERS, HOSTS, INSTANCES, REGIONS, SERVICES, VERSIONS};
         exit::finish(match self {
             Command::Services(a) => discover(a, "services", Shape::Table(SERVICES)),
             Command::Instances(a) => discover(a, "instances", Shape::Table(INSTANCES)),
@@ -153,6 +158,7 @@ impl Command {
             Command::Regions(a) => discover(a, "regions", Shape::Table(REGIONS)),
             Command::Versions(a) => discover(a, "versions", Shape::Table(VERSIONS)),
             Command::Topology(a) => discover(a, "topology", Shape::Tree),
+            Command::Metrics(c) => metrics(c, Shape::Table(COUNTERS)),
             Command::Publish(a) => publish(a),
             Command::Send(a) => send(a),
             Command::Tail(a) => tail::tail(a),
@@ -184,6 +190,28 @@ fn discover(args: &DiscoverArgs, what: &str, shape: Shape) -> Result<Outcome, Fa
         _ => false,
     };
     Ok(Outcome::unless_empty(empty))
+}
+
+/// `DISC` `metrics`: the transmitter's counters, one row each (the JSON
+/// output is the answer's object as is).
+fn metrics(common: &Common, shape: Shape) -> Result<Outcome, Failure> {
+    let (mut session, _) = Session::open(&common.connection)?;
+    let answer = session.request(Verb::DISC, json!({ "what": "metrics" }))?;
+    drop(session);
+    let Some(Value::Object(counters)) = answer.get("result") else {
+        return Err(Failure::Local(format!(
+            "the answer to DISC metrics has no counters: {answer}"
+        )));
+    };
+    let shown = match common.output {
+        render::Format::Json => Value::Object(counters.clone()),
+        render::Format::Table => counters
+            .iter()
+            .map(|(name, value)| json!({ "counter": name, "value": value }))
+            .collect(),
+    };
+    render::print(&shown, common.output, shape)?;
+    Ok(Outcome::unless_empty(counters.is_empty()))
 }
 
 /// `publish`: a confirmed `EVNT`.

@@ -76,6 +76,8 @@ pub const VERSIONS: &[Column] = &[
     column("VERSION", "/version"),
     column("INSTANCES", "/instances"),
 ];
+/// The columns of `DISC metrics`, one row per counter.
+pub const COUNTERS: &[Column] = &[column("COUNTER", "/counter"), column("VALUE", "/value")];
 /// The columns of the answer to a confirmed `EVNT` or a `SEND`.
 pub const ROUTED: &[Column] = &[column("ID", "/id"), column("ROUTED", "/routed")];
 
