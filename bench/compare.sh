@@ -186,10 +186,9 @@ for _ in $(seq 1 "$RUNS"); do
         run "$BENCH" "$sys-memory" --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS"
         stop_servers
         if [ "$sys" = raw ]; then
-            # The raw cell with a SUB on the event socket too, as an SDK
-            # cell has.
+            # Raw cells that also listen multicatch: what a listen costs.
             start_thynapse
-            run "$BENCH" raw-memory --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS" --with-sub
+            run "$BENCH" raw-memory --command "$THY_COMMAND" --pid "$THY_PID" --conns "$CONNS" --multicatch
             stop_servers
         fi
     done

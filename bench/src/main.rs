@@ -199,9 +199,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         conns: usize,
         /// Each cell also listens multicatch (`LSTN` mode `multi`; its
-        /// events would come on its DEALER). `--with-sub` is an older name
-        /// of this flag, from when a multicatch cell also held a SUB.
-        #[arg(long, alias = "with-sub")]
+        /// events would come on its DEALER).
+        #[arg(long)]
         multicatch: bool,
         /// Seconds to wait with every cell joined before measuring.
         #[arg(long, default_value_t = 3)]

@@ -9,6 +9,13 @@ use thynapse_protocol::limits;
 /// about 10 MiB per peer (100,000 let a single stuck cell grow the
 /// transmitter past 300 MiB).
 pub const DEFAULT_HWM: i32 = 10_000;
+/// High-water mark of the link to each other transmitter of the mesh. One
+/// link carries the traffic of all of a transmitter's cells, so it is
+/// deeper than a cell's queue: a burst of multicatch events for a remote
+/// transmitter filled 10,000 at once and lost a fifth of a run. Anycatch
+/// deliveries that wait for acks never fill it (the origin keeps to each
+/// remote cell's limit).
+pub const MESH_HWM: i32 = 100_000;
 /// Most redeliveries one service may have waiting for a cell to come back.
 pub const MAX_BACKLOG_PER_SERVICE: usize = 100_000;
 /// How often the router checks heartbeats and ack deadlines.

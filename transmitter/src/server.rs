@@ -17,7 +17,7 @@ use thynapse_protocol::Thid;
 use std::collections::HashMap;
 
 use crate::auth::{self, MESH_USER};
-use crate::config::{Config, DEFAULT_HWM, LINGER, TICK};
+use crate::config::{Config, DEFAULT_HWM, LINGER, MESH_HWM, TICK};
 use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
 use crate::router::{Output, Router};
@@ -473,7 +473,7 @@ impl Switchboard {
     /// A DEALER to another transmitter's command socket.
     fn node_socket(&self, endpoint: &str) -> Result<zmq::Socket, zmq::Error> {
         let s = self.ctx.socket(zmq::DEALER)?;
-        s.set_sndhwm(DEFAULT_HWM)?;
+        s.set_sndhwm(MESH_HWM)?;
         s.set_rcvhwm(DEFAULT_HWM)?;
         s.set_linger(0)?;
         if let Some(password) = &self.node_password {
