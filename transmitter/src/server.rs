@@ -218,6 +218,7 @@ impl Transmitter {
                 (true, Some(_)) => MeshPolicy::Authenticated,
             },
             out: Vec::with_capacity(BATCH),
+            sending: Vec::with_capacity(BATCH),
             stuck: HashMap::new(),
             unseen: HashMap::new(),
         };
@@ -327,6 +328,9 @@ struct Switchboard {
     mesh_policy: MeshPolicy,
     /// Outputs waiting to be sent.
     out: Vec<Output>,
+    /// The outputs being sent, while sending them makes more in `out`;
+    /// kept between flushes so that flushing allocates nothing.
+    sending: Vec<Output>,
     /// Messages for transmitters not in our view yet (one that saw us
     /// first may forward to us before we see it), with when the first came.
     unseen: HashMap<Thid, (Instant, Vec<Output>)>,
@@ -500,8 +504,9 @@ impl Switchboard {
     /// the router, full queues are counted.
     fn flush(&mut self) {
         while !self.out.is_empty() {
-            let batch = std::mem::take(&mut self.out);
-            for o in batch {
+            let mut batch = std::mem::take(&mut self.sending);
+            std::mem::swap(&mut batch, &mut self.out);
+            for o in batch.drain(..) {
                 let (sent, peer) = match &o {
                     Output::ToPeer {
                         peer,
@@ -556,6 +561,7 @@ impl Switchboard {
                     (Err(_), None) => Metrics::incr(&metrics.dropped_hwm),
                 }
             }
+            self.sending = batch;
         }
     }
 }
