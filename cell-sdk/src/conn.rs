@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
-use thynapse_protocol::body::{Delivery, Welcome};
+use thynapse_protocol::body::Welcome;
 use thynapse_protocol::{Mode, Pattern, Thid, Verb};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, trace, warn};
@@ -161,6 +161,8 @@ struct Conn {
     ctx: Option<zmq::Context>,
     /// Command socket.
     dealer: zmq::Socket,
+    /// Receives the first frame of each command-socket message, reused.
+    frame: zmq::Message,
     /// Event socket, for membership streams only: created and connected
     /// by the first one, then kept (and moved along on failover).
     sub: Option<zmq::Socket>,
@@ -288,6 +290,7 @@ impl Conn {
         Ok(Conn {
             ctx: Some(ctx),
             dealer,
+            frame: zmq::Message::new(),
             sub: None,
             token: start.options.token,
             monitor,
@@ -406,8 +409,8 @@ impl Conn {
             if !dealer_ready {
                 continue;
             }
-            while let Some(frames) = self.recv(true) {
-                match wire::decode_command(frames) {
+            while let Some(message) = self.recv() {
+                match message {
                     Ok(Incoming::Welcome(welcome)) => {
                         self.welcomed(&welcome)?;
                         return Ok(welcome);
@@ -967,10 +970,10 @@ impl Conn {
 
     fn read_commands(&mut self) {
         for _ in 0..READ_BURST {
-            let Some(frames) = self.recv(true) else {
+            let Some(message) = self.recv() else {
                 return;
             };
-            match wire::decode_command(frames) {
+            match message {
                 Ok(message) => self.on_command(message),
                 Err(e) => warn!(error = %e, "undecodable message from the transmitter"),
             }
@@ -982,9 +985,9 @@ impl Conn {
 
     fn on_command(&mut self, message: Incoming) {
         match message {
-            Incoming::Deliver { delivery, binary } => self.on_delivery(delivery, binary),
-            Incoming::Event { delivery, binary } => self.on_multicatch(delivery, binary),
-            Incoming::Request { delivery, binary } => self.on_request(delivery, binary),
+            Incoming::Deliver(d) => self.on_delivery(d),
+            Incoming::Event(d) => self.on_multicatch(d),
+            Incoming::Request(d) => self.on_request(d),
             Incoming::Reply { reference, reply } => {
                 match reference.and_then(|r| self.pending.remove(&r)) {
                     Some(Pending::Call {
@@ -1169,7 +1172,7 @@ impl Conn {
         self.rewelcome = Some(Instant::now());
     }
 
-    fn on_delivery(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+    fn on_delivery(&mut self, d: Delivered) {
         let id = d.id;
         if self.seen.contains(&id) {
             // Processed already (our ack crossed the redelivery): ack again.
@@ -1203,7 +1206,7 @@ impl Conn {
             AckGuard::new(id, self.link.clone())
         });
         let event = Event {
-            delivered: Delivered::new(d, binary),
+            delivered: d,
             mode: Mode::Any,
             guard,
         };
@@ -1243,7 +1246,7 @@ impl Conn {
 
     /// A request for this cell to answer (`RQST`): to one of the client's
     /// responders of a matching pattern, never to an event subscription.
-    fn on_request(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+    fn on_request(&mut self, d: Delivered) {
         let id = d.id;
         if self.in_flight.contains(&id) {
             // Redelivered to us while a handler is still on it: its reply
@@ -1268,7 +1271,7 @@ impl Conn {
         };
         self.in_flight.insert(id);
         let request = Request {
-            delivered: Delivered::new(d, binary),
+            delivered: d,
             guard: Some(RequestGuard::new(id, self.link.clone())),
         };
         if let Some(Sub {
@@ -1285,10 +1288,10 @@ impl Conn {
     /// multicatch subscription whose pattern matches its channel. The
     /// transmitter sends one copy per cell, however many of its patterns
     /// match; one that matches none (unlistened meanwhile) is dropped.
-    fn on_multicatch(&mut self, d: Delivery, binary: Option<Vec<u8>>) {
+    fn on_multicatch(&mut self, d: Delivered) {
         let event = Event {
             // Multicatch bodies carry no `attempt`: it reads as 1.
-            delivered: Delivered::new(d, binary),
+            delivered: d,
             mode: Mode::Multi,
             guard: None,
         };
@@ -1390,20 +1393,42 @@ impl Conn {
         }
     }
 
-    fn recv(&mut self, nonblocking: bool) -> Option<Vec<Vec<u8>>> {
-        let flags = if nonblocking { zmq::DONTWAIT } else { 0 };
-        match self.dealer.recv_multipart(flags) {
-            Ok(frames) => {
-                self.last_received = Instant::now();
-                self.silence_reported = false;
-                Some(frames)
-            }
-            Err(zmq::Error::EAGAIN) => None,
+    /// Receives and decodes one command-socket message, without waiting;
+    /// `None` when none is queued. The first frame lands in the reused
+    /// `frame` and is decoded in place; only a binary frame, which goes to
+    /// the user, is copied out.
+    fn recv(&mut self) -> Option<Result<Incoming, String>> {
+        match self.dealer.recv(&mut self.frame, zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return None,
             Err(e) => {
                 warn!(error = %e, "command socket receive failed");
-                None
+                return None;
             }
         }
+        self.last_received = Instant::now();
+        self.silence_reported = false;
+        if !self.frame.get_more() {
+            return Some(wire::decode_command(&self.frame, None));
+        }
+        // libzmq hands over whole messages: the other frames are there.
+        let mut frames = 1;
+        let mut binary = None;
+        while let Ok(part) = self.dealer.recv_msg(zmq::DONTWAIT) {
+            frames += 1;
+            let more = part.get_more();
+            if frames == 2 {
+                binary = Some(part.to_vec());
+            }
+            if !more {
+                break;
+            }
+        }
+        Some(if frames == 2 {
+            wire::decode_command(&self.frame, binary)
+        } else {
+            Err(format!("a message of {frames} frames"))
+        })
     }
 
     /// One monitor event: its kind and value.

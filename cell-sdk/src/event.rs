@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
-use thynapse_protocol::body::Delivery;
 use thynapse_protocol::{Mode, Thid};
 
 use crate::link::{Control, Link};
@@ -79,8 +78,8 @@ macro_rules! delivery_accessors {
 }
 pub(crate) use delivery_accessors;
 
-/// What the transmitter delivered: the fields of a `DLVR`, an event-socket
-/// `EVNT` or a `RQST`, and its binary frame.
+/// What the transmitter delivered: the fields of a `DLVR`, an `EVNT` or a
+/// `RQST`, and its binary frame.
 #[derive(Clone)]
 pub(crate) struct Delivered {
     /// Its THID: stable across redeliveries.
@@ -95,20 +94,6 @@ pub(crate) struct Delivered {
     pub(crate) from: Thid,
     /// 1, plus one per redelivery.
     pub(crate) attempt: u32,
-}
-
-impl Delivered {
-    /// From a delivery body and its binary frame (attempt 1 when absent).
-    pub(crate) fn new(d: Delivery, binary: Option<Vec<u8>>) -> Delivered {
-        Delivered {
-            id: d.id,
-            channel: d.channel,
-            payload: d.payload,
-            binary,
-            from: d.from,
-            attempt: d.attempt.unwrap_or(1),
-        }
-    }
 }
 
 impl fmt::Debug for Delivered {

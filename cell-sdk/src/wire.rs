@@ -1,14 +1,18 @@
 //! Building the frames the SDK sends and reading the ones it receives.
 //! Pure functions over bytes, on top of `thynapse_protocol`.
 
+use std::borrow::Cow;
+
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use thynapse_protocol::body::{Delivery, Goodbye, Welcome};
+use thynapse_protocol::body::{Goodbye, Welcome};
 use thynapse_protocol::frame::{self, MEMBERSHIP_TOPIC, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
 
 use crate::error::Error;
+use crate::event::Delivered;
 use crate::membership::{MembershipChange, MembershipEvent};
 use crate::options::ListenOptions;
 use crate::request::Reply;
@@ -385,28 +389,14 @@ pub(crate) enum Incoming {
         /// `re` when it is one of our numeric refs.
         reference: Option<u64>,
     },
-    /// `DLVR`: an anycatch delivery.
-    Deliver {
-        /// Its body.
-        delivery: Delivery,
-        /// The optional binary payload frame.
-        binary: Option<Vec<u8>>,
-    },
+    /// `DLVR`: an anycatch delivery, with its binary frame.
+    Deliver(Delivered),
     /// `EVNT`: a multicatch event, this cell's own copy (a `DLVR`'s body
-    /// without `attempt`; never acked).
-    Event {
-        /// Its body.
-        delivery: Delivery,
-        /// The optional binary payload frame.
-        binary: Option<Vec<u8>>,
-    },
-    /// `RQST`: a request for this cell to answer (a `DLVR`'s body).
-    Request {
-        /// Its body.
-        delivery: Delivery,
-        /// The optional binary payload frame.
-        binary: Option<Vec<u8>>,
-    },
+    /// without `attempt`; never acked), with its binary frame.
+    Event(Delivered),
+    /// `RQST`: a request for this cell to answer (a `DLVR`'s body), with
+    /// its binary frame.
+    Request(Delivered),
     /// `PING` from the transmitter.
     Ping {
         /// Its ref, echoed in our PONG.
@@ -432,6 +422,91 @@ pub(crate) struct ConfirmBody {
     pub(crate) routed: u32,
 }
 
+/// The body of a `DLVR`, `EVNT` (T→C) or `RQST` (T→C), borrowed from the
+/// frame: the hottest thing the SDK reads. The THIDs are decoded in place,
+/// the channel is copied once (escapes aside) and the payload once.
+#[derive(Deserialize)]
+struct DeliveryIn<'a> {
+    #[serde(deserialize_with = "thid")]
+    id: Thid,
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(default, borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(deserialize_with = "thid")]
+    from: Thid,
+    #[serde(default)]
+    attempt: Option<u32>,
+}
+
+impl DeliveryIn<'_> {
+    /// The delivery with its binary frame (attempt 1 when absent).
+    fn into_delivered(self, binary: Option<Vec<u8>>) -> Delivered {
+        Delivered {
+            id: self.id,
+            channel: self.channel.into_owned(),
+            payload: self.payload.map(RawValue::to_owned),
+            binary,
+            from: self.from,
+            attempt: self.attempt.unwrap_or(1),
+        }
+    }
+}
+
+/// Reads a THID from a JSON string without an intermediate `String`, one
+/// table lookup per hex digit (either case, as PROTOCOL.md §1 requires).
+fn thid<'de, D: Deserializer<'de>>(d: D) -> Result<Thid, D::Error> {
+    struct ThidVisitor;
+    impl Visitor<'_> for ThidVisitor {
+        type Value = Thid;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a THID: 40 hex characters")
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Thid, E> {
+            parse_thid(s.as_bytes()).ok_or_else(|| E::invalid_value(de::Unexpected::Str(s), &self))
+        }
+    }
+    d.deserialize_str(ThidVisitor)
+}
+
+/// The value of each hex digit, 0xff for every other byte.
+const HEX_VALUES: [u8; 256] = {
+    let mut t = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// 40 hex characters as a THID.
+pub(crate) fn parse_thid(hex: &[u8]) -> Option<Thid> {
+    let mut bytes = [0u8; 20];
+    if hex.len() != 2 * bytes.len() {
+        return None;
+    }
+    for (b, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        let (hi, lo) = (
+            HEX_VALUES[usize::from(pair[0])],
+            HEX_VALUES[usize::from(pair[1])],
+        );
+        if (hi | lo) > 0x0f {
+            return None;
+        }
+        *b = hi << 4 | lo;
+    }
+    Some(Thid::from_bytes(bytes))
+}
+
 #[derive(Deserialize)]
 struct PongBody {
     #[serde(default, rename = "ref")]
@@ -444,6 +519,7 @@ struct PongBody {
 struct ReplyIn {
     #[serde(default, rename = "ref")]
     reference: Option<Value>,
+    #[serde(deserialize_with = "thid")]
     id: Thid,
     #[serde(default)]
     payload: Option<Box<RawValue>>,
@@ -467,19 +543,16 @@ struct RefReply {
     reference: Option<Value>,
 }
 
-/// Decodes a command-socket message (1 or 2 frames).
-pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, String> {
-    if frames.is_empty() || frames.len() > 2 {
-        return Err(format!("a message of {} frames", frames.len()));
-    }
-    let binary = if frames.len() == 2 {
-        frames.pop()
-    } else {
-        None
-    };
-    let first = &frames[0];
+/// Decodes a command-socket message: its first frame and, if it had one,
+/// its binary second frame.
+pub(crate) fn decode_command(first: &[u8], binary: Option<Vec<u8>>) -> Result<Incoming, String> {
     let f = frame::decode(first).map_err(|e| e.to_string())?;
     let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
+    let delivered = |binary| {
+        serde_json::from_slice::<DeliveryIn<'_>>(f.body)
+            .map(|d| d.into_delivered(binary))
+            .map_err(bad)
+    };
     Ok(match f.verb {
         Verb::WLCM => Incoming::Welcome(serde_json::from_slice(f.body).map_err(bad)?),
         Verb::OKAY => {
@@ -510,10 +583,7 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
                 },
             }
         }
-        Verb::RQST => Incoming::Request {
-            delivery: serde_json::from_slice(f.body).map_err(bad)?,
-            binary,
-        },
+        Verb::RQST => Incoming::Request(delivered(binary)?),
         Verb::ERRR => {
             let b: ErrorBody = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Error {
@@ -522,14 +592,8 @@ pub(crate) fn decode_command(mut frames: Vec<Vec<u8>>) -> Result<Incoming, Strin
                 reference: b.re.as_ref().and_then(Value::as_u64),
             }
         }
-        Verb::DLVR => Incoming::Deliver {
-            delivery: serde_json::from_slice(f.body).map_err(bad)?,
-            binary,
-        },
-        Verb::EVNT => Incoming::Event {
-            delivery: serde_json::from_slice(f.body).map_err(bad)?,
-            binary,
-        },
+        Verb::DLVR => Incoming::Deliver(delivered(binary)?),
+        Verb::EVNT => Incoming::Event(delivered(binary)?),
         Verb::PING => {
             let b: RefReply = serde_json::from_slice(f.body).map_err(bad)?;
             Incoming::Ping {
@@ -704,10 +768,10 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let m = decode_command(vec![
-            br#"J OKAY {"ref":5,"id":"0000000000000000000000000000000000000001","routed":2}"#
-                .to_vec(),
-        ])
+        let m = decode_command(
+            br#"J OKAY {"ref":5,"id":"0000000000000000000000000000000000000001","routed":2}"#,
+            None,
+        )
         .unwrap();
         match m {
             Incoming::Okay { reference, body } => {
@@ -718,17 +782,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let m = decode_command(vec![
-            br#"J ERRR {"code":"no_listeners","message":"none","re":9}"#.to_vec(),
-        ])
+        let m = decode_command(
+            br#"J ERRR {"code":"no_listeners","message":"none","re":9}"#,
+            None,
+        )
         .unwrap();
         assert!(
             matches!(m, Incoming::Error { ref code, reference: Some(9), .. } if code == "no_listeners")
         );
-        let m = decode_command(vec![b"J GBYE".to_vec()]).unwrap();
+        let m = decode_command(b"J GBYE", None).unwrap();
         assert!(matches!(m, Incoming::Goodbye { reason: None }));
-        assert!(decode_command(vec![]).is_err());
-        assert!(decode_command(vec![b"x".to_vec()]).is_err());
+        assert!(decode_command(b"", None).is_err());
+        assert!(decode_command(b"x", None).is_err());
+    }
+
+    #[test]
+    fn thids_parse_in_either_case_and_reject_anything_else() {
+        let id = Thid::random();
+        let hex = id.to_hex();
+        assert_eq!(parse_thid(hex.as_bytes()), Some(id));
+        assert_eq!(parse_thid(hex.to_uppercase().as_bytes()), Some(id));
+        assert_eq!(parse_thid(&hex.as_bytes()[1..]), None);
+        let mut bad = hex.into_bytes();
+        bad[7] = b'g';
+        assert_eq!(parse_thid(&bad), None);
+        let escaped = format!(
+            r#"J DLVR {{"id":"{}","channel":"a\u003ab","from":"{}"}}"#,
+            id, id
+        );
+        match decode_command(escaped.as_bytes(), None).unwrap() {
+            Incoming::Deliver(d) => assert_eq!((d.id, d.channel.as_str()), (id, "a:b")),
+            other => panic!("{other:?}"),
+        }
+        let bad = format!(r#"J DLVR {{"id":"{}","channel":"a","from":"xyz"}}"#, id);
+        assert!(decode_command(bad.as_bytes(), None).is_err());
     }
 
     #[test]
@@ -737,11 +824,11 @@ mod tests {
         let id = Thid::random();
         let mut body = b"J DLVR ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", None, &from, Some(2));
-        match decode_command(vec![body, vec![0, 1, 2]]).unwrap() {
-            Incoming::Deliver { delivery, binary } => {
-                assert_eq!(delivery.id, id);
-                assert_eq!(delivery.attempt, Some(2));
-                assert_eq!(binary, Some(vec![0, 1, 2]));
+        match decode_command(&body, Some(vec![0, 1, 2])).unwrap() {
+            Incoming::Deliver(d) => {
+                assert_eq!((d.id, d.from), (id, from));
+                assert_eq!(d.attempt, 2);
+                assert_eq!(d.binary, Some(vec![0, 1, 2]));
             }
             other => panic!("{other:?}"),
         }
@@ -821,7 +908,7 @@ mod tests {
     fn replies_requests_and_pongs_decode() {
         let id = Thid::random();
         let body = format!(r#"J RPLY {{"ref":3,"id":"{id}","payload":{{"sum":3}}}}"#);
-        match decode_command(vec![body.into_bytes(), vec![9]]).unwrap() {
+        match decode_command(body.as_bytes(), Some(vec![9])).unwrap() {
             Incoming::Reply {
                 reference: Some(3),
                 reply: Ok(r),
@@ -832,7 +919,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let body = format!(r#"J RPLY {{"ref":4,"id":"{id}","error":"overflow"}}"#);
-        match decode_command(vec![body.into_bytes()]).unwrap() {
+        match decode_command(body.as_bytes(), None).unwrap() {
             Incoming::Reply {
                 reply: Err(e),
                 reference: Some(4),
@@ -842,18 +929,18 @@ mod tests {
         let mut body = b"J RQST ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", Some(b"1"), &id, Some(1));
         assert!(matches!(
-            decode_command(vec![body]).unwrap(),
-            Incoming::Request { delivery, binary: None } if delivery.id == id
+            decode_command(&body, None).unwrap(),
+            Incoming::Request(d) if d.id == id && d.binary.is_none()
         ));
         assert!(matches!(
-            decode_command(vec![br#"J PONG {"welcomed":false}"#.to_vec()]).unwrap(),
+            decode_command(br#"J PONG {"welcomed":false}"#, None).unwrap(),
             Incoming::Pong {
                 reference: None,
                 welcomed: Some(false)
             }
         ));
         assert!(matches!(
-            decode_command(vec![b"J PONG {}".to_vec()]).unwrap(),
+            decode_command(b"J PONG {}", None).unwrap(),
             Incoming::Pong { welcomed: None, .. }
         ));
     }
@@ -886,21 +973,22 @@ mod tests {
         let id = Thid::random();
         let mut body = b"J EVNT ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a::b", Some(b"[1]"), &id, None);
-        match decode_command(vec![body.clone()]).unwrap() {
-            Incoming::Event { delivery, binary } => {
-                assert_eq!((delivery.id, delivery.from), (id, id));
-                assert_eq!(delivery.channel, "a::b");
-                assert_eq!(delivery.payload.unwrap().get(), "[1]");
-                assert_eq!(delivery.attempt, None);
-                assert!(binary.is_none());
+        match decode_command(&body, None).unwrap() {
+            Incoming::Event(d) => {
+                assert_eq!((d.id, d.from), (id, id));
+                assert_eq!(d.channel, "a::b");
+                assert_eq!(d.payload.unwrap().get(), "[1]");
+                // Multicatch bodies carry no `attempt`: it reads as 1.
+                assert_eq!(d.attempt, 1);
+                assert!(d.binary.is_none());
             }
             other => panic!("{other:?}"),
         }
-        match decode_command(vec![body, vec![7, 8]]).unwrap() {
-            Incoming::Event { binary, .. } => assert_eq!(binary, Some(vec![7, 8])),
+        match decode_command(&body, Some(vec![7, 8])).unwrap() {
+            Incoming::Event(d) => assert_eq!(d.binary, Some(vec![7, 8])),
             other => panic!("{other:?}"),
         }
-        assert!(decode_command(vec![b"J EVNT {\"channel\":1}".to_vec()]).is_err());
+        assert!(decode_command(b"J EVNT {\"channel\":1}", None).is_err());
     }
 
     #[test]
