@@ -263,6 +263,14 @@ fn new_socket(
     Ok(s)
 }
 
+/// Sends one message without waiting. Each frame is copied straight into
+/// a libzmq message (one allocation, none for small frames), where
+/// `send_multipart(&frames)` would clone each `Vec` first; the frames stay
+/// ours, to queue when libzmq pushes back.
+fn send_frames(socket: &zmq::Socket, frames: &[Vec<u8>]) -> Result<(), zmq::Error> {
+    socket.send_multipart(frames.iter().map(Vec::as_slice), zmq::DONTWAIT)
+}
+
 impl Conn {
     /// Creates the DEALER and its monitor, and connects the DEALER.
     fn open(start: Start) -> Result<Conn, Error> {
@@ -1363,7 +1371,7 @@ impl Conn {
             self.outbox.push_back(frames);
             return;
         }
-        match self.dealer.send_multipart(&frames, zmq::DONTWAIT) {
+        match send_frames(&self.dealer, &frames) {
             Ok(()) => self.last_sent = Instant::now(),
             Err(zmq::Error::EAGAIN) => self.outbox.push_back(frames),
             Err(e) => warn!(error = %e, "command socket send failed; message dropped"),
@@ -1372,7 +1380,7 @@ impl Conn {
 
     fn flush_outbox(&mut self) {
         while let Some(frames) = self.outbox.front() {
-            match self.dealer.send_multipart(frames, zmq::DONTWAIT) {
+            match send_frames(&self.dealer, frames) {
                 Ok(()) => {
                     self.last_sent = Instant::now();
                     self.outbox.pop_front();

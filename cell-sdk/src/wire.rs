@@ -303,7 +303,7 @@ pub(crate) fn publish(
     seq: u64,
     confirm_ref: Option<u64>,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(96 + channel.len() + payload.map_or(0, <[u8]>::len));
+    let mut out = Vec::with_capacity(128 + channel.len() + payload.map_or(0, <[u8]>::len));
     out.extend_from_slice(b"J EVNT {\"channel\":");
     write_json_str(&mut out, channel);
     if let Some(p) = payload {
@@ -313,10 +313,10 @@ pub(crate) fn publish(
     out.extend_from_slice(b",\"id\":\"");
     push_hex(&mut out, id);
     out.extend_from_slice(b"\",\"seq\":");
-    out.extend_from_slice(seq.to_string().as_bytes());
+    push_u64(&mut out, seq);
     if let Some(r) = confirm_ref {
         out.extend_from_slice(b",\"confirm\":true,\"ref\":");
-        out.extend_from_slice(r.to_string().as_bytes());
+        push_u64(&mut out, r);
     }
     out.push(b'}');
     out
@@ -326,13 +326,39 @@ pub(crate) fn publish(
 /// intermediate `String` of [`Thid::to_hex`] (this is per event and per ack).
 pub(crate) fn push_hex(out: &mut Vec<u8>, id: &Thid) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in id.as_bytes() {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 0x0f)]);
+    let mut hex = [0u8; 40];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(id.as_bytes()) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0x0f)];
     }
+    out.extend_from_slice(&hex);
 }
 
+/// Appends `n` in decimal, without the `String` of `to_string`.
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // `n % 10` is below 10: the cast keeps it whole.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `s` as a JSON string: as is between quotes when nothing in it
+/// needs escaping (channels never do), else through `serde_json`.
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Serializing a &str into a Vec cannot fail.
     if serde_json::to_writer(&mut *out, s).is_err() {
         out.extend_from_slice(b"\"\"");
@@ -695,6 +721,20 @@ mod tests {
         let p: Publish<'_> = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
         assert!(p.payload.is_none());
         assert!(!p.confirm);
+    }
+
+    #[test]
+    fn numbers_and_strings_are_written_as_json() {
+        for n in [0, 7, 10, 1234567890, u64::MAX] {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for s in ["a::b", "", "q\"uote", "back\\slash", "tab\t", "é::ü"] {
+            let mut out = Vec::new();
+            write_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]
