@@ -233,6 +233,7 @@ impl Client {
                 pattern: pattern.to_owned(),
                 options,
                 events: events_rx,
+                ready: Vec::new().into_iter(),
                 link,
             };
             (Sink::Events(events_tx), subscription)

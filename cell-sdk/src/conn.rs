@@ -121,9 +121,21 @@ struct Sub {
     options: ListenOptions,
     /// Where its events, or requests, go.
     sink: Sink,
+    /// Events read in the current burst, handed over together at its end
+    /// (one channel send and one wake-up for the lot).
+    batch: Vec<Event>,
 }
 
 impl Sub {
+    fn new(pattern: Pattern, options: ListenOptions, sink: Sink) -> Sub {
+        Sub {
+            pattern,
+            options,
+            sink,
+            batch: Vec::new(),
+        }
+    }
+
     fn takes_events(&self) -> bool {
         matches!(self.sink, Sink::Events(_))
     }
@@ -205,6 +217,11 @@ struct Conn {
     wire: HashMap<String, WireListen>,
     /// Subscriptions by id (ordered, for a stable round robin).
     subs: BTreeMap<u64, Sub>,
+    /// The subscriptions whose `batch` holds events, in the order they
+    /// got their first one.
+    batched: Vec<u64>,
+    /// Scratch list of the subscriptions a multicatch event goes to.
+    targets: Vec<u64>,
     /// Outstanding `SYNC <token>` topics and the membership stream each
     /// one proves subscribed.
     syncs: HashMap<Vec<u8>, u64>,
@@ -328,6 +345,8 @@ impl Conn {
             pending: HashMap::new(),
             wire: HashMap::new(),
             subs: BTreeMap::new(),
+            batched: Vec::new(),
+            targets: Vec::new(),
             syncs: HashMap::new(),
             members: BTreeMap::new(),
             sync_counter: 0,
@@ -796,14 +815,7 @@ impl Conn {
                 return;
             }
             w.subs.insert(sub);
-            self.subs.insert(
-                sub,
-                Sub {
-                    pattern,
-                    options,
-                    sink,
-                },
-            );
+            self.subs.insert(sub, Sub::new(pattern, options, sink));
             if w.active {
                 if reply.send(Ok(())).is_err() {
                     self.remove_sub(sub);
@@ -832,14 +844,7 @@ impl Conn {
                 waiters: vec![(sub, reply)],
             },
         );
-        self.subs.insert(
-            sub,
-            Sub {
-                pattern,
-                options,
-                sink,
-            },
-        );
+        self.subs.insert(sub, Sub::new(pattern, options, sink));
     }
 
     /// A fresh `SYNC <token>` topic: unique, and no prefix of another
@@ -979,16 +984,17 @@ impl Conn {
     fn read_commands(&mut self) {
         for _ in 0..READ_BURST {
             let Some(message) = self.recv() else {
-                return;
+                break;
             };
             match message {
                 Ok(message) => self.on_command(message),
                 Err(e) => warn!(error = %e, "undecodable message from the transmitter"),
             }
             if self.stop.is_some() {
-                return;
+                break;
             }
         }
+        self.hand_over();
     }
 
     fn on_command(&mut self, message: Incoming) {
@@ -1213,18 +1219,40 @@ impl Conn {
             self.in_flight.insert(id);
             AckGuard::new(id, self.link.clone())
         });
-        let event = Event {
-            delivered: d,
-            mode: Mode::Any,
-            guard,
-        };
-        if let Some(Sub {
-            sink: Sink::Events(events),
-            ..
-        }) = self.subs.get(&key)
-        {
-            // A closed receiver returns the event, whose guard then NACKs.
-            let _ = events.send(event);
+        self.batch(
+            key,
+            Event {
+                delivered: d,
+                mode: Mode::Any,
+                guard,
+            },
+        );
+    }
+
+    /// Queues an event for subscription `key`, to hand over at the end of
+    /// the burst.
+    fn batch(&mut self, key: u64, event: Event) {
+        if let Some(sub) = self.subs.get_mut(&key) {
+            if sub.batch.is_empty() {
+                self.batched.push(key);
+            }
+            sub.batch.push(event);
+        }
+    }
+
+    /// Hands every subscription the events of this burst, in order.
+    fn hand_over(&mut self) {
+        for key in self.batched.drain(..) {
+            if let Some(Sub {
+                sink: Sink::Events(events),
+                batch,
+                ..
+            }) = self.subs.get_mut(&key)
+            {
+                // A closed receiver returns the events, whose guards then
+                // NACK.
+                let _ = events.send(std::mem::take(batch));
+            }
         }
     }
 
@@ -1303,23 +1331,25 @@ impl Conn {
             mode: Mode::Multi,
             guard: None,
         };
-        let mut targets = self
-            .subs
-            .values()
-            .filter(|s| s.options.mode == Mode::Multi && s.pattern.matches(event.channel()))
-            .filter_map(|s| match &s.sink {
-                Sink::Events(events) => Some(events),
-                Sink::Requests(_) => None,
-            })
-            .peekable();
-        while let Some(events) = targets.next() {
-            if targets.peek().is_some() {
-                let _ = events.send(event.clone_unacked());
-            } else {
-                let _ = events.send(event);
-                break;
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.extend(
+            self.subs
+                .iter()
+                .filter(|(_, s)| {
+                    s.options.mode == Mode::Multi
+                        && s.takes_events()
+                        && s.pattern.matches(event.channel())
+                })
+                .map(|(k, _)| *k),
+        );
+        if let Some((&last, others)) = targets.split_last() {
+            for &key in others {
+                self.batch(key, event.clone_unacked());
             }
+            self.batch(last, event);
         }
+        targets.clear();
+        self.targets = targets;
     }
 
     // ---- the event socket -------------------------------------------------

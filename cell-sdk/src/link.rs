@@ -61,8 +61,9 @@ pub(crate) enum Control {
 /// Where the deliveries of a listen go.
 #[derive(Debug)]
 pub(crate) enum Sink {
-    /// Events (`DLVR`, event-socket `EVNT`), to a [`Subscription`](crate::Subscription).
-    Events(mpsc::UnboundedSender<Event>),
+    /// Events (`DLVR`, `EVNT`), to a [`Subscription`](crate::Subscription),
+    /// in batches: those read from the socket in one go.
+    Events(mpsc::UnboundedSender<Vec<Event>>),
     /// Requests (`RQST`), to a responder's loop.
     Requests(mpsc::UnboundedSender<Request>),
 }

@@ -30,8 +30,10 @@ pub struct Subscription {
     pub(crate) pattern: String,
     /// Mode and ack.
     pub(crate) options: ListenOptions,
-    /// Events routed to it by the background thread.
-    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    /// Events routed to it by the background thread, in batches.
+    pub(crate) events: mpsc::UnboundedReceiver<Vec<Event>>,
+    /// The rest of the batch being read.
+    pub(crate) ready: std::vec::IntoIter<Event>,
     /// To unlisten on drop.
     pub(crate) link: Arc<Link>,
 }
@@ -63,18 +65,31 @@ impl Subscription {
 
     /// An event if one is queued right now, without waiting.
     pub fn try_next_event(&mut self) -> Option<Event> {
-        let mut event = self.events.try_recv().ok()?;
-        event.mark_yielded();
-        Some(event)
+        loop {
+            if let Some(event) = self.next_ready() {
+                return Some(event);
+            }
+            self.ready = self.events.try_recv().ok()?.into_iter();
+        }
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.events.poll_recv(cx).map(|e| {
-            e.map(|mut event| {
-                event.mark_yielded();
-                event
-            })
-        })
+        loop {
+            if let Some(event) = self.next_ready() {
+                return Poll::Ready(Some(event));
+            }
+            match std::task::ready!(self.events.poll_recv(cx)) {
+                Some(batch) => self.ready = batch.into_iter(),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+
+    /// The next event of the current batch, handed to user code.
+    fn next_ready(&mut self) -> Option<Event> {
+        let mut event = self.ready.next()?;
+        event.mark_yielded();
+        Some(event)
     }
 }
 
@@ -98,7 +113,7 @@ impl fmt::Debug for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         // Stop the routing first, then the queued events drop with
-        // `events` and hand their deliveries back.
+        // `events` and `ready` and hand their deliveries back.
         self.link.control(Control::Unlisten { sub: self.id });
         self.events.close();
     }
