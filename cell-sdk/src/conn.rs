@@ -25,9 +25,10 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::batch::{AckBatcher, SeenSet};
 use crate::consts::{
-    ACK_BATCH_MAX_DELAY, ACK_BATCH_MAX_IDS, DEDUP_CAPACITY, PLAIN_USERNAME, READ_BURST, SOCKET_HWM,
-    SOCKET_LINGER_MS,
+    ACK_BATCH_MAX_DELAY, ACK_BATCH_MAX_IDS, CLOSE_TIMEOUT, DEDUP_CAPACITY, PLAIN_USERNAME,
+    READ_BURST, SOCKET_HWM, SOCKET_LINGER_MS,
 };
+use crate::context::ContextLease;
 use crate::error::{Error, ErrorKind};
 use crate::event::{AckGuard, Delivered, Event};
 use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink};
@@ -70,6 +71,7 @@ pub(crate) fn spawn(start: Start) -> Result<oneshot::Receiver<Result<Welcome, Er
                     conn.run();
                 }
                 Err(e) => {
+                    unmonitor(&conn.dealer, conn.id);
                     let _ = tx.send(Err(e));
                 }
             },
@@ -169,8 +171,9 @@ struct WireListen {
 
 /// The thread's state.
 struct Conn {
-    /// Keeps libzmq's context; dropped last, after the sockets.
-    ctx: Option<zmq::Context>,
+    /// The shared libzmq context, for a SUB created later; the place is
+    /// given back when the thread ends.
+    ctx: ContextLease,
     /// Command socket.
     dealer: zmq::Socket,
     /// Receives the first frame of each command-socket message, reused.
@@ -288,12 +291,25 @@ fn send_frames(socket: &zmq::Socket, frames: &[Vec<u8>]) -> Result<(), zmq::Erro
     socket.send_multipart(frames.iter().map(Vec::as_slice), zmq::DONTWAIT)
 }
 
+/// Stops the DEALER's monitor: re-points it, with no events, to an
+/// endpoint nobody reads. libzmq sends monitor events blocking, so an
+/// event for a monitor socket already closed would stall the I/O thread
+/// every client of the context shares.
+fn unmonitor(dealer: &zmq::Socket, id: Thid) {
+    if let Err(e) = dealer.monitor(&format!("inproc://thynapse-cell-unmonitored-{id}"), 0) {
+        warn!(error = %e, "cannot stop the socket monitor");
+    }
+}
+
 impl Conn {
     /// Creates the DEALER and its monitor, and connects the DEALER.
     fn open(start: Start) -> Result<Conn, Error> {
-        let ctx = zmq::Context::new();
-        let dealer = new_socket(&ctx, zmq::DEALER, start.options.token.as_deref())?;
-        let monitor = ctx.socket(zmq::PAIR).map_err(|e| Error::zmq("PAIR", e))?;
+        let ctx = ContextLease::acquire();
+        let dealer = new_socket(ctx.context(), zmq::DEALER, start.options.token.as_deref())?;
+        let monitor = ctx
+            .context()
+            .socket(zmq::PAIR)
+            .map_err(|e| Error::zmq("PAIR", e))?;
         let monitor_endpoint = format!("inproc://thynapse-cell-monitor-{}", start.id);
         let events = zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
             | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
@@ -303,17 +319,19 @@ impl Conn {
         dealer
             .monitor(&monitor_endpoint, events)
             .map_err(|e| Error::zmq("monitor", e))?;
-        monitor
-            .connect(&monitor_endpoint)
-            .map_err(|e| Error::zmq("monitor connect", e))?;
-        dealer
-            .connect(&start.endpoint)
-            .map_err(|e| Error::zmq(&format!("connect {}", start.endpoint), e))?;
+        if let Err(e) = monitor.connect(&monitor_endpoint) {
+            unmonitor(&dealer, start.id);
+            return Err(Error::zmq("monitor connect", e));
+        }
+        if let Err(e) = dealer.connect(&start.endpoint) {
+            unmonitor(&dealer, start.id);
+            return Err(Error::zmq(&format!("connect {}", start.endpoint), e));
+        }
         let heartbeat = start.options.heartbeat.unwrap_or(Duration::from_millis(
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
         Ok(Conn {
-            ctx: Some(ctx),
+            ctx,
             dealer,
             frame: zmq::Message::new(),
             sub: None,
@@ -510,8 +528,7 @@ impl Conn {
         let sub = match self.sub.take() {
             Some(sub) => sub,
             None => {
-                let ctx = self.ctx.as_ref().ok_or_else(Error::disconnected)?;
-                let sub = new_socket(ctx, zmq::SUB, self.token.as_deref())?;
+                let sub = new_socket(self.ctx.context(), zmq::SUB, self.token.as_deref())?;
                 sub.connect(&self.event_endpoint)
                     .map_err(|e| Error::zmq(&format!("connect {}", self.event_endpoint), e))?;
                 self.pub_endpoint = Some(self.event_endpoint.clone());
@@ -1469,6 +1486,41 @@ impl Conn {
         })
     }
 
+    /// Waits, at most `timeout`, for the `PONG` answering the `PING` of
+    /// `reference`: the transmitter has then read everything sent before
+    /// it. Whatever else arrives meanwhile is dropped: after our `GBYE`
+    /// the transmitter redelivers what this cell held.
+    fn await_pong(&mut self, reference: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.flush_outbox();
+            while let Some(message) = self.recv() {
+                if let Ok(Incoming::Pong {
+                    reference: Some(r), ..
+                }) = message
+                {
+                    if r == reference {
+                        return true;
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let events = if self.outbox.is_empty() {
+                zmq::POLLIN
+            } else {
+                zmq::POLLIN | zmq::POLLOUT
+            };
+            let mut items = [self.dealer.as_poll_item(events)];
+            match zmq::poll(&mut items, ceil_ms(deadline - now)) {
+                Ok(_) | Err(zmq::Error::EINTR) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// One monitor event: its kind and value.
     fn read_monitor(&mut self) -> Option<(zmq::SocketEvent, u32)> {
         let frames = self.monitor.recv_multipart(zmq::DONTWAIT).ok()?;
@@ -1481,16 +1533,20 @@ impl Conn {
         Some((zmq::SocketEvent::from_raw(event), value))
     }
 
-    /// Leaves: GBYE if we are the ones closing, fail what waits, close the
-    /// sockets (libzmq lingers to deliver the last frames), answer
-    /// `close()`.
+    /// Leaves: the last acks, GBYE and a PING if we are the ones closing,
+    /// fail what waits, wait (at most [`CLOSE_TIMEOUT`]) for the PING's
+    /// PONG, which proves the transmitter read the rest, close the
+    /// sockets, answer `close()`.
     fn finish(mut self) {
         let stop = self.stop.take().unwrap_or(Stop::Closed);
-        if let Stop::Closed = stop {
+        let last_ping = matches!(stop, Stop::Closed).then(|| {
             self.flush_acks();
             self.send(vec![wire::goodbye("close")]);
+            let reference = self.link.next_ref();
+            self.send(vec![wire::ping(Some(reference))]);
             self.flush_outbox();
-        }
+            reference
+        });
         let why = match &stop {
             Stop::Closed => "the client was closed".to_owned(),
             Stop::TransmitterLeft(reason) => format!(
@@ -1527,8 +1583,13 @@ impl Conn {
         while let Ok(command) = self.rx.commands.try_recv() {
             drop(command);
         }
+        if let Some(reference) = last_ping {
+            if !self.await_pong(reference, CLOSE_TIMEOUT) {
+                debug!("no PONG before closing: the last acks and GBYE may be lost");
+            }
+        }
+        unmonitor(&self.dealer, self.id);
         let Conn {
-            ctx,
             dealer,
             sub,
             monitor,
@@ -1538,9 +1599,6 @@ impl Conn {
         drop(monitor);
         drop(sub);
         drop(dealer);
-        // Terminating the context waits (at most the linger) for the last
-        // frames to leave.
-        drop(ctx);
         for reply in close_replies {
             let _ = reply.send(());
         }

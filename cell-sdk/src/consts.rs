@@ -39,6 +39,14 @@ pub const SOCKET_HWM: i32 = 100_000;
 /// (the final acks and `GBYE`).
 pub const SOCKET_LINGER_MS: i32 = 1_000;
 
+/// Most clients of a process that share one libzmq context (and its I/O
+/// thread); a context holds at most 1023 sockets, a client up to four.
+pub const CLIENTS_PER_CONTEXT: usize = 100;
+
+/// How long closing a client waits for the transmitter to confirm (the
+/// `PONG` of a last `PING`) that it has read the final acks and `GBYE`.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The PLAIN user name the SDK presents when a token is set; transmitters
 /// accept any user name and check only the password.
 pub const PLAIN_USERNAME: &str = "cell";

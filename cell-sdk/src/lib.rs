@@ -11,7 +11,8 @@
 //! multicatch events included; a SUB on its event socket only once
 //! [`Client::membership`] asks for one), since libzmq sockets are not
 //! thread-safe; the handles talk to it over channels and wake it through
-//! a doorbell it polls beside the sockets.
+//! a doorbell it polls beside the sockets. The clients of a process share
+//! libzmq contexts, hence libzmq I/O threads (one per hundred clients).
 //! That thread sends heartbeats, batches acks, drops redeliveries of
 //! events already processed, joins again when the transmitter has expired
 //! the cell or the connection was re-established, and fails over to
@@ -117,8 +118,9 @@
 //! - [`options`]: [`Options`] (how to join) and [`ListenOptions`].
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 //! - [`consts`]: every default and limit of the SDK.
-//! - internal: `conn` (the background thread), `link` (channels and
-//!   doorbell), `wire` (frames), `batch` (ack batching, dedup set).
+//! - internal: `conn` (the background thread), `context` (the libzmq
+//!   contexts clients share), `link` (channels and doorbell), `wire`
+//!   (frames), `batch` (ack batching, dedup set).
 //!
 //! ## Quick start
 //! ```no_run
@@ -164,6 +166,7 @@ pub mod targeted;
 
 mod batch;
 mod conn;
+mod context;
 mod link;
 mod wire;
 
