@@ -479,6 +479,66 @@ impl DeliveryIn<'_> {
     }
 }
 
+impl<'a> DeliveryIn<'a> {
+    /// Reads a body in the transmitter's own spelling (`write_delivery`):
+    /// `{"id":"<hex>","channel":"<text>"[,"payload":<json>],"from":"<hex>"[,"attempt":<n>]}`,
+    /// with no JSON parser but for the payload. `None` for any other
+    /// spelling (escapes in the channel, more fields, another order), which
+    /// the general decoder then reads.
+    fn parse_canonical(body: &'a [u8]) -> Option<DeliveryIn<'a>> {
+        let rest = body.strip_prefix(b"{\"id\":\"")?;
+        let id = parse_thid(rest.get(..40)?)?;
+        let rest = rest[40..].strip_prefix(b"\",\"channel\":\"")?;
+        let end = rest
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if rest[end] != b'"' {
+            return None;
+        }
+        let channel = std::str::from_utf8(&rest[..end]).ok()?;
+        let mut rest = &rest[end + 1..];
+        let mut payload = None;
+        if let Some(json) = rest.strip_prefix(b",\"payload\":") {
+            // Only the value is read: what follows it stays for us.
+            let mut de = serde_json::Deserializer::from_slice(json);
+            let raw = <&RawValue>::deserialize(&mut de).ok()?;
+            let text = raw.get();
+            let start = (text.as_ptr() as usize).checked_sub(json.as_ptr() as usize)?;
+            rest = json.get(start + text.len()..)?;
+            // As serde reads an `Option`: `null` is no payload.
+            payload = Some(raw).filter(|r| r.get() != "null");
+        }
+        let rest = rest.strip_prefix(b",\"from\":\"")?;
+        let from = parse_thid(rest.get(..40)?)?;
+        let mut rest = rest[40..].strip_prefix(b"\"")?;
+        let mut attempt = None;
+        if let Some(digits) = rest.strip_prefix(b",\"attempt\":") {
+            let end = digits
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(digits.len());
+            attempt = Some(std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?);
+            rest = &digits[end..];
+        }
+        (rest == b"}").then_some(DeliveryIn {
+            id,
+            channel: Cow::Borrowed(channel),
+            payload,
+            from,
+            attempt,
+        })
+    }
+
+    /// Reads a body: the transmitter's own spelling directly, any other
+    /// through `serde_json`.
+    fn parse(body: &'a [u8]) -> Result<DeliveryIn<'a>, serde_json::Error> {
+        match DeliveryIn::parse_canonical(body) {
+            Some(d) => Ok(d),
+            None => serde_json::from_slice(body),
+        }
+    }
+}
+
 /// Reads a THID from a JSON string without an intermediate `String`, one
 /// table lookup per hex digit (either case, as PROTOCOL.md §1 requires).
 fn thid<'de, D: Deserializer<'de>>(d: D) -> Result<Thid, D::Error> {
@@ -575,7 +635,7 @@ pub(crate) fn decode_command(first: &[u8], binary: Option<Vec<u8>>) -> Result<In
     let f = frame::decode(first).map_err(|e| e.to_string())?;
     let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
     let delivered = |binary| {
-        serde_json::from_slice::<DeliveryIn<'_>>(f.body)
+        DeliveryIn::parse(f.body)
             .map(|d| d.into_delivered(binary))
             .map_err(bad)
     };
@@ -856,6 +916,68 @@ mod tests {
         }
         let bad = format!(r#"J DLVR {{"id":"{}","channel":"a","from":"xyz"}}"#, id);
         assert!(decode_command(bad.as_bytes(), None).is_err());
+    }
+
+    #[test]
+    fn the_canonical_reader_agrees_with_serde_and_leaves_the_rest_to_it() {
+        let id = Thid::random();
+        let from = Thid::random();
+        let payloads: [Option<&[u8]>; 6] = [
+            None,
+            Some(b"1"),
+            Some(br#"{"a":[1,2,{"b":"}\"]"}]}"#),
+            Some(b"\"text, with \\\" quote\""),
+            Some(b"null"),
+            Some(b"[]"),
+        ];
+        for payload in payloads {
+            for attempt in [None, Some(1), Some(4_000_000_000)] {
+                for channel in ["a::b", "a::\"q\"", "é::x"] {
+                    let mut body = Vec::new();
+                    thynapse_protocol::body::write_delivery(
+                        &mut body, &id, channel, payload, &from, attempt,
+                    );
+                    let general: DeliveryIn<'_> = serde_json::from_slice(&body).unwrap();
+                    let fast = DeliveryIn::parse_canonical(&body);
+                    // Escaped channels are left to serde_json.
+                    assert_eq!(fast.is_some(), !channel.contains('"'), "{channel}");
+                    let read = DeliveryIn::parse(&body).unwrap();
+                    for d in fast.iter().chain([&read]) {
+                        assert_eq!(
+                            (d.id, d.from, d.attempt),
+                            (general.id, general.from, attempt)
+                        );
+                        assert_eq!(d.channel, general.channel);
+                        assert_eq!(d.channel, channel);
+                        assert_eq!(
+                            d.payload.map(RawValue::get),
+                            general.payload.map(RawValue::get)
+                        );
+                        assert_eq!(
+                            d.payload.map(RawValue::get),
+                            payload
+                                .filter(|p| *p != b"null")
+                                .map(|p| std::str::from_utf8(p).unwrap())
+                        );
+                    }
+                }
+            }
+        }
+        let mut body = Vec::new();
+        thynapse_protocol::body::write_delivery(&mut body, &id, "a", Some(b"2"), &from, Some(1));
+        // A mesh hand-over carries more fields: read by serde_json.
+        let mut mesh = body[..body.len() - 1].to_vec();
+        mesh.extend_from_slice(br#","cell":"x","ack":true}"#);
+        assert!(DeliveryIn::parse_canonical(&mesh).is_none());
+        assert_eq!(DeliveryIn::parse(&mesh).unwrap().attempt, Some(1));
+        for bad in [&body[..body.len() - 1], b"{}", br#"{"id":"00"}"#] {
+            assert!(DeliveryIn::parse_canonical(bad).is_none());
+        }
+        // An attempt beyond u32 is no canonical body, and no body at all.
+        let mut big = body[..body.len() - 2].to_vec();
+        big.extend_from_slice(b"99999999999}");
+        assert!(DeliveryIn::parse_canonical(&big).is_none());
+        assert!(DeliveryIn::parse(&big).is_err());
     }
 
     #[test]
