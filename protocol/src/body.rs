@@ -32,6 +32,10 @@ pub struct Hello {
     /// Free-form typed metadata (version, region, ...).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub metadata: Map<String, Value>,
+    /// Whether the cell takes batches: one `DLVR` or `EVNT` frame whose
+    /// body is a JSON array of several deliveries.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
     /// Echoed in the reply.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<Value>,
@@ -58,6 +62,10 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     /// The transmitter's limits.
     pub limits: Limits,
+    /// Whether the transmitter takes batches: an `EVNT` whose body is a
+    /// JSON array of events.
+    #[serde(default)]
+    pub batch: bool,
     /// Echo of the HELO's `ref`.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<Value>,

@@ -8,6 +8,7 @@
 //! - [`router`]: the routing state machine (cells, listens, deliveries,
 //!   acks), free of I/O.
 //! - [`server`]: the router thread that owns the ROUTER and XPUB sockets.
+//! - [`coalesce`]: merges deliveries to a cell into batch frames.
 //! - [`discovery`]: answers about services, instances, hosts, regions.
 //! - [`mesh`]: gossip membership and the view of other transmitters' cells.
 //! - [`auth`]: the ZAP handler that checks the token at every handshake.
@@ -23,6 +24,7 @@
 //! ```
 
 pub mod auth;
+pub mod coalesce;
 pub mod config;
 pub mod discovery;
 pub mod mesh;

@@ -84,6 +84,11 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u32) {
+        counter.fetch_add(u64::from(n), Ordering::Relaxed);
+    }
+
     /// Counts an error reply.
     pub fn error(&self, code: ErrorCode) {
         if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {

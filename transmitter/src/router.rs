@@ -24,7 +24,7 @@ use thynapse_protocol::limits::{
 use thynapse_protocol::query::{Outcome, Query};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
 
-use crate::config::{Config, MAX_BACKLOG_PER_SERVICE};
+use crate::config::{Config, MAX_BACKLOG_BYTES_PER_SERVICE, MAX_BACKLOG_PER_SERVICE};
 use crate::discovery::{self, Instance, InstanceListen};
 use crate::mesh::{CellRecord, ListenRecord, NodeRecord};
 use crate::metrics::Metrics;
@@ -62,6 +62,23 @@ pub enum Output {
         frame: Vec<u8>,
         /// The optional binary payload frame.
         binary: Option<Arc<Vec<u8>>>,
+    },
+    /// Several `DLVR`s, or multicatch `EVNT`s, to one cell that takes
+    /// batches, merged at send time ([`crate::coalesce`]).
+    Batch {
+        /// The cell's connection.
+        peer: PeerId,
+        /// `J VERB [{json},...]`.
+        frame: Vec<u8>,
+        /// One binary frame per delivery, or none.
+        binaries: Vec<Arc<Vec<u8>>>,
+        /// How many deliveries it carries.
+        count: u32,
+        /// Its size, frames together.
+        bytes: usize,
+        /// Whether they are multicatch events (dropped, not redelivered,
+        /// when the cell's queue is full).
+        multicatch: bool,
     },
     /// A message on the event socket (membership events).
     Publish {
@@ -120,6 +137,8 @@ struct Cell {
     held: HashSet<Thid>,
     /// Deliveries waiting for a free slot, in order.
     queue: VecDeque<Queued>,
+    /// Whether it said it takes batches (HELO `batch`).
+    batch: bool,
 }
 
 impl Cell {
@@ -169,6 +188,47 @@ struct EventData {
     payload: Option<Vec<u8>>,
     binary: Option<Arc<Vec<u8>>>,
     from: Thid,
+}
+
+/// The deliveries of one service waiting for a free slot, oldest first,
+/// bounded by [`MAX_BACKLOG_PER_SERVICE`] and
+/// [`MAX_BACKLOG_BYTES_PER_SERVICE`].
+#[derive(Debug, Default)]
+struct Backlog {
+    queue: VecDeque<InFlight>,
+    /// What the queued events hold, roughly ([`EventData::size`]).
+    bytes: usize,
+}
+
+impl Backlog {
+    /// Queues `f` unless the backlog is full; says whether it did.
+    fn push(&mut self, f: InFlight) -> bool {
+        let size = f.event.size();
+        let full = self.queue.len() >= MAX_BACKLOG_PER_SERVICE
+            || self.bytes + size > MAX_BACKLOG_BYTES_PER_SERVICE;
+        if !full {
+            self.bytes += size;
+            self.queue.push_back(f);
+        }
+        !full
+    }
+
+    fn pop(&mut self) -> Option<InFlight> {
+        let f = self.queue.pop_front()?;
+        self.bytes -= f.event.size();
+        Some(f)
+    }
+}
+
+impl EventData {
+    /// Bytes it holds, with an allowance for the bookkeeping around it.
+    fn size(&self) -> usize {
+        const OVERHEAD: usize = 256;
+        OVERHEAD
+            + self.channel.len()
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.binary.as_ref().map_or(0, |b| b.len())
+    }
 }
 
 /// Where a delivery goes when its cell fails it.
@@ -277,7 +337,7 @@ pub struct Router {
     /// so this is also deadline order); stale entries are skipped.
     deadlines: VecDeque<(Instant, Thid, Thid, u32)>,
     /// Redeliveries waiting for a cell of their service to listen again.
-    backlog: HashMap<Arc<str>, VecDeque<InFlight>>,
+    backlog: HashMap<Arc<str>, Backlog>,
     /// The other transmitters of the mesh and their cells.
     remote: HashMap<Thid, RemoteNode>,
     /// Deliveries other transmitters forwarded to our cells, by (event,
@@ -380,14 +440,27 @@ impl Router {
         Metrics::incr(&self.metrics.commands);
         self.clock = now;
         if let Err(f) = self.dispatch(peer, parts, mesh_ok, now, out) {
-            self.metrics.error(f.code);
-            let reply = ErrorReply {
-                code: f.code,
-                message: f.message,
-                re: f.re,
-            };
-            out.push(to_peer(peer, frame::encode_json(Verb::ERRR, &reply)));
+            self.fail(peer, f, out);
         }
+    }
+
+    /// Answers a command that failed with `ERRR`, and counts it.
+    fn fail(&self, peer: &[u8], f: Failure, out: &mut Vec<Output>) {
+        self.metrics.error(f.code);
+        let reply = ErrorReply {
+            code: f.code,
+            message: f.message,
+            re: f.re,
+        };
+        out.push(to_peer(peer, frame::encode_json(Verb::ERRR, &reply)));
+    }
+
+    /// Whether the cell on connection `peer` takes batches (HELO `batch`).
+    pub fn takes_batches(&self, peer: &[u8]) -> bool {
+        self.peers
+            .get(peer)
+            .and_then(|id| self.cells.get(id))
+            .is_some_and(|c| c.batch)
     }
 
     fn dispatch(
@@ -398,19 +471,12 @@ impl Router {
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Handled {
-        let (command, binary) = match parts {
-            [c] => (*c, None),
-            [c, b] => (*c, Some(*b)),
-            _ => {
-                return Err(Failure::new(
-                    ErrorCode::BadMultipart,
-                    format!(
-                        "a message is a command frame and at most one binary frame, got {} frames",
-                        parts.len()
-                    ),
-                    None,
-                ))
-            }
+        let Some((&command, binaries)) = parts.split_first() else {
+            return Err(Failure::new(
+                ErrorCode::BadMultipart,
+                "a message is a command frame and at most one binary frame, got 0 frames",
+                None,
+            ));
         };
         if command.len() > self.max_frame {
             return Err(Failure::new(
@@ -430,6 +496,23 @@ impl Router {
             };
             Failure::new(code, e.to_string(), None)
         })?;
+        // Only a batch of events carries more than one binary frame.
+        let batch = f.verb == Verb::EVNT && is_array(f.body);
+        let binary = match binaries {
+            [] => None,
+            [b] if !batch => Some(*b),
+            _ if batch => None,
+            _ => {
+                return Err(Failure::new(
+                    ErrorCode::BadMultipart,
+                    format!(
+                        "a message is a command frame and at most one binary frame (a batch of events: one per event), got {} frames",
+                        parts.len()
+                    ),
+                    None,
+                ))
+            }
+        };
         let cell = self.peers.get(peer).copied();
         if let Some(id) = cell {
             if let Some(c) = self.cells.get_mut(&id) {
@@ -475,6 +558,9 @@ impl Router {
             )),
             (Verb::LSTN, Some(id)) => self.listen(peer, &id, f.body, now, out),
             (Verb::UNLS, Some(id)) => self.unlisten(peer, &id, f.body, out),
+            (Verb::EVNT, Some(id)) if batch => {
+                self.publish_batch(peer, &id, f.body, binaries, now, out)
+            }
             (Verb::EVNT, Some(id)) => self.publish(peer, &id, f.body, binary, now, out),
             (Verb::META, Some(id)) => self.update_metadata(peer, &id, f.body, out),
             (Verb::SEND, Some(id)) => self.targeted(peer, &id, f.body, binary, now, out),
@@ -565,6 +651,7 @@ impl Router {
             }
             existing.service = Arc::from(h.service.as_str());
             existing.metadata = metadata;
+            existing.batch = h.batch;
             self.invalidate();
             self.announce(&h.id, "updated", out);
         } else {
@@ -580,6 +667,7 @@ impl Router {
                     seq: 0,
                     held: HashSet::new(),
                     queue: VecDeque::new(),
+                    batch: h.batch,
                 },
             );
             self.invalidate();
@@ -598,6 +686,7 @@ impl Router {
                 max_frame: self.max_frame,
                 ack_timeout_ms: self.ack_timeout.as_millis() as u64,
             },
+            batch: true,
             reference: h.reference,
         };
         out.push(to_peer(peer, frame::encode_json(Verb::WLCM, &welcome)));
@@ -664,6 +753,40 @@ impl Router {
         }
         self.invalidate();
         out.push(to_peer(peer, ok(u.reference)));
+        Ok(())
+    }
+
+    /// `EVNT` with an array body, followed by no binary frame or by one
+    /// for each event: each event is published as if it had come alone,
+    /// and each that fails gets its own `ERRR`.
+    fn publish_batch(
+        &mut self,
+        peer: &[u8],
+        from: &Thid,
+        body: &[u8],
+        binaries: &[&[u8]],
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        let events: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+            .map_err(|e| Failure::new(ErrorCode::BadJson, format!("bad batch: {e}"), None))?;
+        if !binaries.is_empty() && binaries.len() != events.len() {
+            return Err(Failure::new(
+                ErrorCode::BadMultipart,
+                format!(
+                    "a batch of {} events has no binary frame or one per event, got {}",
+                    events.len(),
+                    binaries.len()
+                ),
+                None,
+            ));
+        }
+        for (i, event) in events.iter().enumerate() {
+            let binary = binaries.get(i).copied();
+            if let Err(f) = self.publish(peer, from, event.get().as_bytes(), binary, now, out) {
+                self.fail(peer, f, out);
+            }
+        }
         Ok(())
     }
 
@@ -1186,21 +1309,20 @@ impl Router {
     /// a free slot (or listens again); `f.attempt` is the attempt before
     /// the one it will be sent as.
     fn park(&mut self, f: InFlight) {
-        let queue = self.backlog.entry(f.service.clone()).or_default();
-        if queue.len() >= MAX_BACKLOG_PER_SERVICE {
-            Metrics::incr(&self.metrics.dropped_backlog_full);
-        } else {
+        let backlog = self.backlog.entry(f.service.clone()).or_default();
+        if backlog.push(f) {
             Metrics::incr(&self.metrics.queued);
-            queue.push_back(f);
+        } else {
+            Metrics::incr(&self.metrics.dropped_backlog_full);
         }
     }
 
     /// Delivers parked redeliveries of `service` that a cell now listens to.
     fn drain_backlog(&mut self, service: &Arc<str>, now: Instant, out: &mut Vec<Output>) {
-        let Some(queue) = self.backlog.remove(service) else {
+        let Some(backlog) = self.backlog.remove(service) else {
             return;
         };
-        for f in queue {
+        for f in backlog.queue {
             self.redeliver(f, None, now, out);
         }
     }
@@ -1277,7 +1399,7 @@ impl Router {
             .get(cell)
             .is_some_and(|c| (c.held.len() as u32) < c.limit());
         if free {
-            if let Some(f) = self.backlog.get_mut(&service).and_then(VecDeque::pop_front) {
+            if let Some(f) = self.backlog.get_mut(&service).and_then(Backlog::pop) {
                 let now = self.clock;
                 self.redeliver(f, None, now, out);
             }
@@ -1297,11 +1419,7 @@ impl Router {
             if *load == 0 {
                 self.remote_load.remove(&cell);
             }
-            if let Some(waiting) = self
-                .backlog
-                .get_mut(&f.service)
-                .and_then(VecDeque::pop_front)
-            {
+            if let Some(waiting) = self.backlog.get_mut(&f.service).and_then(Backlog::pop) {
                 let now = self.clock;
                 self.redeliver(waiting, None, now, out);
             }
@@ -2208,6 +2326,11 @@ fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Failure> {
     })
 }
 
+/// Whether a body is a JSON array (a batch).
+fn is_array(body: &[u8]) -> bool {
+    body.trim_ascii_start().first() == Some(&b'[')
+}
+
 /// The `ref` of a body, if it is JSON with one.
 fn reference(body: &[u8]) -> Option<Value> {
     serde_json::from_slice::<Ref>(body)
@@ -2264,12 +2387,12 @@ mod tests {
             }
             rest.into_iter()
                 .map(|o| match o {
-                    Output::ToPeer { peer, frame, .. } | Output::Multicatch { peer, frame, .. } => {
-                        (
-                            String::from_utf8(peer).unwrap(),
-                            String::from_utf8(frame).unwrap(),
-                        )
-                    }
+                    Output::ToPeer { peer, frame, .. }
+                    | Output::Multicatch { peer, frame, .. }
+                    | Output::Batch { peer, frame, .. } => (
+                        String::from_utf8(peer).unwrap(),
+                        String::from_utf8(frame).unwrap(),
+                    ),
                     Output::Publish { frame, .. } => {
                         ("PUB".into(), String::from_utf8(frame).unwrap())
                     }
@@ -2772,6 +2895,52 @@ mod tests {
         }
         h.send(&holder, &format!(r#"J ACKN {{"id":"{id}"}}"#));
         assert_eq!(h.router.in_flight_count(), 0);
+    }
+
+    #[test]
+    fn a_batch_of_events_is_published_one_by_one_with_an_error_for_each_bad_one() {
+        let mut h = Harness::new();
+        h.join("c", "s");
+        h.listen("c", "jobs::*", "any");
+        h.join("pub", "p");
+        let r = h.send(
+            "pub",
+            r#"J EVNT [{"channel":"jobs::1","payload":1},{"channel":"bad*","ref":"x"},{"channel":"jobs::2","payload":2}]"#,
+        );
+        assert_eq!(r.len(), 3, "{r:?}");
+        assert!(r[0].1.starts_with("J DLVR ") && r[0].1.contains(r#""payload":1"#));
+        assert_eq!(r[1].0, "pub");
+        assert!(r[1].1.contains(r#""code":"bad_pattern""#) && r[1].1.contains(r#""re":"x""#));
+        assert!(r[2].1.starts_with("J DLVR ") && r[2].1.contains(r#""payload":2"#));
+        assert_eq!(h.router.metrics().snapshot()["events_in"], 2 + 1);
+        assert_eq!(
+            code(&h.send("pub", r#"J EVNT [{"channel":"jobs::1"},"#)),
+            "bad_json"
+        );
+        assert!(!h.router.takes_batches(b"pub"));
+
+        // Binary frames: one per event, in order, or none.
+        let batch = br#"J EVNT [{"channel":"jobs::1"},{"channel":"jobs::2"}]"#;
+        h.router
+            .handle(b"pub", &[batch, b"b1", b"b2"], false, h.now, &mut h.out);
+        let sent: Vec<_> = h.out.drain(..).collect();
+        let binaries: Vec<&[u8]> = sent
+            .iter()
+            .map(|o| match o {
+                Output::ToPeer {
+                    binary: Some(b), ..
+                } => b.as_slice(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(binaries, [&b"b1"[..], &b"b2"[..]]);
+        h.router
+            .handle(b"pub", &[batch, b"b1"], false, h.now, &mut h.out);
+        assert_eq!(code(&h.drain()), "bad_multipart");
+        let single = br#"J EVNT {"channel":"jobs::1"}"#;
+        h.router
+            .handle(b"pub", &[single, b"b1", b"b2"], false, h.now, &mut h.out);
+        assert_eq!(code(&h.drain()), "bad_multipart");
     }
 
     #[test]

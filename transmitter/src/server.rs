@@ -17,6 +17,7 @@ use thynapse_protocol::Thid;
 use std::collections::HashMap;
 
 use crate::auth::{self, MESH_USER};
+use crate::coalesce::coalesce;
 use crate::config::{Config, DEFAULT_HWM, LINGER, MESH_HWM, TICK};
 use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ use crate::router::{Output, Router};
 
 /// Most messages taken from one socket before the others get a turn.
 const BATCH: usize = 512;
+/// Outputs gathered before they are sent, while more messages are ready.
+const FLUSH_AT: usize = 1024;
 
 /// Why a transmitter could not start.
 #[derive(Debug, thiserror::Error)]
@@ -358,6 +361,9 @@ impl Switchboard {
             if zmq::poll(&mut items, timeout).is_err() {
                 break;
             }
+            // What is ready is handled first and sent together (up to
+            // FLUSH_AT outputs), so that deliveries to one cell can share
+            // a frame.
             for _ in 0..BATCH {
                 let now = Instant::now();
                 match inbox.recv(&self.commands) {
@@ -368,8 +374,11 @@ impl Switchboard {
                         break;
                     }
                 }
-                self.flush();
+                if self.out.len() >= FLUSH_AT {
+                    self.flush();
+                }
             }
+            self.flush();
             for _ in 0..BATCH {
                 match self.events.recv_bytes(zmq::DONTWAIT) {
                     Ok(sub) => self.answer_subscription(&sub),
@@ -505,7 +514,8 @@ impl Switchboard {
     fn flush(&mut self) {
         while !self.out.is_empty() {
             let mut batch = std::mem::take(&mut self.sending);
-            std::mem::swap(&mut batch, &mut self.out);
+            let router = &self.router;
+            coalesce(&mut self.out, &mut batch, |peer| router.takes_batches(peer));
             for o in batch.drain(..) {
                 let (sent, peer) = match &o {
                     Output::ToPeer {
@@ -518,18 +528,27 @@ impl Switchboard {
                         frame,
                         binary,
                     } => (
-                        send(&self.commands, Some(peer), frame, binary.as_deref()),
+                        send(&self.commands, Some(peer), frame, binary.as_slice()),
+                        Some(peer),
+                    ),
+                    Output::Batch {
+                        peer,
+                        frame,
+                        binaries,
+                        ..
+                    } => (
+                        send(&self.commands, Some(peer), frame, binaries),
                         Some(peer),
                     ),
                     Output::Publish { frame, binary } => {
-                        (send(&self.events, None, frame, binary.as_deref()), None)
+                        (send(&self.events, None, frame, binary.as_slice()), None)
                     }
                     Output::ToNode {
                         node,
                         frame,
                         binary,
                     } => match self.nodes.get(node) {
-                        Some((_, s)) => (send(s, None, frame, binary.as_deref()), None),
+                        Some((_, s)) => (send(s, None, frame, binary.as_slice()), None),
                         None => {
                             self.hold_for_unseen(*node, o);
                             continue;
@@ -548,8 +567,14 @@ impl Switchboard {
                     }
                     (Err(_), Some(peer)) => {
                         Metrics::incr(&metrics.dropped_hwm);
-                        if matches!(o, Output::Multicatch { .. }) {
-                            Metrics::incr(&metrics.dropped_multicatch);
+                        match o {
+                            Output::Multicatch { .. } => Metrics::incr(&metrics.dropped_multicatch),
+                            Output::Batch {
+                                count,
+                                multicatch: true,
+                                ..
+                            } => Metrics::add(&metrics.dropped_multicatch, count),
+                            _ => {}
                         }
                         let now = Instant::now();
                         let since = *self.stuck.entry(peer.clone()).or_insert(now);
@@ -567,21 +592,23 @@ impl Switchboard {
 }
 
 /// Reusable buffers for one incoming message: the routing id, the command
-/// frame, the optional binary frame, and a count of any further frames
-/// (which make the message malformed). Receiving allocates nothing.
+/// frame, its binary frames (one, or one per event of a batch), and a
+/// count of all frames, those past [`MAX_FRAMES`] not kept (they make the
+/// message malformed). Receiving allocates nothing once the buffers have
+/// grown to the largest message seen.
 struct Inbox {
-    parts: [zmq::Message; 3],
+    parts: Vec<zmq::Message>,
     count: usize,
 }
+
+/// Most frames of one incoming message kept: the routing id, the command
+/// and a binary frame for each event of the largest batch.
+const MAX_FRAMES: usize = 2 + crate::coalesce::MAX_ITEMS as usize;
 
 impl Default for Inbox {
     fn default() -> Self {
         Inbox {
-            parts: [
-                zmq::Message::new(),
-                zmq::Message::new(),
-                zmq::Message::new(),
-            ],
+            parts: (0..3).map(|_| zmq::Message::new()).collect(),
             count: 0,
         }
     }
@@ -594,6 +621,9 @@ impl Inbox {
         self.count = 1;
         let mut more = self.parts[0].get_more();
         while more {
+            if self.count == self.parts.len() && self.count < MAX_FRAMES {
+                self.parts.push(zmq::Message::new());
+            }
             if self.count < self.parts.len() {
                 socket.recv(&mut self.parts[self.count], 0)?;
                 more = self.parts[self.count].get_more();
@@ -629,11 +659,15 @@ impl Inbox {
                 router.note_address(&self.parts[0], &address);
             }
         }
-        let [peer, command, binary] = &self.parts;
+        let (peer, frames) = (&self.parts[0], &self.parts[1..]);
         match self.count {
             1 => router.handle(peer, &[], mesh_ok, now, out),
-            2 => router.handle(peer, &[command], mesh_ok, now, out),
-            3 => router.handle(peer, &[command, binary], mesh_ok, now, out),
+            2 => router.handle(peer, &[&frames[0]], mesh_ok, now, out),
+            3 => router.handle(peer, &[&frames[0], &frames[1]], mesh_ok, now, out),
+            n if n <= MAX_FRAMES => {
+                let all: Vec<&[u8]> = frames[..n - 1].iter().map(|m| &m[..]).collect();
+                router.handle(peer, &all, mesh_ok, now, out)
+            }
             n => {
                 let filler: Vec<&[u8]> = vec![&[][..]; n - 1];
                 router.handle(peer, &filler, mesh_ok, now, out)
@@ -642,20 +676,27 @@ impl Inbox {
     }
 }
 
+/// Sends one message: the routing id (on the ROUTER), the command frame,
+/// then its binary frames.
 fn send(
     socket: &zmq::Socket,
     peer: Option<&[u8]>,
     frame: &[u8],
-    binary: Option<&Vec<u8>>,
+    binaries: &[Arc<Vec<u8>>],
 ) -> Result<(), zmq::Error> {
     if let Some(p) = peer {
         socket.send(p, zmq::SNDMORE | zmq::DONTWAIT)?;
     }
-    match binary {
-        Some(b) => {
-            socket.send(frame, zmq::SNDMORE | zmq::DONTWAIT)?;
-            socket.send(b.as_slice(), zmq::DONTWAIT)
+    let more = |last: bool| {
+        if last {
+            zmq::DONTWAIT
+        } else {
+            zmq::SNDMORE | zmq::DONTWAIT
         }
-        None => socket.send(frame, zmq::DONTWAIT),
+    };
+    socket.send(frame, more(binaries.is_empty()))?;
+    for (i, b) in binaries.iter().enumerate() {
+        socket.send(b.as_slice(), more(i + 1 == binaries.len()))?;
     }
+    Ok(())
 }
