@@ -16,8 +16,15 @@ pub const DEFAULT_HWM: i32 = 10_000;
 /// deliveries that wait for acks never fill it (the origin keeps to each
 /// remote cell's limit).
 pub const MESH_HWM: i32 = 100_000;
-/// Most redeliveries one service may have waiting for a cell to come back.
-pub const MAX_BACKLOG_PER_SERVICE: usize = 100_000;
+/// Most deliveries one service may have waiting at the transmitter for a
+/// free slot (or for a cell to listen again); past it, or past
+/// [`MAX_BACKLOG_BYTES_PER_SERVICE`], deliveries are dropped and counted.
+/// A publisher that outruns acked consumers fills it: 100,000 lost a
+/// third of a 200,000-event run once publishers sent batches.
+pub const MAX_BACKLOG_PER_SERVICE: usize = 1_000_000;
+/// Most bytes (payloads and about 256 bytes of bookkeeping each) one
+/// service's waiting deliveries may hold.
+pub const MAX_BACKLOG_BYTES_PER_SERVICE: usize = 512 * 1024 * 1024;
 /// How often the router checks heartbeats and ack deadlines.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How long sockets try to flush queued messages when closing.
