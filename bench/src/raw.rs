@@ -9,6 +9,11 @@
 //! as separate processes would have; the publisher likewise. A cell has one
 //! socket, its DEALER: deliveries, requests and multicatch events (`J EVNT`,
 //! each cell its own copy) all come there.
+//!
+//! Batches (PROTOCOL.md §23): the cells say HELO with `batch` true and
+//! take `DLVR`/`EVNT` frames with an array of deliveries, one binary frame
+//! each; the publisher sends [`PUBLISH_BATCH`] events per `EVNT` frame, as
+//! a client that has many events ready at once would.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -31,6 +36,8 @@ pub const CELL_SERVICE: &str = "bench-cells";
 pub const PUBLISHER_SERVICE: &str = "bench-publisher";
 /// Most ids in one ACKN.
 pub const ACK_BATCH: usize = 64;
+/// Events per `EVNT` batch the publisher sends.
+pub const PUBLISH_BATCH: u64 = 64;
 /// How often an otherwise silent client pings (the transmitter expires a
 /// cell after 3 silent heartbeats, 1 s each by default).
 pub const PING_EVERY: Duration = Duration::from_millis(500);
@@ -100,7 +107,7 @@ fn join(
     send_cmd(
         &dealer,
         Verb::HELO,
-        &format!(r#"{{"id":"{id}","service":"{service}"}}"#),
+        &format!(r#"{{"id":"{id}","service":"{service}","batch":true}}"#),
     )?;
     expect(&dealer, Verb::WLCM)?;
     Ok(Joined { dealer })
@@ -137,33 +144,40 @@ impl CellLoop {
         Ok(())
     }
 
+    /// One delivery: its binary frame carries the sequence number.
+    fn on_delivery(&mut self, body: &[u8], binary: Option<&Vec<u8>>) -> anyhow::Result<()> {
+        self.tally.record(binary.and_then(|p| payload::seq_of(p)));
+        if self.ack {
+            if let Some(id) = delivery_id(body) {
+                if self.pending_n > 0 {
+                    self.pending.push(b',');
+                }
+                self.pending.push(b'"');
+                self.pending.extend_from_slice(id);
+                self.pending.push(b'"');
+                self.pending_n += 1;
+                if self.pending_n >= ACK_BATCH {
+                    self.flush_acks()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn on_command(&mut self, parts: &[Vec<u8>], clock: &RunClock) -> anyhow::Result<()> {
         let Some(Ok(f)) = parts.first().map(|p| frame::decode(p)) else {
             return Ok(());
         };
         match f.verb {
-            Verb::DLVR => {
-                self.tally
-                    .record(parts.get(1).and_then(|p| payload::seq_of(p)));
-                clock.delivered_now(1);
-                if self.ack {
-                    if let Some(id) = delivery_id(f.body) {
-                        if self.pending_n > 0 {
-                            self.pending.push(b',');
-                        }
-                        self.pending.push(b'"');
-                        self.pending.extend_from_slice(id);
-                        self.pending.push(b'"');
-                        self.pending_n += 1;
-                        if self.pending_n >= ACK_BATCH {
-                            self.flush_acks()?;
-                        }
-                    }
+            Verb::DLVR | Verb::EVNT if f.body.first() == Some(&b'[') => {
+                let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(f.body)?;
+                for (i, item) in items.iter().enumerate() {
+                    self.on_delivery(item.get().as_bytes(), parts.get(1 + i))?;
                 }
+                clock.delivered_now(items.len() as u64);
             }
-            Verb::EVNT => {
-                self.tally
-                    .record(parts.get(1).and_then(|p| payload::seq_of(p)));
+            Verb::DLVR | Verb::EVNT => {
+                self.on_delivery(f.body, parts.get(1))?;
                 clock.delivered_now(1);
             }
             Verb::ERRR => {
@@ -284,22 +298,29 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
             load.deadline,
         );
         std::thread::spawn(move || -> anyhow::Result<(u64, Duration)> {
-            let head = frame::encode(
-                Verb::EVNT,
-                format!(r#"{{"channel":"{channel}"}}"#).as_bytes(),
-            );
+            let event = format!(r#"{{"channel":"{channel}"}}"#);
+            let head = |n: u64| {
+                let events = vec![event.as_str(); n as usize].join(",");
+                frame::encode(Verb::EVNT, format!("[{events}]").as_bytes())
+            };
+            let full = head(PUBLISH_BATCH);
             let mut p = payload::template(size);
             clock.restart();
             let t0 = Instant::now();
             let mut sent = 0;
-            for seq in 0..msgs {
-                if begin.elapsed() > deadline {
-                    break;
+            while sent < msgs && begin.elapsed() <= deadline {
+                let n = PUBLISH_BATCH.min(msgs - sent);
+                if n == PUBLISH_BATCH {
+                    publisher.dealer.send(&full[..], zmq::SNDMORE)?;
+                } else {
+                    publisher.dealer.send(head(n), zmq::SNDMORE)?;
                 }
-                payload::stamp(&mut p, seq);
-                publisher.dealer.send(&head[..], zmq::SNDMORE)?;
-                publisher.dealer.send(&p[..], 0)?;
-                sent += 1;
+                for i in 0..n {
+                    payload::stamp(&mut p, sent + i);
+                    let more = if i + 1 < n { zmq::SNDMORE } else { 0 };
+                    publisher.dealer.send(&p[..], more)?;
+                }
+                sent += n;
             }
             let took = t0.elapsed();
             published.store(true, Ordering::Relaxed);
