@@ -12,7 +12,7 @@ Only pyzmq and the standard library: no SDK. Two modes:
         An interop test against a running transmitter: THID test vectors,
         handshake, anycatch with batch acks, multicatch (J EVNT on the
         DEALER), membership events on a SUB with the SYNC handshake, computed
-        event THIDs, error codes, GBYE. Every wait has a deadline. Prints
+        event THIDs, batches of events both ways, error codes, GBYE. Every wait has a deadline. Prints
         "raw_cell selftest: ok" and exits 0 on success; prints one line
         saying what failed and exits 1 otherwise.
 """
@@ -548,6 +548,8 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
     expect_error(a, "bad_multipart", "a 3-frame message", any_re=True)
     ping(a, "after-errors")
 
+    check_batches(cell("cell D"), b)
+
     c = cell("cell C")
     c.send("LSTN", {"pattern": "interop::*", "mode": "any", "ref": "r-early"})
     expect_error(c, "not_welcomed", "LSTN before HELO", re="r-early")
@@ -562,6 +564,31 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
     check(left.get("event") == "left" and (left.get("cell") or {}).get("id") == b.thid,
           f"MEMB interop-b: expected B left, got {left}")
     a.bye("selftest done")
+
+
+def check_batches(d: Cell, b: Cell) -> None:
+    """PROTOCOL.md §23: B publishes three events in one EVNT (a JSON array
+    and one binary frame each); D, which said HELO with "batch", gets them
+    as one DLVR array with their binary frames, in order."""
+    d.send("HELO", {"id": d.thid, "service": "interop-d", "batch": True,
+                    "ref": "helo-d"})
+    d.welcome = d.reply("WLCM", "helo-d").body
+    check(d.welcome.get("batch") is True, f"WLCM without batch: {d.welcome}")
+    d.listen("interop::batch::*", "any", ack=False, ref="lstn-batch")
+    events = [{"channel": f"interop::batch::{i}", "seq": 2000 + i} for i in range(3)]
+    binaries = [bytes([i, 0xff]) for i in range(3)]
+    b.send_frames([encode("EVNT", json.dumps(events))] + binaries)
+    if not d.dealer.poll(int(d.timeout * 1000)):
+        raise Failure(f"no batch for cell D within {d.timeout} s")
+    frames = d.dealer.recv_multipart()
+    check(frames[0].startswith(b"J DLVR ["), f"not a DLVR batch: {frames[0][:80]!r}")
+    items = json.loads(frames[0][len(b"J DLVR "):])
+    check([i.get("channel") for i in items] == [e["channel"] for e in events],
+          f"batch out of order or incomplete: {items}")
+    check(all(i.get("id") == event_thid(b.thid, e["seq"], e["channel"], bin_)
+              for i, e, bin_ in zip(items, events, binaries)),
+          f"batch THIDs not per spec: {items}")
+    check(frames[1:] == binaries, f"binary frames not one per event, in order: {frames[1:]}")
 
 
 # --------------------------------------------------------------------------
