@@ -14,6 +14,7 @@
 //! them, and the sockets never leave this thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,6 +186,8 @@ struct Conn {
     token: Option<String>,
     /// Monitor of the DEALER: reports failed PLAIN handshakes.
     monitor: zmq::Socket,
+    /// The monitor's `ZMQ_FD`, readable while it has commands to process.
+    monitor_fd: RawFd,
     /// Messages from the async side.
     rx: LinkReceiver,
     /// For the ack guards of deliveries.
@@ -327,6 +330,13 @@ impl Conn {
             unmonitor(&dealer, start.id);
             return Err(Error::zmq(&format!("connect {}", start.endpoint), e));
         }
+        let monitor_fd = match monitor.get_fd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                unmonitor(&dealer, start.id);
+                return Err(Error::zmq("monitor ZMQ_FD", e));
+            }
+        };
         let heartbeat = start.options.heartbeat.unwrap_or(Duration::from_millis(
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
@@ -337,6 +347,7 @@ impl Conn {
             sub: None,
             token: start.options.token,
             monitor,
+            monitor_fd,
             rx: start.rx,
             link: start.link,
             id: start.id,
@@ -548,7 +559,10 @@ impl Conn {
             zmq::POLLIN | zmq::POLLOUT
         };
         let dealer = self.dealer.as_poll_item(dealer_events);
-        let monitor = self.monitor.as_poll_item(zmq::POLLIN);
+        // The monitor by its file descriptor, not as a ZeroMQ item:
+        // `zmq_poll` asks a ZeroMQ item for its state (a syscall) before
+        // and after every wait, and monitor events are rare.
+        let monitor = zmq::PollItem::from_fd(self.monitor_fd, zmq::POLLIN);
         let bell = zmq::PollItem::from_fd(self.rx.bell.fd(), zmq::POLLIN);
         match &self.sub {
             Some(sub) => {
@@ -603,6 +617,9 @@ impl Conn {
                 self.read_events();
             }
             if monitor {
+                // Processes the monitor's pending commands, which clears
+                // its file descriptor (receiving alone may defer them).
+                let _ = self.monitor.get_events();
                 while let Some((event, value)) = self.read_monitor() {
                     match event {
                         zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => warn!(
