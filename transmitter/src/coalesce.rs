@@ -1,19 +1,21 @@
 //! Batching at send time: runs of `DLVR` frames, or of multicatch `EVNT`
 //! frames, to one cell that takes batches (HELO `batch`) become one
-//! [`Output::Batch`]: one frame whose body is the JSON array of their
-//! bodies, in order, followed by their binary frames (a run has a binary
-//! frame for every delivery or for none). One ZeroMQ message then carries
-//! many deliveries, which is where libzmq's cost per message goes.
-//! Everything else passes unchanged, and a cell's messages keep their
-//! order.
+//! [`Output::Batch`], and runs of `MDLV` or `MEVT` frames to another
+//! transmitter that takes them one [`Output::NodeBatch`]: one frame whose
+//! body is the JSON array of their bodies, in order, followed by their
+//! binary frames (a run has a binary frame for every message or for
+//! none). One ZeroMQ message then carries many, which is where libzmq's
+//! cost per message goes. Everything else passes unchanged, and the
+//! messages to one destination keep their order.
 
 use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
+use thynapse_protocol::Thid;
 
-use crate::router::{Output, PeerId};
+use crate::router::{Merged, Output, PeerId};
 
-/// Most deliveries in one batch.
+/// Most messages in one batch.
 pub const MAX_ITEMS: u32 = 256;
 /// Most bytes of one batch, frames together.
 pub const MAX_BYTES: usize = 64 * 1024;
@@ -21,37 +23,51 @@ pub const MAX_BYTES: usize = 64 * 1024;
 /// The length of a frame's header, `J VERB `.
 const HEADER: usize = 7;
 
-/// A delivery that may join a batch.
+/// Where an output goes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Dest {
+    Peer(PeerId),
+    Node(Thid),
+}
+
+impl Dest {
+    fn of(o: &Output) -> Option<Dest> {
+        match o {
+            Output::ToPeer { peer, .. }
+            | Output::Multicatch { peer, .. }
+            | Output::Batch { peer, .. } => Some(Dest::Peer(peer.clone())),
+            Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => Some(Dest::Node(*node)),
+            Output::Publish { .. } => None,
+        }
+    }
+}
+
+/// A message that may join a batch.
 struct Item<'a> {
-    peer: &'a PeerId,
     frame: &'a [u8],
     binary: Option<&'a Arc<Vec<u8>>>,
 }
 
 impl<'a> Item<'a> {
-    /// `o` as an item, if it is a single `DLVR` or multicatch `EVNT`.
+    /// `o` as an item, if it is a single `DLVR`, multicatch `EVNT`,
+    /// `MDLV` or `MEVT`.
     fn of(o: &'a Output) -> Option<Item<'a>> {
-        match o {
-            Output::ToPeer {
-                peer,
-                frame,
-                binary,
-            } if frame.starts_with(b"J DLVR {") => Some(Item {
-                peer,
-                frame,
-                binary: binary.as_ref(),
-            }),
-            Output::Multicatch {
-                peer,
-                frame,
-                binary,
-            } => Some(Item {
-                peer,
-                frame,
-                binary: binary.as_ref(),
-            }),
-            _ => None,
-        }
+        let (frame, binary) = match o {
+            Output::ToPeer { frame, binary, .. } if frame.starts_with(b"J DLVR {") => {
+                (frame, binary)
+            }
+            Output::Multicatch { frame, binary, .. } => (frame, binary),
+            Output::ToNode { frame, binary, .. }
+                if frame.starts_with(b"J MDLV {") || frame.starts_with(b"J MEVT {") =>
+            {
+                (frame, binary)
+            }
+            _ => return None,
+        };
+        Some(Item {
+            frame,
+            binary: binary.as_ref(),
+        })
     }
 
     fn size(&self) -> usize {
@@ -59,30 +75,37 @@ impl<'a> Item<'a> {
     }
 }
 
-/// Moves `from` into `to`, merging what can be merged for the cells
-/// `takes_batches` says yes to.
+/// Moves `from` into `to`, merging what can be merged for the cells and
+/// transmitters `takes_batches` says yes to (given a cell's connection or
+/// a transmitter's THID).
 pub fn coalesce(
     from: &mut Vec<Output>,
     to: &mut Vec<Output>,
-    takes_batches: impl Fn(&[u8]) -> bool,
+    takes_batches: impl Fn(Result<&[u8], &Thid>) -> bool,
 ) {
-    // The open run of each cell: its index in `to`.
-    let mut open: HashMap<PeerId, usize> = HashMap::new();
+    // The open run of each destination: its index in `to`.
+    let mut open: HashMap<Dest, usize> = HashMap::new();
     for o in from.drain(..) {
-        let Some(item) = Item::of(&o).filter(|i| takes_batches(i.peer)) else {
-            if let Output::ToPeer { peer, .. } | Output::Multicatch { peer, .. } = &o {
-                close(to, open.remove(peer.as_slice()));
-            }
+        let Some(dest) = Dest::of(&o) else {
             to.push(o);
             continue;
         };
-        if let Some(&at) = open.get(item.peer.as_slice()) {
+        let batching = match &dest {
+            Dest::Peer(p) => takes_batches(Ok(p)),
+            Dest::Node(n) => takes_batches(Err(n)),
+        };
+        let Some(item) = Item::of(&o).filter(|_| batching) else {
+            close(to, open.remove(&dest));
+            to.push(o);
+            continue;
+        };
+        if let Some(&at) = open.get(&dest) {
             if join(&mut to[at], &item) {
                 continue;
             }
         }
         let at = to.len();
-        close(to, open.insert(item.peer.clone(), at));
+        close(to, open.insert(dest, at));
         to.push(o);
     }
     for at in open.into_values() {
@@ -90,7 +113,7 @@ pub fn coalesce(
     }
 }
 
-/// Adds `item` to the run at `run` (a single delivery so far, or a
+/// Adds `item` to the run at `run` (a single message so far, or a
 /// batch), if it fits: same verb, both with binary frames or both
 /// without, room left.
 fn join(run: &mut Output, item: &Item<'_>) -> bool {
@@ -101,51 +124,61 @@ fn join(run: &mut Output, item: &Item<'_>) -> bool {
         if !fits {
             return false;
         }
-        // `J VERB {first}` becomes `J VERB [{first}`.
-        // Room for a few dozen more, so that the batch rarely grows.
+        // `J VERB {first}` becomes `J VERB [{first}`; room for a few
+        // dozen more, so that the batch rarely grows.
         let mut frame = Vec::with_capacity((first.frame.len() * 32).min(MAX_BYTES));
         frame.extend_from_slice(&first.frame[..HEADER]);
         frame.push(b'[');
         frame.extend_from_slice(&first.frame[HEADER..]);
-        *run = Output::Batch {
-            peer: first.peer.clone(),
+        let merged = Merged {
             frame,
             binaries: first.binary.cloned().into_iter().collect(),
             count: 1,
             bytes: first.size(),
-            multicatch: matches!(run, Output::Multicatch { .. }),
+        };
+        *run = match run {
+            Output::ToPeer { peer, .. } => Output::Batch {
+                peer: std::mem::take(peer),
+                merged,
+                multicatch: false,
+            },
+            Output::Multicatch { peer, .. } => Output::Batch {
+                peer: std::mem::take(peer),
+                merged,
+                multicatch: true,
+            },
+            Output::ToNode { node, .. } => Output::NodeBatch {
+                node: *node,
+                merged,
+            },
+            _ => return false,
         };
     }
-    let Output::Batch {
-        frame,
-        binaries,
-        count,
-        bytes,
-        ..
-    } = run
-    else {
+    let (Output::Batch { merged, .. } | Output::NodeBatch { merged, .. }) = run else {
         return false;
     };
-    let fits = frame[..HEADER] == item.frame[..HEADER]
-        && binaries.is_empty() != item.binary.is_some()
-        && *count < MAX_ITEMS
-        && *bytes + item.size() < MAX_BYTES;
+    let fits = merged.frame[..HEADER] == item.frame[..HEADER]
+        && merged.binaries.is_empty() != item.binary.is_some()
+        && merged.count < MAX_ITEMS
+        && merged.bytes + item.size() < MAX_BYTES;
     if !fits {
         return false;
     }
-    frame.push(b',');
-    frame.extend_from_slice(&item.frame[HEADER..]);
-    binaries.extend(item.binary.cloned());
-    *count += 1;
-    *bytes += item.size();
+    merged.frame.push(b',');
+    merged.frame.extend_from_slice(&item.frame[HEADER..]);
+    merged.binaries.extend(item.binary.cloned());
+    merged.count += 1;
+    merged.bytes += item.size();
     true
 }
 
 /// Ends the run at `to[at]`: a batch gets its closing bracket; a single
-/// delivery stays the plain frame it was.
+/// message stays the plain frame it was.
 fn close(to: &mut [Output], at: Option<usize>) {
-    if let Some(Output::Batch { frame, .. }) = at.map(|at| &mut to[at]) {
-        frame.push(b']');
+    if let Some(Output::Batch { merged, .. } | Output::NodeBatch { merged, .. }) =
+        at.map(|at| &mut to[at])
+    {
+        merged.frame.push(b']');
     }
 }
 
@@ -185,8 +218,9 @@ mod tests {
     fn run(outputs: Vec<Output>, batching: &[&str]) -> Vec<(String, String, Vec<String>)> {
         let mut from = outputs;
         let mut to = Vec::new();
-        coalesce(&mut from, &mut to, |p| {
-            batching.iter().any(|b| b.as_bytes() == p)
+        coalesce(&mut from, &mut to, |dest| match dest {
+            Ok(p) => batching.iter().any(|b| b.as_bytes() == p),
+            Err(_) => true,
         });
         assert!(from.is_empty());
         let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
@@ -208,19 +242,23 @@ mod tests {
                 ),
                 Output::Batch {
                     peer,
-                    frame,
-                    binaries,
-                    count,
+                    merged,
                     multicatch,
-                    ..
                 } => (
                     format!(
-                        "{}{}{count}",
+                        "{}{}{}",
                         text(&peer),
-                        if multicatch { "m" } else { "x" }
+                        if multicatch { "m" } else { "x" },
+                        merged.count
                     ),
-                    text(&frame),
-                    binaries.iter().map(|b| text(b)).collect(),
+                    text(&merged.frame),
+                    merged.binaries.iter().map(|b| text(b)).collect(),
+                ),
+                Output::ToNode { node, frame, .. } => (node.to_string(), text(&frame), vec![]),
+                Output::NodeBatch { node, merged } => (
+                    format!("{node}n{}", merged.count),
+                    text(&merged.frame),
+                    merged.binaries.iter().map(|b| text(b)).collect(),
                 ),
                 other => panic!("{other:?}"),
             })
@@ -261,6 +299,34 @@ mod tests {
                 row("a", r#"J DLVR {"n":3}"#, &[]),
                 row("b", r#"J DLVR {"n":2}"#, &[]),
                 row("a", r#"J RQST {"r":1}"#, &[]),
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_to_another_transmitter_merge_too() {
+        let node = Thid::random();
+        let to_node = |frame: &str| Output::ToNode {
+            node,
+            frame: frame.as_bytes().to_vec(),
+            binary: None,
+        };
+        let got = run(
+            vec![
+                to_node(r#"J MDLV {"n":1}"#),
+                to_node(r#"J MDLV {"n":2}"#),
+                to_node(r#"J MACK {"ids":[]}"#),
+                to_node(r#"J MEVT {"m":1}"#),
+                to_node(r#"J MEVT {"m":2}"#),
+            ],
+            &[],
+        );
+        assert_eq!(
+            got,
+            [
+                row(&format!("{node}n2"), r#"J MDLV [{"n":1},{"n":2}]"#, &[]),
+                row(&node.to_string(), r#"J MACK {"ids":[]}"#, &[]),
+                row(&format!("{node}n2"), r#"J MEVT [{"m":1},{"m":2}]"#, &[]),
             ]
         );
     }

@@ -40,6 +40,8 @@ pub const DEAD_NODE_GRACE: Duration = Duration::from_secs(3600);
 const KEY_COMMAND: &str = "command";
 /// Gossip key: JSON array of the transmitter's [`CellRecord`]s.
 const KEY_CELLS: &str = "cells";
+/// Gossip key saying the transmitter takes batches of mesh messages.
+const KEY_BATCH: &str = "batch";
 
 /// One listen of a cell, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +85,10 @@ pub struct NodeRecord {
     pub command: String,
     /// Its cells.
     pub cells: Vec<CellRecord>,
+    /// Whether it takes batches of `MDLV` and `MEVT` (PROTOCOL.md §23);
+    /// transmitters that do not say so get single messages.
+    #[serde(default)]
+    pub batch: bool,
 }
 
 /// What the mesh thread needs to start.
@@ -188,6 +194,7 @@ pub fn start(
     let initial = vec![
         (KEY_COMMAND.to_owned(), settings.command.clone()),
         (KEY_CELLS.to_owned(), "[]".to_owned()),
+        (KEY_BATCH.to_owned(), "true".to_owned()),
     ];
     // The runtime lives on the mesh thread, so a transmitter can be
     // started from inside another tokio runtime; startup errors come back
@@ -270,8 +277,9 @@ async fn exchange(handle: chitchat::ChitchatHandle, pair: zmq::Socket, stop: Arc
                 let state = cc.node_state(n)?;
                 let command = serde_json::to_string(state.get(KEY_COMMAND)?).ok()?;
                 let cells = state.get(KEY_CELLS).unwrap_or("[]");
+                let batch = state.get(KEY_BATCH) == Some("true");
                 Some(format!(
-                    r#"{{"id":"{}","command":{command},"cells":{cells}}}"#,
+                    r#"{{"id":"{}","command":{command},"cells":{cells},"batch":{batch}}}"#,
                     n.node_id
                 ))
             })

@@ -63,23 +63,6 @@ pub enum Output {
         /// The optional binary payload frame.
         binary: Option<Arc<Vec<u8>>>,
     },
-    /// Several `DLVR`s, or multicatch `EVNT`s, to one cell that takes
-    /// batches, merged at send time ([`crate::coalesce`]).
-    Batch {
-        /// The cell's connection.
-        peer: PeerId,
-        /// `J VERB [{json},...]`.
-        frame: Vec<u8>,
-        /// One binary frame per delivery, or none.
-        binaries: Vec<Arc<Vec<u8>>>,
-        /// How many deliveries it carries.
-        count: u32,
-        /// Its size, frames together.
-        bytes: usize,
-        /// Whether they are multicatch events (dropped, not redelivered,
-        /// when the cell's queue is full).
-        multicatch: bool,
-    },
     /// A message on the event socket (membership events).
     Publish {
         /// The `MEMB <service> {json}` frame.
@@ -87,6 +70,39 @@ pub enum Output {
         /// The optional binary payload frame.
         binary: Option<Arc<Vec<u8>>>,
     },
+    /// Several `DLVR`s, or multicatch `EVNT`s, to one cell that takes
+    /// batches, merged at send time ([`crate::coalesce`]).
+    Batch {
+        /// The cell's connection.
+        peer: PeerId,
+        /// The merged messages.
+        merged: Merged,
+        /// Whether they are multicatch events (dropped, not redelivered,
+        /// when the cell's queue is full).
+        multicatch: bool,
+    },
+    /// Several `MDLV`s, or `MEVT`s, to another transmitter, merged at send
+    /// time ([`crate::coalesce`]).
+    NodeBatch {
+        /// The transmitter's THID.
+        node: Thid,
+        /// The merged messages.
+        merged: Merged,
+    },
+}
+
+/// Messages of one verb merged into one: `J VERB [{json},...]` and their
+/// binary frames, one each or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// `J VERB [{json},...`, with the closing bracket once complete.
+    pub frame: Vec<u8>,
+    /// One binary frame per message, or none.
+    pub binaries: Vec<Arc<Vec<u8>>>,
+    /// How many messages it carries.
+    pub count: u32,
+    /// Its size, frames together.
+    pub bytes: usize,
 }
 
 /// Why a cell left.
@@ -308,6 +324,8 @@ struct RemoteNode {
     /// Its command endpoint, where mesh messages go.
     command: String,
     cells: HashMap<Thid, RemoteCell>,
+    /// Whether it takes batches of mesh messages.
+    batch: bool,
 }
 
 /// Most channels whose routes are cached before the cache is emptied.
@@ -455,6 +473,11 @@ impl Router {
         out.push(to_peer(peer, frame::encode_json(Verb::ERRR, &reply)));
     }
 
+    /// Whether transmitter `node` takes batches of mesh messages.
+    pub fn node_takes_batches(&self, node: &Thid) -> bool {
+        self.remote.get(node).is_some_and(|n| n.batch)
+    }
+
     /// Whether the cell on connection `peer` takes batches (HELO `batch`).
     pub fn takes_batches(&self, peer: &[u8]) -> bool {
         self.peers
@@ -496,8 +519,8 @@ impl Router {
             };
             Failure::new(code, e.to_string(), None)
         })?;
-        // Only a batch of events carries more than one binary frame.
-        let batch = f.verb == Verb::EVNT && is_array(f.body);
+        // Only a batch carries more than one binary frame.
+        let batch = matches!(f.verb, Verb::EVNT | Verb::MDLV | Verb::MEVT) && is_array(f.body);
         let binary = match binaries {
             [] => None,
             [b] if !batch => Some(*b),
@@ -540,6 +563,18 @@ impl Router {
                 Ok(())
             }
             (Verb::GBYE, None) => Ok(()),
+            (Verb::MDLV | Verb::MEVT, None) if mesh_ok && batch => {
+                for (item, binary) in batch_items(f.body, binaries)? {
+                    let handled = match f.verb {
+                        Verb::MDLV => self.mesh_deliver(item, binary, out),
+                        _ => self.mesh_event(item, binary, out),
+                    };
+                    if let Err(failure) = handled {
+                        self.fail(peer, failure, out);
+                    }
+                }
+                Ok(())
+            }
             (Verb::MDLV, None) if mesh_ok => self.mesh_deliver(f.body, binary, out),
             (Verb::MACK, None) if mesh_ok => self.mesh_ack(f.body, now, out),
             (Verb::MEVT, None) if mesh_ok => self.mesh_event(f.body, binary, out),
@@ -768,22 +803,8 @@ impl Router {
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Handled {
-        let events: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
-            .map_err(|e| Failure::new(ErrorCode::BadJson, format!("bad batch: {e}"), None))?;
-        if !binaries.is_empty() && binaries.len() != events.len() {
-            return Err(Failure::new(
-                ErrorCode::BadMultipart,
-                format!(
-                    "a batch of {} events has no binary frame or one per event, got {}",
-                    events.len(),
-                    binaries.len()
-                ),
-                None,
-            ));
-        }
-        for (i, event) in events.iter().enumerate() {
-            let binary = binaries.get(i).copied();
-            if let Err(f) = self.publish(peer, from, event.get().as_bytes(), binary, now, out) {
+        for (event, binary) in batch_items(body, binaries)? {
+            if let Err(f) = self.publish(peer, from, event, binary, now, out) {
                 self.fail(peer, f, out);
             }
         }
@@ -1166,6 +1187,7 @@ impl Router {
             remote.insert(
                 n.id,
                 RemoteNode {
+                    batch: n.batch,
                     command: n.command,
                     cells,
                 },
@@ -2326,6 +2348,32 @@ fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Failure> {
     })
 }
 
+/// One element of a batch and its binary frame, if any.
+type BatchItem<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// The elements of a batch (PROTOCOL.md §23), each with its binary frame
+/// if the batch has them: no binary frame, or one per element.
+fn batch_items<'a>(body: &'a [u8], binaries: &[&'a [u8]]) -> Result<Vec<BatchItem<'a>>, Failure> {
+    let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
+        .map_err(|e| Failure::new(ErrorCode::BadJson, format!("bad batch: {e}"), None))?;
+    if !binaries.is_empty() && binaries.len() != items.len() {
+        return Err(Failure::new(
+            ErrorCode::BadMultipart,
+            format!(
+                "a batch of {} events has no binary frame or one per event, got {}",
+                items.len(),
+                binaries.len()
+            ),
+            None,
+        ));
+    }
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| (item.get().as_bytes(), binaries.get(i).copied()))
+        .collect())
+}
+
 /// Whether a body is a JSON array (a batch).
 fn is_array(body: &[u8]) -> bool {
     body.trim_ascii_start().first() == Some(&b'[')
@@ -2389,16 +2437,22 @@ mod tests {
                 .map(|o| match o {
                     Output::ToPeer { peer, frame, .. }
                     | Output::Multicatch { peer, frame, .. }
-                    | Output::Batch { peer, frame, .. } => (
+                    | Output::Batch {
+                        peer,
+                        merged: Merged { frame, .. },
+                        ..
+                    } => (
                         String::from_utf8(peer).unwrap(),
                         String::from_utf8(frame).unwrap(),
                     ),
                     Output::Publish { frame, .. } => {
                         ("PUB".into(), String::from_utf8(frame).unwrap())
                     }
-                    Output::ToNode { node, frame, .. } => {
-                        (format!("node:{node}"), String::from_utf8(frame).unwrap())
-                    }
+                    Output::ToNode { node, frame, .. }
+                    | Output::NodeBatch {
+                        node,
+                        merged: Merged { frame, .. },
+                    } => (format!("node:{node}"), String::from_utf8(frame).unwrap()),
                 })
                 .collect()
         }
@@ -2672,6 +2726,51 @@ mod tests {
             "{}",
             r[0].1
         );
+    }
+
+    #[test]
+    fn a_batch_of_forwarded_deliveries_and_events_is_handled_one_by_one() {
+        let mut h = Harness::new();
+        let cell = h.join("c", "w");
+        h.listen("c", "jobs::*", "any");
+        h.listen("c", "news::*", "multi");
+        let origin = Thid::random();
+        let mdlv = |event: Thid| {
+            format!(
+                r#"{{"id":"{event}","channel":"jobs::1","from":"{origin}","attempt":1,"cell":"{cell}","origin":"{origin}","ack":true}}"#
+            )
+        };
+        let (e1, e2) = (Thid::random(), Thid::random());
+        let batch = format!("J MDLV [{},{}]", mdlv(e1), mdlv(e2));
+        h.router.handle(
+            b"node-peer",
+            &[batch.as_bytes(), b"b1", b"b2"],
+            true,
+            h.now,
+            &mut h.out,
+        );
+        let sent: Vec<Output> = h.out.drain(..).collect();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        for (o, (event, binary)) in sent.iter().zip([(e1, b"b1"), (e2, b"b2")]) {
+            let Output::ToPeer {
+                frame,
+                binary: Some(b),
+                ..
+            } = o
+            else {
+                panic!("{o:?}")
+            };
+            assert!(String::from_utf8_lossy(frame).contains(&event.to_hex()));
+            assert_eq!(b.as_slice(), binary);
+        }
+        let mevt = format!(
+            r#"J MEVT [{{"id":"{e1}","channel":"news::a","from":"{origin}"}},{{"id":"{e2}","channel":"news::b","from":"{origin}"}}]"#
+        );
+        let r = h.send("node-peer", &mevt);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r.iter().all(|(p, f)| p == "c" && f.starts_with("J EVNT {")));
+        // A cell cannot send mesh batches.
+        assert_eq!(code(&h.send("c", &mevt)), "unknown_verb");
     }
 
     #[test]

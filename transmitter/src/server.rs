@@ -515,7 +515,10 @@ impl Switchboard {
         while !self.out.is_empty() {
             let mut batch = std::mem::take(&mut self.sending);
             let router = &self.router;
-            coalesce(&mut self.out, &mut batch, |peer| router.takes_batches(peer));
+            coalesce(&mut self.out, &mut batch, |dest| match dest {
+                Ok(peer) => router.takes_batches(peer),
+                Err(node) => router.node_takes_batches(node),
+            });
             for o in batch.drain(..) {
                 let (sent, peer) = match &o {
                     Output::ToPeer {
@@ -531,13 +534,8 @@ impl Switchboard {
                         send(&self.commands, Some(peer), frame, binary.as_slice()),
                         Some(peer),
                     ),
-                    Output::Batch {
-                        peer,
-                        frame,
-                        binaries,
-                        ..
-                    } => (
-                        send(&self.commands, Some(peer), frame, binaries),
+                    Output::Batch { peer, merged, .. } => (
+                        send(&self.commands, Some(peer), &merged.frame, &merged.binaries),
                         Some(peer),
                     ),
                     Output::Publish { frame, binary } => {
@@ -549,6 +547,13 @@ impl Switchboard {
                         binary,
                     } => match self.nodes.get(node) {
                         Some((_, s)) => (send(s, None, frame, binary.as_slice()), None),
+                        None => {
+                            self.hold_for_unseen(*node, o);
+                            continue;
+                        }
+                    },
+                    Output::NodeBatch { node, merged } => match self.nodes.get(node) {
+                        Some((_, s)) => (send(s, None, &merged.frame, &merged.binaries), None),
                         None => {
                             self.hold_for_unseen(*node, o);
                             continue;
@@ -567,13 +572,13 @@ impl Switchboard {
                     }
                     (Err(_), Some(peer)) => {
                         Metrics::incr(&metrics.dropped_hwm);
-                        match o {
+                        match &o {
                             Output::Multicatch { .. } => Metrics::incr(&metrics.dropped_multicatch),
                             Output::Batch {
-                                count,
+                                merged,
                                 multicatch: true,
                                 ..
-                            } => Metrics::add(&metrics.dropped_multicatch, count),
+                            } => Metrics::add(&metrics.dropped_multicatch, merged.count),
                             _ => {}
                         }
                         let now = Instant::now();
