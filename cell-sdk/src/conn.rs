@@ -6,9 +6,13 @@
 //!
 //! Everything a cell listens to arrives on the DEALER: anycatch `DLVR`s,
 //! `RQST`s, and multicatch events, each cell's own `J EVNT` copy
-//! (PROTOCOL.md §6). The event socket carries only membership events and
-//! the `SYNC` markers that prove a membership subscription in place
-//! (§18), so a cell that never follows membership never opens a SUB.
+//! (PROTOCOL.md §6). The cell says `"batch":true` in `HELO`, so a `DLVR`
+//! or `EVNT` may also come as a batch (§23): a JSON array of bodies and
+//! one binary frame per element or none, each element handled exactly
+//! as the same delivery sent alone. The event socket carries only
+//! membership events and the `SYNC` markers that prove a membership
+//! subscription in place (§18), so a cell that never follows membership
+//! never opens a SUB.
 //!
 //! libzmq sockets are not thread-safe: nothing outside this module touches
 //! them, and the sockets never leave this thread.
@@ -1034,7 +1038,9 @@ impl Conn {
     fn on_command(&mut self, message: Incoming) {
         match message {
             Incoming::Deliver(d) => self.on_delivery(d),
+            Incoming::Delivers(batch) => batch.into_iter().for_each(|d| self.on_delivery(d)),
             Incoming::Event(d) => self.on_multicatch(d),
+            Incoming::Events(batch) => batch.into_iter().for_each(|d| self.on_multicatch(d)),
             Incoming::Request(d) => self.on_request(d),
             Incoming::Reply { reference, reply } => {
                 match reference.and_then(|r| self.pending.remove(&r)) {
@@ -1467,8 +1473,8 @@ impl Conn {
 
     /// Receives and decodes one command-socket message, without waiting;
     /// `None` when none is queued. The first frame lands in the reused
-    /// `frame` and is decoded in place; only a binary frame, which goes to
-    /// the user, is copied out.
+    /// `frame` and is decoded in place; only binary frames, which go to
+    /// the user, are copied out (one per element of a batch).
     fn recv(&mut self) -> Option<Result<Incoming, String>> {
         match self.dealer.recv(&mut self.frame, zmq::DONTWAIT) {
             Ok(()) => {}
@@ -1480,27 +1486,18 @@ impl Conn {
         }
         self.last_received = Instant::now();
         self.silence_reported = false;
-        if !self.frame.get_more() {
-            return Some(wire::decode_command(&self.frame, None));
-        }
-        // libzmq hands over whole messages: the other frames are there.
-        let mut frames = 1;
-        let mut binary = None;
-        while let Ok(part) = self.dealer.recv_msg(zmq::DONTWAIT) {
-            frames += 1;
-            let more = part.get_more();
-            if frames == 2 {
-                binary = Some(part.to_vec());
-            }
-            if !more {
-                break;
+        let mut binaries = Vec::new();
+        if self.frame.get_more() {
+            // libzmq hands over whole messages: the other frames are there.
+            while let Ok(part) = self.dealer.recv_msg(zmq::DONTWAIT) {
+                let more = part.get_more();
+                binaries.push(part.to_vec());
+                if !more {
+                    break;
+                }
             }
         }
-        Some(if frames == 2 {
-            wire::decode_command(&self.frame, binary)
-        } else {
-            Err(format!("a message of {frames} frames"))
-        })
+        Some(wire::decode_command(&self.frame, binaries))
     }
 
     /// Waits, at most `timeout`, for the `PONG` answering the `PING` of

@@ -28,6 +28,9 @@ struct HelloBody<'a> {
     service: &'a str,
     #[serde(skip_serializing_if = "Map::is_empty")]
     metadata: &'a Map<String, Value>,
+    /// Always true: the SDK takes batched deliveries (PROTOCOL.md §23);
+    /// transmitters that do not know the field ignore it.
+    batch: bool,
     #[serde(rename = "ref")]
     reference: u64,
 }
@@ -171,6 +174,7 @@ pub(crate) fn hello(
             id,
             service,
             metadata,
+            batch: true,
             reference,
         },
     )
@@ -417,9 +421,15 @@ pub(crate) enum Incoming {
     },
     /// `DLVR`: an anycatch delivery, with its binary frame.
     Deliver(Delivered),
+    /// `DLVR` with an array body: several anycatch deliveries, in order,
+    /// each with its binary frame (PROTOCOL.md §23).
+    Delivers(Vec<Delivered>),
     /// `EVNT`: a multicatch event, this cell's own copy (a `DLVR`'s body
     /// without `attempt`; never acked), with its binary frame.
     Event(Delivered),
+    /// `EVNT` with an array body: several multicatch events, in order,
+    /// each with its binary frame (PROTOCOL.md §23).
+    Events(Vec<Delivered>),
     /// `RQST`: a request for this cell to answer (a `DLVR`'s body), with
     /// its binary frame.
     Request(Delivered),
@@ -486,6 +496,16 @@ impl<'a> DeliveryIn<'a> {
     /// spelling (escapes in the channel, more fields, another order), which
     /// the general decoder then reads.
     fn parse_canonical(body: &'a [u8]) -> Option<DeliveryIn<'a>> {
+        match DeliveryIn::parse_canonical_prefix(body)? {
+            (d, b"") => Some(d),
+            _ => None,
+        }
+    }
+
+    /// As [`DeliveryIn::parse_canonical`], for a body that starts `body`:
+    /// the delivery and what follows its closing brace (the rest of a
+    /// batch).
+    fn parse_canonical_prefix(body: &'a [u8]) -> Option<(DeliveryIn<'a>, &'a [u8])> {
         let rest = body.strip_prefix(b"{\"id\":\"")?;
         let id = parse_thid(rest.get(..40)?)?;
         let rest = rest[40..].strip_prefix(b"\",\"channel\":\"")?;
@@ -520,13 +540,49 @@ impl<'a> DeliveryIn<'a> {
             attempt = Some(std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?);
             rest = &digits[end..];
         }
-        (rest == b"}").then_some(DeliveryIn {
-            id,
-            channel: Cow::Borrowed(channel),
-            payload,
-            from,
-            attempt,
-        })
+        let rest = rest.strip_prefix(b"}")?;
+        Some((
+            DeliveryIn {
+                id,
+                channel: Cow::Borrowed(channel),
+                payload,
+                from,
+                attempt,
+            },
+            rest,
+        ))
+    }
+
+    /// Reads a batch in the transmitter's own spelling: `[` canonical
+    /// bodies separated by `,` `]`. `None` for any other spelling.
+    fn parse_canonical_batch(body: &'a [u8]) -> Option<Vec<DeliveryIn<'a>>> {
+        let mut rest = body.strip_prefix(b"[")?;
+        let mut items = Vec::new();
+        if rest == b"]" {
+            return Some(items);
+        }
+        loop {
+            let (d, after) = DeliveryIn::parse_canonical_prefix(rest)?;
+            items.push(d);
+            match after.split_first()? {
+                (b',', next) => rest = next,
+                (b']', b"") => return Some(items),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads a batch body (a JSON array of delivery bodies): the
+    /// transmitter's own spelling directly, any other through
+    /// `serde_json`, element by element.
+    fn parse_batch(body: &'a [u8]) -> Result<Vec<DeliveryIn<'a>>, serde_json::Error> {
+        if let Some(items) = DeliveryIn::parse_canonical_batch(body) {
+            return Ok(items);
+        }
+        let raw: Vec<&'a RawValue> = serde_json::from_slice(body)?;
+        raw.into_iter()
+            .map(|item| DeliveryIn::parse(item.get().as_bytes()))
+            .collect()
     }
 
     /// Reads a body: the transmitter's own spelling directly, any other
@@ -629,11 +685,41 @@ struct RefReply {
     reference: Option<Value>,
 }
 
-/// Decodes a command-socket message: its first frame and, if it had one,
-/// its binary second frame.
-pub(crate) fn decode_command(first: &[u8], binary: Option<Vec<u8>>) -> Result<Incoming, String> {
+/// Decodes a command-socket message: its first frame and the binary
+/// frames after it. A `DLVR` or `EVNT` whose body is a JSON array is a
+/// batch (PROTOCOL.md §23), with no binary frame or one per element;
+/// every other message has at most one.
+pub(crate) fn decode_command(first: &[u8], binaries: Vec<Vec<u8>>) -> Result<Incoming, String> {
     let f = frame::decode(first).map_err(|e| e.to_string())?;
     let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
+    if matches!(f.verb, Verb::DLVR | Verb::EVNT) && f.body.trim_ascii_start().starts_with(b"[") {
+        let items = DeliveryIn::parse_batch(f.body.trim_ascii()).map_err(bad)?;
+        if !binaries.is_empty() && binaries.len() != items.len() {
+            return Err(format!(
+                "a {} batch of {} with {} binary frames",
+                f.verb,
+                items.len(),
+                binaries.len()
+            ));
+        }
+        let mut binaries = binaries.into_iter();
+        let delivered = items
+            .into_iter()
+            .map(|d| d.into_delivered(binaries.next()))
+            .collect();
+        return Ok(match f.verb {
+            Verb::DLVR => Incoming::Delivers(delivered),
+            _ => Incoming::Events(delivered),
+        });
+    }
+    if binaries.len() > 1 {
+        return Err(format!(
+            "a {} message of {} frames",
+            f.verb,
+            binaries.len() + 1
+        ));
+    }
+    let binary = binaries.into_iter().next();
     let delivered = |binary| {
         DeliveryIn::parse(f.body)
             .map(|d| d.into_delivered(binary))
@@ -826,6 +912,7 @@ mod tests {
         let h: Hello = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
         assert_eq!((h.id, h.service.as_str()), (id, "svc"));
         assert_eq!(h.metadata, metadata);
+        assert!(h.batch, "the SDK takes batches");
         assert_eq!(h.reference, Some(Value::from(4)));
         let l: Listen = serde_json::from_slice(
             frame::decode(&listen("a::*", &ListenOptions::any(), 5))
@@ -870,7 +957,7 @@ mod tests {
     fn replies_decode() {
         let m = decode_command(
             br#"J OKAY {"ref":5,"id":"0000000000000000000000000000000000000001","routed":2}"#,
-            None,
+            Vec::new(),
         )
         .unwrap();
         match m {
@@ -884,16 +971,16 @@ mod tests {
         }
         let m = decode_command(
             br#"J ERRR {"code":"no_listeners","message":"none","re":9}"#,
-            None,
+            Vec::new(),
         )
         .unwrap();
         assert!(
             matches!(m, Incoming::Error { ref code, reference: Some(9), .. } if code == "no_listeners")
         );
-        let m = decode_command(b"J GBYE", None).unwrap();
+        let m = decode_command(b"J GBYE", Vec::new()).unwrap();
         assert!(matches!(m, Incoming::Goodbye { reason: None }));
-        assert!(decode_command(b"", None).is_err());
-        assert!(decode_command(b"x", None).is_err());
+        assert!(decode_command(b"", Vec::new()).is_err());
+        assert!(decode_command(b"x", Vec::new()).is_err());
     }
 
     #[test]
@@ -910,12 +997,12 @@ mod tests {
             r#"J DLVR {{"id":"{}","channel":"a\u003ab","from":"{}"}}"#,
             id, id
         );
-        match decode_command(escaped.as_bytes(), None).unwrap() {
+        match decode_command(escaped.as_bytes(), Vec::new()).unwrap() {
             Incoming::Deliver(d) => assert_eq!((d.id, d.channel.as_str()), (id, "a:b")),
             other => panic!("{other:?}"),
         }
         let bad = format!(r#"J DLVR {{"id":"{}","channel":"a","from":"xyz"}}"#, id);
-        assert!(decode_command(bad.as_bytes(), None).is_err());
+        assert!(decode_command(bad.as_bytes(), Vec::new()).is_err());
     }
 
     #[test]
@@ -986,7 +1073,7 @@ mod tests {
         let id = Thid::random();
         let mut body = b"J DLVR ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", None, &from, Some(2));
-        match decode_command(&body, Some(vec![0, 1, 2])).unwrap() {
+        match decode_command(&body, vec![vec![0, 1, 2]]).unwrap() {
             Incoming::Deliver(d) => {
                 assert_eq!((d.id, d.from), (id, from));
                 assert_eq!(d.attempt, 2);
@@ -1070,7 +1157,7 @@ mod tests {
     fn replies_requests_and_pongs_decode() {
         let id = Thid::random();
         let body = format!(r#"J RPLY {{"ref":3,"id":"{id}","payload":{{"sum":3}}}}"#);
-        match decode_command(body.as_bytes(), Some(vec![9])).unwrap() {
+        match decode_command(body.as_bytes(), vec![vec![9]]).unwrap() {
             Incoming::Reply {
                 reference: Some(3),
                 reply: Ok(r),
@@ -1081,7 +1168,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let body = format!(r#"J RPLY {{"ref":4,"id":"{id}","error":"overflow"}}"#);
-        match decode_command(body.as_bytes(), None).unwrap() {
+        match decode_command(body.as_bytes(), Vec::new()).unwrap() {
             Incoming::Reply {
                 reply: Err(e),
                 reference: Some(4),
@@ -1091,18 +1178,18 @@ mod tests {
         let mut body = b"J RQST ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", Some(b"1"), &id, Some(1));
         assert!(matches!(
-            decode_command(&body, None).unwrap(),
+            decode_command(&body, Vec::new()).unwrap(),
             Incoming::Request(d) if d.id == id && d.binary.is_none()
         ));
         assert!(matches!(
-            decode_command(br#"J PONG {"welcomed":false}"#, None).unwrap(),
+            decode_command(br#"J PONG {"welcomed":false}"#, Vec::new()).unwrap(),
             Incoming::Pong {
                 reference: None,
                 welcomed: Some(false)
             }
         ));
         assert!(matches!(
-            decode_command(b"J PONG {}", None).unwrap(),
+            decode_command(b"J PONG {}", Vec::new()).unwrap(),
             Incoming::Pong { welcomed: None, .. }
         ));
     }
@@ -1135,7 +1222,7 @@ mod tests {
         let id = Thid::random();
         let mut body = b"J EVNT ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a::b", Some(b"[1]"), &id, None);
-        match decode_command(&body, None).unwrap() {
+        match decode_command(&body, Vec::new()).unwrap() {
             Incoming::Event(d) => {
                 assert_eq!((d.id, d.from), (id, id));
                 assert_eq!(d.channel, "a::b");
@@ -1146,11 +1233,72 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match decode_command(&body, Some(vec![7, 8])).unwrap() {
+        match decode_command(&body, vec![vec![7, 8]]).unwrap() {
             Incoming::Event(d) => assert_eq!(d.binary, Some(vec![7, 8])),
             other => panic!("{other:?}"),
         }
-        assert!(decode_command(b"J EVNT {\"channel\":1}", None).is_err());
+        assert!(decode_command(b"J EVNT {\"channel\":1}", Vec::new()).is_err());
+    }
+
+    #[test]
+    fn batches_decode_into_deliveries_in_order_with_their_binary_frames() {
+        let from = Thid::random();
+        let ids = [Thid::random(), Thid::random(), Thid::random()];
+        let payloads: [Option<&[u8]>; 3] = [Some(br#"{"n":[1,"]"]}"#), None, Some(b"3")];
+        for verb in ["DLVR", "EVNT"] {
+            let mut frame = format!("J {verb} [").into_bytes();
+            for (i, (id, payload)) in ids.iter().zip(payloads).enumerate() {
+                if i > 0 {
+                    frame.push(b',');
+                }
+                let attempt = (verb == "DLVR").then_some(1);
+                thynapse_protocol::body::write_delivery(
+                    &mut frame, id, "a::b", payload, &from, attempt,
+                );
+            }
+            frame.push(b']');
+            // The canonical reader and serde_json (spaces, another
+            // spelling) read the same.
+            let spaced = String::from_utf8(frame.clone())
+                .unwrap()
+                .replacen('[', "[ ", 1)
+                .replace(",{", " , {");
+            for f in [frame.clone(), spaced.into_bytes()] {
+                let batch = |m| match m {
+                    Incoming::Delivers(v) if verb == "DLVR" => v,
+                    Incoming::Events(v) if verb == "EVNT" => v,
+                    other => panic!("{other:?}"),
+                };
+                let plain = batch(decode_command(&f, Vec::new()).unwrap());
+                assert_eq!(plain.iter().map(|d| d.id).collect::<Vec<_>>(), ids);
+                assert_eq!(
+                    plain
+                        .iter()
+                        .map(|d| d.payload.as_deref().map(RawValue::get))
+                        .collect::<Vec<_>>(),
+                    [Some(r#"{"n":[1,"]"]}"#), None, Some("3")]
+                );
+                assert!(plain.iter().all(|d| d.binary.is_none() && d.from == from));
+                let binaries = vec![vec![1], vec![], vec![3, 3]];
+                let with = batch(decode_command(&f, binaries.clone()).unwrap());
+                assert_eq!(
+                    with.into_iter()
+                        .map(|d| d.binary.unwrap())
+                        .collect::<Vec<_>>(),
+                    binaries
+                );
+                assert!(decode_command(&f, vec![vec![1], vec![2]]).is_err());
+            }
+            let bad = format!(r#"J {verb} [{{"id":"{}","channel":"a"}}]"#, ids[0]);
+            assert!(decode_command(bad.as_bytes(), Vec::new()).is_err());
+            assert!(decode_command(format!("J {verb} [1]").as_bytes(), Vec::new()).is_err());
+            assert!(decode_command(format!("J {verb} [").as_bytes(), Vec::new()).is_err());
+        }
+        // Only DLVR and EVNT come in batches; no other message has more
+        // than one binary frame.
+        let mut rqst = b"J RQST ".to_vec();
+        thynapse_protocol::body::write_delivery(&mut rqst, &ids[0], "a", None, &from, Some(1));
+        assert!(decode_command(&rqst, vec![vec![1], vec![2]]).is_err());
     }
 
     #[test]
