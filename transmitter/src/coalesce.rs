@@ -45,7 +45,7 @@ impl Dest {
 /// A message that may join a batch.
 struct Item<'a> {
     frame: &'a [u8],
-    binary: Option<&'a Arc<Vec<u8>>>,
+    binary: Option<&'a Arc<[u8]>>,
 }
 
 impl<'a> Item<'a> {
@@ -188,7 +188,7 @@ mod tests {
 
     fn to_peer(peer: &str, frame: &str) -> Output {
         Output::ToPeer {
-            peer: peer.as_bytes().to_vec(),
+            peer: Arc::from(peer.as_bytes()),
             frame: frame.as_bytes().to_vec(),
             binary: None,
         }
@@ -199,7 +199,7 @@ mod tests {
             Output::ToPeer { peer, frame, .. } => Output::ToPeer {
                 peer,
                 frame,
-                binary: Some(Arc::new(b.as_bytes().to_vec())),
+                binary: Some(Arc::from(b.as_bytes())),
             },
             other => other,
         }
@@ -207,7 +207,7 @@ mod tests {
 
     fn multicatch(peer: &str, frame: &str) -> Output {
         Output::Multicatch {
-            peer: peer.as_bytes().to_vec(),
+            peer: Arc::from(peer.as_bytes()),
             frame: frame.as_bytes().to_vec(),
             binary: None,
         }

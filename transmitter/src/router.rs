@@ -30,7 +30,7 @@ use crate::mesh::{CellRecord, ListenRecord, NodeRecord};
 use crate::metrics::Metrics;
 
 /// A ZeroMQ routing id: which connection a command came from.
-pub type PeerId = Vec<u8>;
+pub type PeerId = Arc<[u8]>;
 
 /// What the router asks the socket thread to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub enum Output {
         /// The command frame.
         frame: Vec<u8>,
         /// The optional binary payload frame.
-        binary: Option<Arc<Vec<u8>>>,
+        binary: Option<Arc<[u8]>>,
     },
     /// A message to another transmitter of the mesh.
     ToNode {
@@ -51,7 +51,7 @@ pub enum Output {
         /// The command frame (`MDLV`, `MACK`, `MEVT`).
         frame: Vec<u8>,
         /// The optional binary payload frame.
-        binary: Option<Arc<Vec<u8>>>,
+        binary: Option<Arc<[u8]>>,
     },
     /// A multicatch event to one cell over the command socket: dropped and
     /// counted, never queued, when the cell's queue is full.
@@ -61,14 +61,14 @@ pub enum Output {
         /// The `J EVNT {json}` frame.
         frame: Vec<u8>,
         /// The optional binary payload frame.
-        binary: Option<Arc<Vec<u8>>>,
+        binary: Option<Arc<[u8]>>,
     },
     /// A message on the event socket (membership events).
     Publish {
         /// The `MEMB <service> {json}` frame.
         frame: Vec<u8>,
         /// The optional binary payload frame.
-        binary: Option<Arc<Vec<u8>>>,
+        binary: Option<Arc<[u8]>>,
     },
     /// Several `DLVR`s, or multicatch `EVNT`s, to one cell that takes
     /// batches, merged at send time ([`crate::coalesce`]).
@@ -98,7 +98,7 @@ pub struct Merged {
     /// `J VERB [{json},...`, with the closing bracket once complete.
     pub frame: Vec<u8>,
     /// One binary frame per message, or none.
-    pub binaries: Vec<Arc<Vec<u8>>>,
+    pub binaries: Vec<Arc<[u8]>>,
     /// How many messages it carries.
     pub count: u32,
     /// Its size, frames together.
@@ -182,7 +182,7 @@ struct Queued {
     /// waited (timed out, redelivered) is not sent.
     key: (Thid, Thid),
     frame: Vec<u8>,
-    binary: Option<Arc<Vec<u8>>>,
+    binary: Option<Arc<[u8]>>,
 }
 
 /// Who waits for the reply to a request.
@@ -202,7 +202,7 @@ struct EventData {
     id: Thid,
     channel: String,
     payload: Option<Vec<u8>>,
-    binary: Option<Arc<Vec<u8>>>,
+    binary: Option<Arc<[u8]>>,
     from: Thid,
 }
 
@@ -669,12 +669,12 @@ impl Router {
         let stale = self
             .cells
             .get(&h.id)
-            .is_some_and(|c| c.peer != peer && now.duration_since(c.last_seen) > self.heartbeat);
+            .is_some_and(|c| *c.peer != *peer && now.duration_since(c.last_seen) > self.heartbeat);
         if stale {
             self.remove_cell(&h.id, DisconnectReason::Replaced, now, out);
         }
         if let Some(existing) = self.cells.get_mut(&h.id) {
-            if existing.peer != peer {
+            if *existing.peer != *peer {
                 return Err(Failure::new(
                     ErrorCode::ThidInUse,
                     format!(
@@ -693,7 +693,7 @@ impl Router {
             self.cells.insert(
                 h.id,
                 Cell {
-                    peer: peer.to_vec(),
+                    peer: Arc::from(peer),
                     service: Arc::from(h.service.as_str()),
                     metadata,
                     listens: Vec::new(),
@@ -707,7 +707,7 @@ impl Router {
             );
             self.invalidate();
             self.announce(&h.id, "joined", out);
-            self.peers.insert(peer.to_vec(), h.id);
+            self.peers.insert(Arc::from(peer), h.id);
             self.metrics.cells.store(
                 self.cells.len() as u64,
                 std::sync::atomic::Ordering::Relaxed,
@@ -850,7 +850,7 @@ impl Router {
         if !route.multi.is_empty() || !route.multi_nodes.is_empty() {
             self.scratch.clear();
             body::write_delivery(&mut self.scratch, &id, &p.channel, payload, from, None);
-            let binary = binary.map(|b| Arc::new(b.to_vec()));
+            let binary = binary.map(Arc::from);
             self.multicatch(&route.multi, &self.scratch, binary.as_ref(), out);
             for node in &route.multi_nodes {
                 out.push(Output::ToNode {
@@ -867,7 +867,7 @@ impl Router {
                 id,
                 channel: p.channel.into_owned(),
                 payload: payload.map(<[u8]>::to_vec),
-                binary: binary.map(|b| Arc::new(b.to_vec())),
+                binary: binary.map(Arc::from),
                 from: *from,
             });
             for sr in &route.any {
@@ -1077,7 +1077,7 @@ impl Router {
         Metrics::incr(&self.metrics.mesh_in);
         let d: MeshDelivery = parse(body)?;
         let verb = if d.request { Verb::RQST } else { Verb::DLVR };
-        let binary = binary.map(|b| Arc::new(b.to_vec()));
+        let binary = binary.map(Arc::from);
         let key = (d.id, d.cell);
         if d.ack {
             // Recorded first, so the queued frame counts as live.
@@ -1119,7 +1119,7 @@ impl Router {
         let route = self
             .checked_route(&c.channel)
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e, None))?;
-        let binary = binary.map(|b| Arc::new(b.to_vec()));
+        let binary = binary.map(Arc::from);
         self.multicatch(&route.multi, body, binary.as_ref(), out);
         Ok(())
     }
@@ -1130,7 +1130,7 @@ impl Router {
         &self,
         cells: &[Thid],
         body: &[u8],
-        binary: Option<&Arc<Vec<u8>>>,
+        binary: Option<&Arc<[u8]>>,
         out: &mut Vec<Output>,
     ) {
         if cells.is_empty() {
@@ -1357,7 +1357,7 @@ impl Router {
         cell: &Thid,
         key: (Thid, Thid),
         frame: Vec<u8>,
-        binary: Option<Arc<Vec<u8>>>,
+        binary: Option<Arc<[u8]>>,
         needs_answer: bool,
         out: &mut Vec<Output>,
     ) -> bool {
@@ -1552,7 +1552,7 @@ impl Router {
         self.requests.insert(
             id,
             Requester {
-                peer: peer.to_vec(),
+                peer: Arc::from(peer),
                 reference: r.reference,
                 deadline: now + timeout,
             },
@@ -1562,7 +1562,7 @@ impl Router {
             id,
             channel: r.channel.into_owned(),
             payload: payload.map(<[u8]>::to_vec),
-            binary: binary.map(|b| Arc::new(b.to_vec())),
+            binary: binary.map(Arc::from),
             from: *from,
         });
         let retarget = if query.ops.is_empty() {
@@ -1618,7 +1618,7 @@ impl Router {
                 out.push(Output::ToNode {
                     node: origin,
                     frame: with_raw_payload(frame::encode_json(Verb::MRPL, &mrpl), r.payload),
-                    binary: binary.map(|b| Arc::new(b.to_vec())),
+                    binary: binary.map(Arc::from),
                 });
                 return Ok(());
             }
@@ -1640,7 +1640,7 @@ impl Router {
         out.push(Output::ToPeer {
             peer: requester.peer,
             frame,
-            binary: binary.map(|b| Arc::new(b.to_vec())),
+            binary: binary.map(Arc::from),
         });
         Ok(())
     }
@@ -1695,7 +1695,7 @@ impl Router {
     /// Notes the network address of a connection that is saying HELO; it
     /// becomes the cell's `host` metadata.
     pub fn note_address(&mut self, peer: &[u8], address: &str) {
-        self.addresses.insert(peer.to_vec(), address.to_owned());
+        self.addresses.insert(Arc::from(peer), address.to_owned());
     }
 
     /// Sets the keys only the transmitter may set: the cell's host and its
@@ -1839,7 +1839,7 @@ impl Router {
             id,
             channel,
             payload: payload.map(<[u8]>::to_vec),
-            binary: binary.map(|b| Arc::new(b.to_vec())),
+            binary: binary.map(Arc::from),
             from: *from,
         });
         let service: Arc<str> = Arc::from(t.service.as_str());
@@ -2318,7 +2318,7 @@ fn mesh_ack(origin: Thid, ids: Vec<Thid>, cell: Thid, ok: bool) -> Output {
 
 fn to_peer(peer: &[u8], frame: Vec<u8>) -> Output {
     Output::ToPeer {
-        peer: peer.to_vec(),
+        peer: Arc::from(peer),
         frame,
         binary: None,
     }
@@ -2442,7 +2442,7 @@ mod tests {
                         merged: Merged { frame, .. },
                         ..
                     } => (
-                        String::from_utf8(peer).unwrap(),
+                        String::from_utf8(peer.to_vec()).unwrap(),
                         String::from_utf8(frame).unwrap(),
                     ),
                     Output::Publish { frame, .. } => {
@@ -2761,7 +2761,7 @@ mod tests {
                 panic!("{o:?}")
             };
             assert!(String::from_utf8_lossy(frame).contains(&event.to_hex()));
-            assert_eq!(b.as_slice(), binary);
+            assert_eq!(&b[..], binary);
         }
         let mevt = format!(
             r#"J MEVT [{{"id":"{e1}","channel":"news::a","from":"{origin}"}},{{"id":"{e2}","channel":"news::b","from":"{origin}"}}]"#
@@ -3028,7 +3028,7 @@ mod tests {
             .map(|o| match o {
                 Output::ToPeer {
                     binary: Some(b), ..
-                } => b.as_slice(),
+                } => &b[..],
                 other => panic!("{other:?}"),
             })
             .collect();

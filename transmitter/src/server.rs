@@ -563,7 +563,7 @@ impl Switchboard {
                 let metrics = self.router.metrics();
                 match (sent, peer) {
                     (Ok(()), Some(peer)) if !self.stuck.is_empty() => {
-                        self.stuck.remove(peer.as_slice());
+                        self.stuck.remove(&peer[..]);
                     }
                     (Ok(()), _) => {}
                     (Err(zmq::Error::EHOSTUNREACH), Some(peer)) => {
@@ -582,9 +582,9 @@ impl Switchboard {
                             _ => {}
                         }
                         let now = Instant::now();
-                        let since = *self.stuck.entry(peer.clone()).or_insert(now);
+                        let since = *self.stuck.entry(peer.to_vec()).or_insert(now);
                         if now.duration_since(since) > Duration::from_millis(SLOW_CONSUMER_MS) {
-                            self.stuck.remove(peer.as_slice());
+                            self.stuck.remove(&peer[..]);
                             self.router.slow_consumer(peer, now, &mut self.out);
                         }
                     }
@@ -687,7 +687,7 @@ fn send(
     socket: &zmq::Socket,
     peer: Option<&[u8]>,
     frame: &[u8],
-    binaries: &[Arc<Vec<u8>>],
+    binaries: &[Arc<[u8]>],
 ) -> Result<(), zmq::Error> {
     if let Some(p) = peer {
         socket.send(p, zmq::SNDMORE | zmq::DONTWAIT)?;
@@ -701,7 +701,7 @@ fn send(
     };
     socket.send(frame, more(binaries.is_empty()))?;
     for (i, b) in binaries.iter().enumerate() {
-        socket.send(b.as_slice(), more(i + 1 == binaries.len()))?;
+        socket.send(&b[..], more(i + 1 == binaries.len()))?;
     }
     Ok(())
 }
