@@ -54,13 +54,13 @@ impl<'a> Item<'a> {
     fn of(o: &'a Output) -> Option<Item<'a>> {
         let (frame, binary) = match o {
             Output::ToPeer { frame, binary, .. } if frame.starts_with(b"J DLVR {") => {
-                (frame, binary)
+                (&frame[..], binary)
             }
-            Output::Multicatch { frame, binary, .. } => (frame, binary),
+            Output::Multicatch { frame, binary, .. } => (&frame[..], binary),
             Output::ToNode { frame, binary, .. }
                 if frame.starts_with(b"J MDLV {") || frame.starts_with(b"J MEVT {") =>
             {
-                (frame, binary)
+                (&frame[..], binary)
             }
             _ => return None,
         };
@@ -208,7 +208,7 @@ mod tests {
     fn multicatch(peer: &str, frame: &str) -> Output {
         Output::Multicatch {
             peer: Arc::from(peer.as_bytes()),
-            frame: frame.as_bytes().to_vec(),
+            frame: Arc::from(frame.as_bytes()),
             binary: None,
         }
     }
@@ -225,19 +225,10 @@ mod tests {
         assert!(from.is_empty());
         let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
         to.into_iter()
-            .map(|o| match o {
-                Output::ToPeer {
-                    peer,
-                    frame,
-                    binary,
-                }
-                | Output::Multicatch {
-                    peer,
-                    frame,
-                    binary,
-                } => (
-                    text(&peer),
-                    text(&frame),
+            .map(|o| match &o {
+                Output::ToPeer { peer, binary, .. } | Output::Multicatch { peer, binary, .. } => (
+                    text(peer),
+                    text(o.frame()),
                     binary.iter().map(|b| text(b)).collect(),
                 ),
                 Output::Batch {
@@ -247,14 +238,14 @@ mod tests {
                 } => (
                     format!(
                         "{}{}{}",
-                        text(&peer),
-                        if multicatch { "m" } else { "x" },
+                        text(peer),
+                        if *multicatch { "m" } else { "x" },
                         merged.count
                     ),
                     text(&merged.frame),
                     merged.binaries.iter().map(|b| text(b)).collect(),
                 ),
-                Output::ToNode { node, frame, .. } => (node.to_string(), text(&frame), vec![]),
+                Output::ToNode { node, frame, .. } => (node.to_string(), text(frame), vec![]),
                 Output::NodeBatch { node, merged } => (
                     format!("{node}n{}", merged.count),
                     text(&merged.frame),

@@ -58,8 +58,8 @@ pub enum Output {
     Multicatch {
         /// The cell's connection.
         peer: PeerId,
-        /// The `J EVNT {json}` frame.
-        frame: Vec<u8>,
+        /// The `J EVNT {json}` frame, shared by the cells it goes to.
+        frame: Arc<[u8]>,
         /// The optional binary payload frame.
         binary: Option<Arc<[u8]>>,
     },
@@ -89,6 +89,19 @@ pub enum Output {
         /// The merged messages.
         merged: Merged,
     },
+}
+
+impl Output {
+    /// The command frame it sends (for a batch, the merged one).
+    pub fn frame(&self) -> &[u8] {
+        match self {
+            Output::ToPeer { frame, .. }
+            | Output::ToNode { frame, .. }
+            | Output::Publish { frame, .. } => frame,
+            Output::Multicatch { frame, .. } => frame,
+            Output::Batch { merged, .. } | Output::NodeBatch { merged, .. } => &merged.frame,
+        }
+    }
 }
 
 /// Messages of one verb merged into one: `J VERB [{json},...]` and their
@@ -200,7 +213,7 @@ struct Requester {
 #[derive(Debug)]
 struct EventData {
     id: Thid,
-    channel: String,
+    channel: Arc<str>,
     payload: Option<Vec<u8>>,
     binary: Option<Arc<[u8]>>,
     from: Thid,
@@ -291,6 +304,8 @@ struct ServiceRoute {
 /// until the listens change.
 #[derive(Debug, Default)]
 struct Route {
+    /// The channel, shared by the events routed on it.
+    channel: Arc<str>,
     any: Vec<ServiceRoute>,
     /// Local cells that listen in multicatch mode.
     multi: Vec<Thid>,
@@ -865,7 +880,7 @@ impl Router {
         if !route.any.is_empty() {
             let event = Arc::new(EventData {
                 id,
-                channel: p.channel.into_owned(),
+                channel: route.channel.clone(),
                 payload: payload.map(<[u8]>::to_vec),
                 binary: binary.map(Arc::from),
                 from: *from,
@@ -1136,7 +1151,7 @@ impl Router {
         if cells.is_empty() {
             return;
         }
-        let frame = frame::encode(Verb::EVNT, body);
+        let frame: Arc<[u8]> = Arc::from(frame::encode(Verb::EVNT, body));
         for cell in cells.iter().filter_map(|c| self.cells.get(c)) {
             out.push(Output::Multicatch {
                 peer: cell.peer.clone(),
@@ -1560,7 +1575,7 @@ impl Router {
         self.request_deadlines.insert((now + timeout, id));
         let event = Arc::new(EventData {
             id,
-            channel: r.channel.into_owned(),
+            channel: route.channel.clone(),
             payload: payload.map(<[u8]>::to_vec),
             binary: binary.map(Arc::from),
             from: *from,
@@ -1837,7 +1852,7 @@ impl Router {
         );
         let event = Arc::new(EventData {
             id,
-            channel,
+            channel: Arc::from(channel),
             payload: payload.map(<[u8]>::to_vec),
             binary: binary.map(Arc::from),
             from: *from,
@@ -2004,7 +2019,10 @@ impl Router {
         if let Some(r) = self.routes.get(channel) {
             return r.clone();
         }
-        let mut route = Route::default();
+        let mut route = Route {
+            channel: Arc::from(channel),
+            ..Route::default()
+        };
         for ViewCell {
             id,
             service,
@@ -2434,25 +2452,20 @@ mod tests {
                 }
             }
             rest.into_iter()
-                .map(|o| match o {
-                    Output::ToPeer { peer, frame, .. }
-                    | Output::Multicatch { peer, frame, .. }
-                    | Output::Batch {
-                        peer,
-                        merged: Merged { frame, .. },
-                        ..
-                    } => (
+                .map(|o| match &o {
+                    Output::ToPeer { peer, .. }
+                    | Output::Multicatch { peer, .. }
+                    | Output::Batch { peer, .. } => (
                         String::from_utf8(peer.to_vec()).unwrap(),
-                        String::from_utf8(frame).unwrap(),
+                        String::from_utf8(o.frame().to_vec()).unwrap(),
                     ),
-                    Output::Publish { frame, .. } => {
-                        ("PUB".into(), String::from_utf8(frame).unwrap())
+                    Output::Publish { .. } => {
+                        ("PUB".into(), String::from_utf8(o.frame().to_vec()).unwrap())
                     }
-                    Output::ToNode { node, frame, .. }
-                    | Output::NodeBatch {
-                        node,
-                        merged: Merged { frame, .. },
-                    } => (format!("node:{node}"), String::from_utf8(frame).unwrap()),
+                    Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => (
+                        format!("node:{node}"),
+                        String::from_utf8(o.frame().to_vec()).unwrap(),
+                    ),
                 })
                 .collect()
         }

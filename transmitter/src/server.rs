@@ -521,17 +521,9 @@ impl Switchboard {
             });
             for o in batch.drain(..) {
                 let (sent, peer) = match &o {
-                    Output::ToPeer {
-                        peer,
-                        frame,
-                        binary,
-                    }
-                    | Output::Multicatch {
-                        peer,
-                        frame,
-                        binary,
-                    } => (
-                        send(&self.commands, Some(peer), frame, binary.as_slice()),
+                    Output::ToPeer { peer, binary, .. }
+                    | Output::Multicatch { peer, binary, .. } => (
+                        send(&self.commands, Some(peer), o.frame(), binary.as_slice()),
                         Some(peer),
                     ),
                     Output::Batch { peer, merged, .. } => (
