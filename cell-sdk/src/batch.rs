@@ -1,5 +1,5 @@
-//! Ack batching and redelivery de-duplication: pure data structures the
-//! background thread drives with its clock, tested without sockets.
+//! Ack batching, event batching and redelivery de-duplication: pure
+//! data structures the background thread drives, tested without sockets.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -59,6 +59,112 @@ impl AckBatcher {
     pub(crate) fn take(&mut self) -> Vec<Thid> {
         self.oldest = None;
         std::mem::replace(&mut self.ids, Vec::with_capacity(self.max_ids))
+    }
+}
+
+/// How a publish's command frame starts: the SDK writes `J EVNT {...}`.
+const EVENT_PREFIX: &[u8] = b"J EVNT ";
+
+/// Collects the publishes (a `J EVNT {...}` frame and its binary frame,
+/// if any) ready at the same time, to send as one `J EVNT [...]` frame
+/// followed by their binary frames (PROTOCOL.md §23). A batch holds
+/// events that all have a binary frame or none, at most `max_events` of
+/// them and about `max_bytes`, and its command frame stays within the
+/// transmitter's `max_frame`; an event that does not fit starts the next
+/// batch. Order is kept: the caller sends the held batch before anything
+/// that does not join it.
+#[derive(Debug)]
+pub(crate) struct EventBatcher {
+    /// The publishes held, in order, each as its own message.
+    events: Vec<Vec<Vec<u8>>>,
+    /// Length of the batch's command frame: `J EVNT [`, then each body
+    /// with its `,` or closing `]`.
+    frame_len: usize,
+    /// Bytes of every frame held.
+    bytes: usize,
+    /// Most events per batch.
+    max_events: usize,
+    /// Most bytes per batch (an event alone may exceed it).
+    max_bytes: usize,
+    /// Largest command frame the transmitter accepts.
+    max_frame: usize,
+}
+
+impl EventBatcher {
+    /// An empty batcher.
+    pub(crate) fn new(max_events: usize, max_bytes: usize, max_frame: usize) -> EventBatcher {
+        EventBatcher {
+            events: Vec::new(),
+            frame_len: EVENT_PREFIX.len() + 1,
+            bytes: 0,
+            max_events: max_events.max(1),
+            max_bytes,
+            max_frame,
+        }
+    }
+
+    /// Sets the transmitter's largest frame (from its `WLCM`).
+    pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    /// The body of a publish that can join a batch, and whether it has a
+    /// binary frame.
+    fn element(frames: &[Vec<u8>]) -> Option<(&[u8], bool)> {
+        let body = frames.first()?.strip_prefix(EVENT_PREFIX)?;
+        (body.first() == Some(&b'{') && frames.len() <= 2).then_some((body, frames.len() == 2))
+    }
+
+    /// Whether `frames` can join the events held: always when none is
+    /// held. When not, the caller sends [`EventBatcher::take`] first.
+    pub(crate) fn fits(&self, frames: &[Vec<u8>]) -> bool {
+        let Some(first) = self.events.first() else {
+            return true;
+        };
+        let (Some((_, binary)), Some((body, with_binary))) =
+            (Self::element(first), Self::element(frames))
+        else {
+            return false;
+        };
+        let size: usize = frames.iter().map(Vec::len).sum();
+        binary == with_binary
+            && self.events.len() < self.max_events
+            // The body and its `,` or `]` within the frame limit.
+            && self.frame_len + body.len() < self.max_frame
+            && self.bytes + size <= self.max_bytes
+    }
+
+    /// Holds a publish; the caller checked [`EventBatcher::fits`].
+    pub(crate) fn push(&mut self, frames: Vec<Vec<u8>>) {
+        if let Some((body, _)) = Self::element(&frames) {
+            self.frame_len += body.len() + 1;
+        }
+        self.bytes += frames.iter().map(Vec::len).sum::<usize>();
+        self.events.push(frames);
+    }
+
+    /// The events held as one message, leaving the batcher empty: the
+    /// plain message of an event alone, else `J EVNT [...]` and the
+    /// binary frames. `None` when none is held.
+    pub(crate) fn take(&mut self) -> Option<Vec<Vec<u8>>> {
+        let frame_len = std::mem::replace(&mut self.frame_len, EVENT_PREFIX.len() + 1);
+        self.bytes = 0;
+        if self.events.len() <= 1 {
+            return self.events.pop();
+        }
+        let mut frame = Vec::with_capacity(frame_len);
+        frame.extend_from_slice(EVENT_PREFIX);
+        let mut message = Vec::with_capacity(self.events.len() + 1);
+        message.push(Vec::new());
+        for (i, mut event) in self.events.drain(..).enumerate() {
+            frame.push(if i == 0 { b'[' } else { b',' });
+            // `fits` admitted only `J EVNT {...}` frames.
+            frame.extend_from_slice(&event[0][EVENT_PREFIX.len()..]);
+            message.extend(event.drain(1..));
+        }
+        frame.push(b']');
+        message[0] = frame;
+        Some(message)
     }
 }
 
@@ -149,6 +255,103 @@ mod tests {
         b.push(id(3), t1);
         assert!(!b.due(t1));
         assert_eq!(b.deadline(), Some(t1 + delay));
+    }
+
+    fn event(channel: &str, binary: Option<&[u8]>) -> Vec<Vec<u8>> {
+        let mut frames = vec![format!(r#"J EVNT {{"channel":"{channel}"}}"#).into_bytes()];
+        frames.extend(binary.map(<[u8]>::to_vec));
+        frames
+    }
+
+    fn batch(b: &mut EventBatcher, events: Vec<Vec<Vec<u8>>>) -> Vec<Vec<Vec<u8>>> {
+        let mut sent = Vec::new();
+        for e in events {
+            if !b.fits(&e) {
+                sent.extend(b.take());
+            }
+            b.push(e);
+        }
+        sent.extend(b.take());
+        sent
+    }
+
+    #[test]
+    fn an_event_alone_goes_as_its_plain_message() {
+        let mut b = EventBatcher::new(256, 65_536, 1 << 20);
+        assert!(b.take().is_none());
+        let e = event("a", Some(b"x"));
+        assert_eq!(batch(&mut b, vec![e.clone()]), vec![e]);
+        assert!(b.take().is_none());
+    }
+
+    #[test]
+    fn events_ready_together_share_one_frame_and_keep_their_binary_frames() {
+        let mut b = EventBatcher::new(256, 65_536, 1 << 20);
+        let sent = batch(
+            &mut b,
+            vec![event("a", Some(b"1")), event("b", Some(b"22"))],
+        );
+        assert_eq!(
+            sent,
+            vec![vec![
+                br#"J EVNT [{"channel":"a"},{"channel":"b"}]"#.to_vec(),
+                b"1".to_vec(),
+                b"22".to_vec()
+            ]]
+        );
+        let f = thynapse_protocol::frame::decode(&sent[0][0]).unwrap();
+        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(f.body).unwrap();
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_ends_where_binary_frames_start_or_stop_and_when_full() {
+        let mut b = EventBatcher::new(2, 65_536, 1 << 20);
+        let sent = batch(
+            &mut b,
+            vec![
+                event("a", None),
+                event("b", Some(b"x")),
+                event("c", Some(b"y")),
+                event("d", Some(b"z")),
+                event("e", None),
+            ],
+        );
+        let shapes: Vec<(usize, String)> = sent
+            .iter()
+            .map(|m| (m.len(), String::from_utf8(m[0].clone()).unwrap()))
+            .collect();
+        assert_eq!(
+            shapes,
+            vec![
+                (1, r#"J EVNT {"channel":"a"}"#.to_owned()),
+                (3, r#"J EVNT [{"channel":"b"},{"channel":"c"}]"#.to_owned()),
+                (2, r#"J EVNT {"channel":"d"}"#.to_owned()),
+                (1, r#"J EVNT {"channel":"e"}"#.to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_stays_within_its_byte_budget_and_the_frame_limit() {
+        // 22 bytes per event: two fit in 50, not three.
+        let mut b = EventBatcher::new(256, 50, 1 << 20);
+        let sent = batch(&mut b, vec![event("a", None); 3]);
+        assert_eq!(
+            sent.iter().map(|m| m[0].len()).collect::<Vec<_>>(),
+            [40, 22]
+        );
+        // The batch frame itself within max_frame: `J EVNT [` + 15 + `,` +
+        // 15 + `]` is 40 bytes.
+        let mut b = EventBatcher::new(256, 65_536, 39);
+        assert_eq!(batch(&mut b, vec![event("a", None); 2]).len(), 2);
+        let mut b = EventBatcher::new(256, 65_536, 40);
+        assert_eq!(batch(&mut b, vec![event("a", None); 2]).len(), 1);
+        // Anything but a `J EVNT {...}` frame goes alone.
+        let mut b = EventBatcher::new(256, 65_536, 1 << 20);
+        let odd = vec![b"EVNT {}".to_vec()];
+        assert_eq!(batch(&mut b, vec![odd.clone(), event("a", None)]).len(), 2);
+        assert_eq!(batch(&mut b, vec![event("a", None), odd]).len(), 2);
     }
 
     #[test]

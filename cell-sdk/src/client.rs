@@ -462,7 +462,7 @@ impl Client {
     /// not have been sent.
     pub async fn publish(&self, channel: &str, payload: impl Serialize) -> Result<Thid, Error> {
         let (id, frames) = self.event_frames(channel, Body::Json(to_json(&payload)?), None)?;
-        self.send_frames(frames).await?;
+        self.send_event(frames).await?;
         Ok(id)
     }
 
@@ -477,7 +477,7 @@ impl Client {
         bytes: impl Into<Vec<u8>>,
     ) -> Result<Thid, Error> {
         let (id, frames) = self.event_frames(channel, Body::Binary(bytes.into()), None)?;
-        self.send_frames(frames).await?;
+        self.send_event(frames).await?;
         Ok(id)
     }
 
@@ -550,15 +550,9 @@ impl Client {
         confirm_of(&body, Some(id))
     }
 
-    /// Sends a message that expects no answer.
-    async fn send_frames(&self, frames: Vec<Vec<u8>>) -> Result<(), Error> {
-        self.inner
-            .link
-            .command(Command::Send {
-                frames,
-                answer: None,
-            })
-            .await
+    /// Sends an event that expects no answer.
+    async fn send_event(&self, frames: Vec<Vec<u8>>) -> Result<(), Error> {
+        self.inner.link.command(Command::Publish { frames }).await
     }
 
     /// Sends a command carrying `reference` and waits, within the request

@@ -14,6 +14,15 @@
 //! subscription in place (§18), so a cell that never follows membership
 //! never opens a SUB.
 //!
+//! Publishes without answer that the thread drains from the command
+//! queue in one pass go out as one `J EVNT [...]` batch (§23) when the
+//! `WLCM` said `"batch":true` (the `EventBatcher` of `batch` cuts them):
+//! the batch leaves at the end of the pass, or before any other command,
+//! so nothing is reordered. A confirmed publish travels alone: a batch
+//! refused as a whole (`not_welcomed` after an expiry) is answered
+//! without the elements' `ref`s, and the SDK re-sends a refused confirmed
+//! publish by its `ref`.
+//!
 //! libzmq sockets are not thread-safe: nothing outside this module touches
 //! them, and the sockets never leave this thread.
 
@@ -28,10 +37,10 @@ use thynapse_protocol::{Mode, Pattern, Thid, Verb};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, trace, warn};
 
-use crate::batch::{AckBatcher, SeenSet};
+use crate::batch::{AckBatcher, EventBatcher, SeenSet};
 use crate::consts::{
-    ACK_BATCH_MAX_DELAY, ACK_BATCH_MAX_IDS, CLOSE_TIMEOUT, DEDUP_CAPACITY, PLAIN_USERNAME,
-    READ_BURST, SOCKET_HWM, SOCKET_LINGER_MS,
+    ACK_BATCH_MAX_DELAY, ACK_BATCH_MAX_IDS, CLOSE_TIMEOUT, DEDUP_CAPACITY, EVENT_BATCH_MAX_BYTES,
+    EVENT_BATCH_MAX_EVENTS, PLAIN_USERNAME, READ_BURST, SOCKET_HWM, SOCKET_LINGER_MS,
 };
 use crate::context::ContextLease;
 use crate::error::{Error, ErrorKind};
@@ -245,6 +254,12 @@ struct Conn {
     acks: AckBatcher,
     /// Deliveries already acked (dedup).
     seen: SeenSet,
+    /// Whether the latest `WLCM` said the transmitter takes batches of
+    /// events; false from a re-HELO until its `WLCM` says again.
+    takes_batches: bool,
+    /// Publishes drained together from the command queue, sent as one
+    /// batch when the pass ends or before any other command.
+    events: EventBatcher,
     /// Deliveries handed out, not yet acked or nacked.
     in_flight: HashSet<Thid>,
     /// Messages libzmq refused for now (high-water mark).
@@ -386,6 +401,12 @@ impl Conn {
             round_robin: 0,
             acks: AckBatcher::new(ACK_BATCH_MAX_IDS, ACK_BATCH_MAX_DELAY),
             seen: SeenSet::new(DEDUP_CAPACITY),
+            takes_batches: false,
+            events: EventBatcher::new(
+                EVENT_BATCH_MAX_EVENTS,
+                EVENT_BATCH_MAX_BYTES,
+                thynapse_protocol::limits::DEFAULT_MAX_FRAME,
+            ),
             in_flight: HashSet::new(),
             outbox: VecDeque::new(),
             rewelcome: None,
@@ -509,6 +530,8 @@ impl Conn {
             .heartbeat_override
             .unwrap_or(Duration::from_millis(welcome.heartbeat_ms.max(1)));
         self.event_endpoint.clone_from(&welcome.event_endpoint);
+        self.takes_batches = welcome.batch;
+        self.events.set_max_frame(welcome.limits.max_frame);
         self.follow_event_endpoint()?;
         debug!(
             transmitter = %welcome.id,
@@ -788,14 +811,21 @@ impl Conn {
         }
     }
 
+    /// Handles the commands queued by the async side; the publishes among
+    /// them go out in batches.
     fn drain_commands(&mut self) {
         // While libzmq refuses messages, leave commands queued: the bounded
         // queue then makes publishers wait.
         while self.outbox.is_empty() {
             let Ok(command) = self.rx.commands.try_recv() else {
-                return;
+                break;
             };
+            if !matches!(command, Command::Publish { .. }) {
+                // Nothing overtakes the publishes before it.
+                self.flush_events();
+            }
             match command {
+                Command::Publish { frames } => self.publish(frames),
                 Command::Send { frames, answer } => {
                     if let Some((reference, answer)) = answer {
                         self.pending.insert(
@@ -827,6 +857,27 @@ impl Conn {
                     self.send(vec![wire::ping(Some(reference))]);
                 }
             }
+        }
+        self.flush_events();
+    }
+
+    /// A publish without answer: held to join the publishes drained with
+    /// it when the transmitter takes batches, else sent at once.
+    fn publish(&mut self, frames: Vec<Vec<u8>>) {
+        if !self.takes_batches {
+            self.send(frames);
+            return;
+        }
+        if !self.events.fits(&frames) {
+            self.flush_events();
+        }
+        self.events.push(frames);
+    }
+
+    /// Sends the publishes held, as one message.
+    fn flush_events(&mut self) {
+        if let Some(message) = self.events.take() {
+            self.send(message);
         }
     }
 
@@ -1220,6 +1271,8 @@ impl Conn {
         }
         // Only the latest HELO matters: earlier ones were lost or refused.
         self.pending.retain(|_, p| !matches!(p, Pending::Hello));
+        // The transmitter may have changed: no batch until its WLCM says.
+        self.takes_batches = false;
         let r = self.link.next_ref();
         self.pending.insert(r, Pending::Hello);
         self.send(vec![wire::hello(self.id, &self.service, &self.metadata, r)]);

@@ -59,6 +59,16 @@ pub const ACK_BATCH_MAX_IDS: usize = 64;
 /// batch leaves within about 1 ms; under load, within this delay.
 pub const ACK_BATCH_MAX_DELAY: Duration = Duration::from_micros(500);
 
+/// Most events the SDK sends in one batch (`J EVNT [...]`, PROTOCOL.md
+/// §23): publishes that are ready at the same time share a message. The
+/// transmitter keeps 258 frames of a message, so 256 events with binary
+/// frames is the protocol's limit.
+pub const EVENT_BATCH_MAX_EVENTS: usize = 256;
+
+/// About the most bytes (all frames together) of one batch of events; an
+/// event that would take a batch past it starts the next one.
+pub const EVENT_BATCH_MAX_BYTES: usize = 64 * 1024;
+
 /// How many acknowledged event THIDs the SDK remembers to recognise a
 /// redelivery of an event it already processed.
 pub const DEDUP_CAPACITY: usize = 100_000;

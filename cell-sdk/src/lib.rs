@@ -18,6 +18,15 @@
 //! the cell or the connection was re-established, and fails over to
 //! another transmitter ([`Options::endpoint`]) when its own goes away.
 //!
+//! libzmq's cost is per message, so the SDK batches both ways (PROTOCOL.md
+//! §23) when the transmitter takes batches: publishes that reach the
+//! thread together (a publisher faster than the socket) leave as one
+//! message of at most [`consts::EVENT_BATCH_MAX_EVENTS`] events and about
+//! [`consts::EVENT_BATCH_MAX_BYTES`], in publish order, and the cell takes
+//! the deliveries the transmitter has ready at once in one message. Either
+//! way each event is handled as if it travelled alone. Confirmed publishes
+//! travel alone.
+//!
 //! ## Delivery semantics
 //! - **anycatch** ([`Mode::Any`]): exactly one cell of each listening
 //!   service gets each event. With acks (the default) that is
@@ -120,7 +129,7 @@
 //! - [`consts`]: every default and limit of the SDK.
 //! - internal: `conn` (the background thread), `context` (the libzmq
 //!   contexts clients share), `link` (channels and doorbell), `wire`
-//!   (frames), `batch` (ack batching, dedup set).
+//!   (frames), `batch` (ack and event batching, dedup set).
 //!
 //! ## Quick start
 //! ```no_run

@@ -116,6 +116,13 @@ pub(crate) enum Command {
         /// The `ref` the message carries, and where its answer goes.
         answer: Option<(u64, Answer)>,
     },
+    /// Publish an event that expects no answer: a `J EVNT {...}` frame
+    /// and its binary frame, if any. Publishes drained together may share
+    /// one batch (PROTOCOL.md §23).
+    Publish {
+        /// The event's frames (1 or 2).
+        frames: Vec<Vec<u8>>,
+    },
     /// Listen to a pattern and route matching deliveries to `sink`.
     Listen {
         /// The new subscription's id.
