@@ -601,6 +601,16 @@ impl Router {
                 ),
                 reference(f.body),
             )),
+            (Verb::EVNT, None) if batch => {
+                // Each event of the batch is refused under its own `ref`,
+                // so that a client can match and re-send every one.
+                for (event, _) in batch_items(f.body, binaries)? {
+                    let failure =
+                        Failure::new(ErrorCode::NotWelcomed, "say HELO first", reference(event));
+                    self.fail(peer, failure, out);
+                }
+                Ok(())
+            }
             (_, None) => Err(Failure::new(
                 ErrorCode::NotWelcomed,
                 "say HELO first",
@@ -3030,6 +3040,13 @@ mod tests {
             "bad_json"
         );
         assert!(!h.router.takes_batches(b"pub"));
+        let r = h.send(
+            "stranger",
+            r#"J EVNT [{"channel":"jobs::1","ref":"a"},{"channel":"jobs::2","ref":"b"}]"#,
+        );
+        assert_eq!(r.len(), 2, "one not_welcomed per event: {r:?}");
+        assert!(r[0].1.contains(r#""code":"not_welcomed""#) && r[0].1.contains(r#""re":"a""#));
+        assert!(r[1].1.contains(r#""re":"b""#));
 
         // Binary frames: one per event, in order, or none.
         let batch = br#"J EVNT [{"channel":"jobs::1"},{"channel":"jobs::2"}]"#;
