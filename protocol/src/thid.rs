@@ -53,7 +53,8 @@ impl Thid {
         let mut hasher = Sha1::new();
         hasher.update(from.hex());
         hasher.update(b"\n");
-        hasher.update(seq.to_string().as_bytes());
+        let mut digits = [0u8; 20];
+        hasher.update(decimal(seq, &mut digits));
         hasher.update(b"\n");
         hasher.update(channel.as_bytes());
         hasher.update(b"\n");
@@ -88,8 +89,46 @@ impl Thid {
             return Err(ThidError::Length(s.len()));
         }
         let mut out = [0u8; THID_LEN];
-        hex::decode_to_slice(s, &mut out).map_err(|_| ThidError::NotHex)?;
+        for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+            let (hi, lo) = (
+                HEX_VALUE[usize::from(pair[0])],
+                HEX_VALUE[usize::from(pair[1])],
+            );
+            if (hi | lo) > 0x0f {
+                return Err(ThidError::NotHex);
+            }
+            *byte = (hi << 4) | lo;
+        }
         Ok(Thid(out))
+    }
+}
+
+/// The value of each byte as a hex digit (either case), or 0xff.
+static HEX_VALUE: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = match c as u8 {
+            d @ b'0'..=b'9' => d - b'0',
+            d @ b'a'..=b'f' => d - b'a' + 10,
+            d @ b'A'..=b'F' => d - b'A' + 10,
+            _ => 0xff,
+        };
+        c += 1;
+    }
+    table
+};
+
+/// `n` in decimal, written into the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
     }
 }
 
@@ -137,6 +176,14 @@ mod tests {
         assert_eq!(t.to_hex(), "ab".repeat(20));
         assert_eq!(t.to_hex().parse::<Thid>().unwrap(), t);
         assert_eq!("AB".repeat(20).parse::<Thid>().unwrap(), t);
+    }
+
+    #[test]
+    fn sequence_numbers_are_hashed_in_decimal() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 12345, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 
     #[test]
