@@ -1,8 +1,9 @@
 //! The background thread: sole owner of the DEALER (command socket), a
 //! monitor socket and, once the first membership stream asks for it, a SUB
-//! (event socket). It polls them with `zmq_poll`, together with the
-//! doorbell of the async side, and uses the poll timeout as its clock
-//! (heartbeats, ack batches).
+//! (event socket). It waits for them in `epoll`, edge-triggered on their
+//! `ZMQ_FD`s, together with the doorbell of the async side (see
+//! `Conn::poll`), and uses the wait's timeout as its clock (heartbeats,
+//! ack batches).
 //!
 //! Everything a cell listens to arrives on the DEALER: anycatch `DLVR`s,
 //! `RQST`s, and multicatch events, each cell's own `J EVNT` copy
@@ -27,7 +28,7 @@
 //! them, and the sockets never leave this thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::os::fd::RawFd;
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,7 @@ use crate::consts::{
 use crate::context::ContextLease;
 use crate::error::{Error, ErrorKind};
 use crate::event::{AckGuard, Delivered, Event};
-use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink};
+use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink, BELL};
 use crate::membership::MembershipEvent;
 use crate::options::{ListenOptions, Options};
 use crate::serve::{Request, RequestGuard};
@@ -199,8 +200,12 @@ struct Conn {
     token: Option<String>,
     /// Monitor of the DEALER: reports failed PLAIN handshakes.
     monitor: zmq::Socket,
-    /// The monitor's `ZMQ_FD`, readable while it has commands to process.
-    monitor_fd: RawFd,
+    /// What the poller reported, reused.
+    ready: mio::Events,
+    /// Whether the DEALER's state is known without asking libzmq: a
+    /// receive found nothing (libzmq processed its commands, so the next
+    /// one signals its `ZMQ_FD` again) and nothing touched it since.
+    dealer_settled: bool,
     /// Messages from the async side.
     rx: LinkReceiver,
     /// For the ack guards of deliveries.
@@ -313,6 +318,25 @@ fn send_frames(socket: &zmq::Socket, frames: &[Vec<u8>]) -> Result<(), zmq::Erro
     socket.send_multipart(frames.iter().map(Vec::as_slice), zmq::DONTWAIT)
 }
 
+/// The DEALER's token in the poller.
+const DEALER: mio::Token = mio::Token(1);
+/// The monitor's token in the poller.
+const MONITOR: mio::Token = mio::Token(2);
+/// The SUB's token in the poller.
+const SUB: mio::Token = mio::Token(3);
+
+/// Registers a socket's `ZMQ_FD` in the poller, edge-triggered (as mio
+/// always is).
+fn register(poll: &mio::Poll, socket: &zmq::Socket, token: mio::Token) -> Result<(), Error> {
+    let fd = socket.get_fd().map_err(|e| Error::zmq("ZMQ_FD", e))?;
+    poll.registry().register(
+        &mut mio::unix::SourceFd(&fd),
+        token,
+        mio::Interest::READABLE,
+    )?;
+    Ok(())
+}
+
 /// Stops the DEALER's monitor: re-points it, with no events, to an
 /// endpoint nobody reads. libzmq sends monitor events blocking, so an
 /// event for a monitor socket already closed would stall the I/O thread
@@ -325,7 +349,7 @@ fn unmonitor(dealer: &zmq::Socket, id: Thid) {
 
 impl Conn {
     /// Creates the DEALER and its monitor, and connects the DEALER.
-    fn open(start: Start) -> Result<Conn, Error> {
+    fn open(mut start: Start) -> Result<Conn, Error> {
         let ctx = ContextLease::acquire();
         let dealer = new_socket(ctx.context(), zmq::DEALER, start.options.token.as_deref())?;
         let monitor = ctx
@@ -349,13 +373,13 @@ impl Conn {
             unmonitor(&dealer, start.id);
             return Err(Error::zmq(&format!("connect {}", start.endpoint), e));
         }
-        let monitor_fd = match monitor.get_fd() {
-            Ok(fd) => fd,
-            Err(e) => {
-                unmonitor(&dealer, start.id);
-                return Err(Error::zmq("monitor ZMQ_FD", e));
-            }
-        };
+        let poll = start.rx.bell.poll_mut();
+        if let Err(e) =
+            register(poll, &dealer, DEALER).and_then(|()| register(poll, &monitor, MONITOR))
+        {
+            unmonitor(&dealer, start.id);
+            return Err(e);
+        }
         let heartbeat = start.options.heartbeat.unwrap_or(Duration::from_millis(
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
@@ -366,7 +390,8 @@ impl Conn {
             sub: None,
             token: start.options.token,
             monitor,
-            monitor_fd,
+            ready: mio::Events::with_capacity(8),
+            dealer_settled: false,
             rx: start.rx,
             link: start.link,
             id: start.id,
@@ -567,6 +592,7 @@ impl Conn {
             Some(sub) => sub,
             None => {
                 let sub = new_socket(self.ctx.context(), zmq::SUB, self.token.as_deref())?;
+                register(self.rx.bell.poll_mut(), &sub, SUB)?;
                 sub.connect(&self.event_endpoint)
                     .map_err(|e| Error::zmq(&format!("connect {}", self.event_endpoint), e))?;
                 self.pub_endpoint = Some(self.event_endpoint.clone());
@@ -577,33 +603,56 @@ impl Conn {
         Ok(self.sub.insert(sub))
     }
 
-    /// Polls the sockets and the doorbell: whether the DEALER, the
-    /// monitor, the doorbell and the SUB are readable, in that order.
-    fn poll(&self, timeout: i64) -> Result<[bool; 4], zmq::Error> {
-        let dealer_events = if self.outbox.is_empty() {
-            zmq::POLLIN
-        } else {
-            zmq::POLLIN | zmq::POLLOUT
+    /// Waits for the sockets and the doorbell: whether the DEALER, the
+    /// monitor, the doorbell and the SUB are ready, in that order.
+    ///
+    /// The poller is edge-triggered on each socket's `ZMQ_FD`, which
+    /// signals commands for libzmq to process, not messages, and any
+    /// libzmq call may process them and swallow the edge. So a socket
+    /// whose state is not known is asked for its `ZMQ_EVENTS` (which
+    /// processes its commands: the next one signals again) before the
+    /// wait, and when it is ready there is no wait. The DEALER's state is
+    /// known after a receive that found nothing; the SUB, rare, is always
+    /// asked.
+    fn poll(&mut self, timeout: i64) -> Result<[bool; 4], Error> {
+        let dealer = self.dealer_ready()?;
+        let sub = match &self.sub {
+            Some(sub) => sub.get_events()?.contains(zmq::POLLIN),
+            None => false,
         };
-        let dealer = self.dealer.as_poll_item(dealer_events);
-        // The monitor by its file descriptor, not as a ZeroMQ item:
-        // `zmq_poll` asks a ZeroMQ item for its state (a syscall) before
-        // and after every wait, and monitor events are rare.
-        let monitor = zmq::PollItem::from_fd(self.monitor_fd, zmq::POLLIN);
-        let bell = zmq::PollItem::from_fd(self.rx.bell.fd(), zmq::POLLIN);
-        match &self.sub {
-            Some(sub) => {
-                let mut items = [dealer, monitor, bell, sub.as_poll_item(zmq::POLLIN)];
-                zmq::poll(&mut items, timeout)?;
-                Ok(items.each_ref().map(zmq::PollItem::is_readable))
-            }
-            None => {
-                let mut items = [dealer, monitor, bell];
-                zmq::poll(&mut items, timeout)?;
-                let [d, m, b] = items.each_ref().map(zmq::PollItem::is_readable);
-                Ok([d, m, b, false])
+        if dealer || sub {
+            // Edges not taken stay queued in the poller for the next wait.
+            return Ok([dealer, false, false, sub]);
+        }
+        let timeout = u64::try_from(timeout).ok().map(Duration::from_millis);
+        match self.rx.bell.poll_mut().poll(&mut self.ready, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 4]),
+            Err(e) => return Err(e.into()),
+        }
+        let mut ready = [false; 4];
+        for event in &self.ready {
+            match event.token() {
+                DEALER => ready[0] = true,
+                MONITOR => ready[1] = true,
+                BELL => ready[2] = true,
+                SUB => ready[3] = true,
+                _ => {}
             }
         }
+        Ok(ready)
+    }
+
+    /// Whether the DEALER has a message to read, or room for the outbox.
+    fn dealer_ready(&mut self) -> Result<bool, Error> {
+        if self.dealer_settled && self.outbox.is_empty() {
+            return Ok(false);
+        }
+        let events = self.dealer.get_events()?;
+        let ready = events.contains(zmq::POLLIN)
+            || (!self.outbox.is_empty() && events.contains(zmq::POLLOUT));
+        self.dealer_settled = !events.contains(zmq::POLLIN);
+        Ok(ready)
     }
 
     /// The main loop.
@@ -627,9 +676,8 @@ impl Conn {
             let timeout = self.poll_timeout(Instant::now());
             let [dealer, monitor, bell, sub] = match self.poll(timeout) {
                 Ok(ready) => ready,
-                Err(zmq::Error::EINTR) => [false; 4],
                 Err(e) => {
-                    error!(error = %e, "zmq_poll failed; closing the connection");
+                    error!(error = %e, "polling the sockets failed; closing the connection");
                     self.stop = Some(Stop::Failed(e.to_string()));
                     break;
                 }
@@ -746,6 +794,8 @@ impl Conn {
         let next = (self.current + 1) % self.endpoints.len();
         let to = self.endpoints[next].clone();
         warn!(from = %self.endpoint, to = %to, "failing over");
+        // Both process the DEALER's commands.
+        self.dealer_settled = false;
         let _ = self.dealer.disconnect(&self.endpoint);
         if let Err(e) = self.dealer.connect(&to) {
             error!(endpoint = %to, error = %e, "cannot connect; trying the next endpoint later");
@@ -1494,6 +1544,7 @@ impl Conn {
             self.outbox.push_back(frames);
             return;
         }
+        self.dealer_settled = false;
         match send_frames(&self.dealer, &frames) {
             Ok(()) => self.last_sent = Instant::now(),
             Err(zmq::Error::EAGAIN) => self.outbox.push_back(frames),
@@ -1503,6 +1554,7 @@ impl Conn {
 
     fn flush_outbox(&mut self) {
         while let Some(frames) = self.outbox.front() {
+            self.dealer_settled = false;
             match send_frames(&self.dealer, frames) {
                 Ok(()) => {
                     self.last_sent = Instant::now();
@@ -1530,8 +1582,11 @@ impl Conn {
     /// the user, are copied out (one per element of a batch).
     fn recv(&mut self) -> Option<Result<Incoming, String>> {
         match self.dealer.recv(&mut self.frame, zmq::DONTWAIT) {
-            Ok(()) => {}
-            Err(zmq::Error::EAGAIN) => return None,
+            Ok(()) => self.dealer_settled = false,
+            Err(zmq::Error::EAGAIN) => {
+                self.dealer_settled = true;
+                return None;
+            }
             Err(e) => {
                 warn!(error = %e, "command socket receive failed");
                 return None;

@@ -158,8 +158,8 @@
 //!
 //! The async API needs a tokio runtime with its time driver enabled
 //! (`#[tokio::main]` has it): request timeouts use `tokio::time`.
-//! The doorbell is a Unix datagram socket pair, so the SDK builds on Unix
-//! only.
+//! The background thread waits in `epoll` on the sockets' `ZMQ_FD`s and
+//! an eventfd doorbell, so the SDK builds on Linux only.
 
 pub mod client;
 pub mod consts;

@@ -1,7 +1,7 @@
 //! The channels between the async side (every [`Client`](crate::Client)
 //! clone, [`Subscription`](crate::Subscription) and
 //! [`Event`]) and the background thread that owns the
-//! sockets, and the doorbell that wakes that thread out of `zmq_poll`.
+//! sockets, and the doorbell that wakes that thread out of its `epoll` wait.
 //!
 //! Two queues: `commands` is bounded and awaited (publish, listen, flush,
 //! requests), so a fast publisher waits when the thread cannot keep up;
@@ -10,8 +10,6 @@
 //! there too: there are at most as many as handlers running at once.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -236,37 +234,42 @@ impl Link {
     }
 }
 
-/// Wakes the background thread: one byte on a datagram socket pair that
-/// `zmq_poll` watches beside the ZeroMQ sockets. Rings are coalesced: only
-/// the first ring after the thread last drained the bell writes a byte.
+/// The token of the doorbell in the thread's [`mio::Poll`].
+pub(crate) const BELL: mio::Token = mio::Token(0);
+
+/// Wakes the background thread: a [`mio::Waker`] (an eventfd) registered
+/// in the `epoll` instance the thread waits on beside the sockets' file
+/// descriptors. Rings are coalesced: only the first ring after the thread
+/// last took the wake-up writes to the eventfd.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     /// The writing end.
-    tx: UnixDatagram,
-    /// Set by a ring, cleared by the thread when it drains the bell.
+    waker: mio::Waker,
+    /// Set by a ring, cleared by the thread when it takes the wake-up.
     rung: Arc<AtomicBool>,
 }
 
-/// The doorbell's reading end, polled by the background thread.
+/// The doorbell's receiving end: the `epoll` instance the background
+/// thread waits on, the doorbell registered in it as [`BELL`].
 #[derive(Debug)]
 pub(crate) struct BellReceiver {
-    /// The reading end.
-    rx: UnixDatagram,
+    /// The thread's poller; the thread registers its sockets' file
+    /// descriptors in it too.
+    poll: mio::Poll,
     /// Shared with [`Doorbell`].
     rung: Arc<AtomicBool>,
 }
 
 fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
-    let (tx, rx) = UnixDatagram::pair()?;
-    tx.set_nonblocking(true)?;
-    rx.set_nonblocking(true)?;
+    let poll = mio::Poll::new()?;
+    let waker = mio::Waker::new(poll.registry(), BELL)?;
     let rung = Arc::new(AtomicBool::new(false));
     Ok((
         Doorbell {
-            tx,
+            waker,
             rung: rung.clone(),
         },
-        BellReceiver { rx, rung },
+        BellReceiver { poll, rung },
     ))
 }
 
@@ -276,27 +279,24 @@ impl Doorbell {
     /// the queues, so no message is left behind.
     pub(crate) fn ring(&self) {
         if !self.rung.swap(true, Ordering::AcqRel) {
-            // A full socket buffer means the bell already rings; a closed
-            // peer means the thread is gone. Neither needs handling. Datagram
-            // sends use MSG_NOSIGNAL, so no SIGPIPE either.
-            let _ = self.tx.send(&[1]);
+            // Writing to an eventfd the thread no longer polls is harmless;
+            // a failed write leaves nothing to handle either.
+            let _ = self.waker.wake();
         }
     }
 }
 
 impl BellReceiver {
-    /// The file descriptor to poll for readability.
-    pub(crate) fn fd(&self) -> RawFd {
-        self.rx.as_raw_fd()
+    /// The poller, to register file descriptors in and to wait on.
+    pub(crate) fn poll_mut(&mut self) -> &mut mio::Poll {
+        &mut self.poll
     }
 
-    /// Empties the bell and re-arms it. The caller then drains its queues.
-    /// One read: rings are coalesced until the re-arm, so at most one byte
-    /// waits (a stray one would only wake the thread once more).
+    /// Re-arms the bell after the poller reported it. The caller then
+    /// drains its queues. The eventfd needs no read: the poller is
+    /// edge-triggered, and each later ring writes to it again.
     pub(crate) fn drain(&self) {
-        let mut buf = [0u8; 64];
-        let _ = self.rx.recv(&mut buf);
-        self.rung.swap(false, Ordering::AcqRel);
+        self.rung.store(false, Ordering::Release);
     }
 }
 
@@ -304,18 +304,29 @@ impl BellReceiver {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
+    fn bell_events(rx: &mut BellReceiver) -> usize {
+        let mut events = mio::Events::with_capacity(4);
+        rx.poll_mut()
+            .poll(&mut events, Some(Duration::ZERO))
+            .unwrap();
+        events.iter().filter(|e| e.token() == BELL).count()
+    }
+
     #[test]
     fn rings_are_coalesced_until_the_bell_is_drained() {
-        let (bell, rx) = doorbell().unwrap();
+        let (bell, mut rx) = doorbell().unwrap();
         bell.ring();
         bell.ring();
         bell.ring();
-        let mut buf = [0u8; 8];
-        assert_eq!(rx.rx.recv(&mut buf).unwrap(), 1);
-        assert!(rx.rx.recv(&mut buf).is_err(), "one byte for three rings");
+        assert_eq!(bell_events(&mut rx), 1, "one wake-up for three rings");
+        assert_eq!(bell_events(&mut rx), 0, "edge-triggered: reported once");
+        bell.ring();
+        assert_eq!(bell_events(&mut rx), 0, "no new wake-up before drain");
         rx.drain();
         bell.ring();
-        assert_eq!(rx.rx.recv(&mut buf).unwrap(), 1, "re-armed after drain");
+        assert_eq!(bell_events(&mut rx), 1, "re-armed after drain");
     }
 
     #[test]
