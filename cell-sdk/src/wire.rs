@@ -326,32 +326,15 @@ pub(crate) fn publish(
     out
 }
 
-/// Appends the 40 lowercase hex characters of a THID, without the
-/// intermediate `String` of [`Thid::to_hex`] (this is per event and per ack).
+/// Appends the 40 hex digits of `id`, without the intermediate `String`
+/// of [`Thid::to_hex`] (this is per event and per ack).
 pub(crate) fn push_hex(out: &mut Vec<u8>, id: &Thid) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = [0u8; 40];
-    for (pair, b) in hex.chunks_exact_mut(2).zip(id.as_bytes()) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0x0f)];
-    }
-    out.extend_from_slice(&hex);
+    out.extend_from_slice(&id.hex());
 }
 
 /// Appends `n` in decimal, without the `String` of `to_string`.
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        // `n % 10` is below 10: the cast keeps it whole.
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(thynapse_protocol::thid::decimal(n, &mut [0u8; 20]));
 }
 
 /// Appends `s` as a JSON string: as is between quotes when nothing in it
@@ -613,40 +596,9 @@ fn thid<'de, D: Deserializer<'de>>(d: D) -> Result<Thid, D::Error> {
     d.deserialize_str(ThidVisitor)
 }
 
-/// The value of each hex digit, 0xff for every other byte.
-const HEX_VALUES: [u8; 256] = {
-    let mut t = [0xff; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        t[b'A' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-
-/// 40 hex characters as a THID.
+/// 40 hex characters (either case) as a THID.
 pub(crate) fn parse_thid(hex: &[u8]) -> Option<Thid> {
-    let mut bytes = [0u8; 20];
-    if hex.len() != 2 * bytes.len() {
-        return None;
-    }
-    for (b, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
-        let (hi, lo) = (
-            HEX_VALUES[usize::from(pair[0])],
-            HEX_VALUES[usize::from(pair[1])],
-        );
-        if (hi | lo) > 0x0f {
-            return None;
-        }
-        *b = hi << 4 | lo;
-    }
-    Some(Thid::from_bytes(bytes))
+    Thid::parse_hex(hex).ok()
 }
 
 #[derive(Deserialize)]

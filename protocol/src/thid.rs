@@ -119,8 +119,10 @@ static HEX_VALUE: [u8; 256] = {
     table
 };
 
-/// `n` in decimal, written into the end of `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+/// The decimal digits of `n`, written into the end of `buf` (20 bytes
+/// hold any `u64`), without the `String` of `to_string`: event THIDs hash
+/// their sequence number this way, and clients write numbers into frames.
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut at = buf.len();
     loop {
         at -= 1;
