@@ -142,6 +142,24 @@ fn a_bad_element_of_a_batch_gets_its_own_error_and_the_others_go_on() -> anyhow:
     publisher.expect_error("bad_multipart")?;
     publisher.send(r#"J EVNT [{"channel":"jobs::a"},"#)?;
     publisher.expect_error("bad_json")?;
+
+    // More than 256 events with binary frames: refused whole, by count.
+    let events = Value::Array(
+        (0..300)
+            .map(|n| json!({"channel": "jobs::a", "seq": n}))
+            .collect(),
+    );
+    let head = format!("J EVNT {events}");
+    let mut parts: Vec<&[u8]> = vec![head.as_bytes()];
+    parts.extend(std::iter::repeat_n(&b"x"[..], 300));
+    publisher.send_parts(&parts)?;
+    let refused = publisher.expect_error("bad_multipart")?;
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("301")),
+        "{refused}"
+    );
     assert!(batching.recv_parts(Duration::from_millis(100))?.is_none());
     Ok(())
 }

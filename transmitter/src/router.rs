@@ -24,6 +24,7 @@ use thynapse_protocol::limits::{
 use thynapse_protocol::query::{Outcome, Query};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
 
+use crate::coalesce::MAX_ITEMS;
 use crate::config::{Config, MAX_BACKLOG_BYTES_PER_SERVICE, MAX_BACKLOG_PER_SERVICE};
 use crate::discovery::{self, Instance, InstanceListen};
 use crate::mesh::{CellRecord, ListenRecord, NodeRecord};
@@ -516,6 +517,17 @@ impl Router {
                 None,
             ));
         };
+        if binaries.len() > MAX_ITEMS as usize {
+            return Err(Failure::new(
+                ErrorCode::BadMultipart,
+                format!(
+                    "a message has at most {} frames (a batch of {MAX_ITEMS} events with their binary frames), got {}",
+                    MAX_ITEMS + 1,
+                    parts.len()
+                ),
+                None,
+            ));
+        }
         if command.len() > self.max_frame {
             return Err(Failure::new(
                 ErrorCode::TooLarge,

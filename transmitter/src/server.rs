@@ -666,8 +666,11 @@ impl Inbox {
                 router.handle(peer, &all, mesh_ok, now, out)
             }
             n => {
-                let filler: Vec<&[u8]> = vec![&[][..]; n - 1];
-                router.handle(peer, &filler, mesh_ok, now, out)
+                // The frames past MAX_FRAMES were not kept: the command and
+                // empty stand-ins, so the router refuses it by its count.
+                let mut all: Vec<&[u8]> = vec![&[][..]; n - 1];
+                all[0] = &frames[0];
+                router.handle(peer, &all, mesh_ok, now, out)
             }
         }
     }
