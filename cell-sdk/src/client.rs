@@ -1,5 +1,6 @@
 //! [`Client`]: the cheap, cloneable handle to one connection.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -620,8 +621,7 @@ impl Client {
         body: Body,
         confirm: Option<u64>,
     ) -> Result<(Thid, Vec<Vec<u8>>), Error> {
-        validate_channel(channel)
-            .map_err(|e| Error::new(ErrorKind::InvalidChannel, format!("{channel:?}: {e}")))?;
+        check_channel(channel)?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let (json, binary) = body.parts();
         let hashed = binary.unwrap_or_else(|| json.map_or(&[], |raw| raw.get().as_bytes()));
@@ -686,6 +686,28 @@ impl Body {
     }
 }
 
+thread_local! {
+    /// The channel this thread last found valid: publishers mostly publish
+    /// on one channel, and validity depends on the name alone.
+    static LAST_VALID_CHANNEL: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Checks that `channel` is a valid channel (no wildcards, PROTOCOL.md
+/// §10), skipping the check when it is the one this thread last found
+/// valid.
+fn check_channel(channel: &str) -> Result<(), Error> {
+    LAST_VALID_CHANNEL.with_borrow_mut(|last| {
+        if last.as_str() == channel && !channel.is_empty() {
+            return Ok(());
+        }
+        validate_channel(channel)
+            .map_err(|e| Error::new(ErrorKind::InvalidChannel, format!("{channel:?}: {e}")))?;
+        last.clear();
+        last.push_str(channel);
+        Ok(())
+    })
+}
+
 /// Serializes a payload once, as JSON text.
 pub(crate) fn to_json(payload: &impl Serialize) -> Result<Box<RawValue>, Error> {
     serde_json::value::to_raw_value(payload)
@@ -704,4 +726,27 @@ pub(crate) fn confirm_of(body: &[u8], ours: Option<Thid>) -> Result<Confirm, Err
         id,
         routed: c.routed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_channel_check_remembers_only_valid_channels() {
+        assert_eq!(
+            check_channel("").unwrap_err().kind(),
+            ErrorKind::InvalidChannel
+        );
+        check_channel("a::b").unwrap();
+        check_channel("a::b").unwrap();
+        for bad in ["a::*", "a::b*", ""] {
+            assert_eq!(
+                check_channel(bad).unwrap_err().kind(),
+                ErrorKind::InvalidChannel
+            );
+        }
+        check_channel("a::c").unwrap();
+        assert!(check_channel("a::?").is_err());
+    }
 }
