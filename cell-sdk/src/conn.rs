@@ -45,7 +45,7 @@ use crate::consts::{
 };
 use crate::context::ContextLease;
 use crate::error::{Error, ErrorKind};
-use crate::event::{AckGuard, Delivered, Event};
+use crate::event::{AckGuard, Delivered, Event, Frame};
 use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink, BELL};
 use crate::membership::MembershipEvent;
 use crate::options::{ListenOptions, Options};
@@ -1578,8 +1578,9 @@ impl Conn {
 
     /// Receives and decodes one command-socket message, without waiting;
     /// `None` when none is queued. The first frame lands in the reused
-    /// `frame` and is decoded in place; only binary frames, which go to
-    /// the user, are copied out (one per element of a batch).
+    /// `frame` and is decoded in place; binary frames, which go to the
+    /// user, stay in their libzmq messages (one per element of a batch),
+    /// uncopied.
     fn recv(&mut self) -> Option<Result<Incoming, String>> {
         match self.dealer.recv(&mut self.frame, zmq::DONTWAIT) {
             Ok(()) => self.dealer_settled = false,
@@ -1599,7 +1600,7 @@ impl Conn {
             // libzmq hands over whole messages: the other frames are there.
             while let Ok(part) = self.dealer.recv_msg(zmq::DONTWAIT) {
                 let more = part.get_more();
-                binaries.push(part.to_vec());
+                binaries.push(Frame(part));
                 if !more {
                     break;
                 }

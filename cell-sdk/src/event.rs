@@ -10,7 +10,7 @@ use crate::link::{Control, Link};
 
 /// The payload accessors of a received message (an [`Event`], a
 /// [`Request`](crate::Request), a [`Reply`](crate::Reply)), given the
-/// paths of its `Option<Box<RawValue>>` payload and `Option<Vec<u8>>`
+/// paths of its `Option<Box<RawValue>>` payload and `Option<Frame>`
 /// binary frame: `payload_accessors!("reply", payload; binary)`.
 macro_rules! payload_accessors {
     ($what:literal, $($payload:ident).+; $($binary:ident).+) => {
@@ -41,7 +41,7 @@ macro_rules! payload_accessors {
 
         #[doc = concat!("Takes the binary payload out of the ", $what, ".")]
         pub fn take_binary(&mut self) -> Option<Vec<u8>> {
-            self.$($binary).+.take()
+            self.$($binary).+.take().map($crate::event::Frame::into_vec)
         }
     };
 }
@@ -78,6 +78,32 @@ macro_rules! delivery_accessors {
 }
 pub(crate) use delivery_accessors;
 
+/// A received binary frame, kept in the libzmq message it arrived in:
+/// reading it through `binary()` copies nothing; only taking it out as a
+/// `Vec` does.
+pub(crate) struct Frame(pub(crate) zmq::Message);
+
+impl Frame {
+    /// The bytes as a `Vec` (one copy).
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        self.0.to_vec()
+    }
+}
+
+impl Clone for Frame {
+    fn clone(&self) -> Frame {
+        Frame(zmq::Message::from(&self.0[..]))
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// What the transmitter delivered: the fields of a `DLVR`, an `EVNT` or a
 /// `RQST`, and its binary frame.
 #[derive(Clone)]
@@ -89,7 +115,7 @@ pub(crate) struct Delivered {
     /// The JSON payload as it was sent.
     pub(crate) payload: Option<Box<RawValue>>,
     /// The binary payload frame, if the sender sent bytes.
-    pub(crate) binary: Option<Vec<u8>>,
+    pub(crate) binary: Option<Frame>,
     /// The sending cell.
     pub(crate) from: Thid,
     /// 1, plus one per redelivery.
@@ -102,7 +128,7 @@ impl fmt::Debug for Delivered {
             .field("id", &self.id)
             .field("channel", &self.channel)
             .field("payload", &self.payload.as_deref().map(RawValue::get))
-            .field("binary", &self.binary.as_ref().map(Vec::len))
+            .field("binary", &self.binary.as_deref().map(<[u8]>::len))
             .field("from", &self.from)
             .field("attempt", &self.attempt)
             .finish()
@@ -309,7 +335,8 @@ mod tests {
         let (link, _rx) = Link::new(4).unwrap();
         let mut e = event(&link, Thid::random());
         e.delivered.payload = None;
-        e.delivered.binary = Some(vec![1, 2]);
+        e.delivered.binary = Some(Frame(zmq::Message::from(&[1u8, 2][..])));
+        assert_eq!(e.binary(), Some(&[1u8, 2][..]));
         assert_eq!(e.payload_raw(), None);
         assert_eq!(e.payload_value(), serde_json::Value::Null);
         assert_eq!(e.payload::<Option<u8>>().unwrap(), None);

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::client::{Body, Client};
 use crate::consts::{DEFAULT_REPLY_TIMEOUT, REPLY_TIMEOUT_GRACE};
 use crate::error::{Error, ErrorKind};
-use crate::event::payload_accessors;
+use crate::event::{payload_accessors, Frame};
 use crate::wire::{self, RequestBody};
 
 /// A successful reply to a request: the responder's result.
@@ -29,7 +29,7 @@ pub struct Reply {
     /// The JSON result, as the responder wrote it.
     pub(crate) payload: Option<Box<RawValue>>,
     /// The binary result frame, if the responder sent one.
-    pub(crate) binary: Option<Vec<u8>>,
+    pub(crate) binary: Option<Frame>,
 }
 
 impl Reply {
@@ -47,7 +47,7 @@ impl fmt::Debug for Reply {
         f.debug_struct("Reply")
             .field("id", &self.id)
             .field("payload", &self.payload_raw())
-            .field("binary", &self.binary.as_ref().map(Vec::len))
+            .field("binary", &self.binary.as_deref().map(<[u8]>::len))
             .finish()
     }
 }

@@ -12,7 +12,7 @@ use thynapse_protocol::frame::{self, MEMBERSHIP_TOPIC, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
 
 use crate::error::Error;
-use crate::event::Delivered;
+use crate::event::{Delivered, Frame};
 use crate::membership::{MembershipChange, MembershipEvent};
 use crate::options::ListenOptions;
 use crate::request::Reply;
@@ -460,7 +460,7 @@ struct DeliveryIn<'a> {
 
 impl DeliveryIn<'_> {
     /// The delivery with its binary frame (attempt 1 when absent).
-    fn into_delivered(self, binary: Option<Vec<u8>>) -> Delivered {
+    fn into_delivered(self, binary: Option<Frame>) -> Delivered {
         Delivered {
             id: self.id,
             channel: self.channel.into_owned(),
@@ -641,7 +641,7 @@ struct RefReply {
 /// frames after it. A `DLVR` or `EVNT` whose body is a JSON array is a
 /// batch (PROTOCOL.md §23), with no binary frame or one per element;
 /// every other message has at most one.
-pub(crate) fn decode_command(first: &[u8], binaries: Vec<Vec<u8>>) -> Result<Incoming, String> {
+pub(crate) fn decode_command(first: &[u8], binaries: Vec<Frame>) -> Result<Incoming, String> {
     let f = frame::decode(first).map_err(|e| e.to_string())?;
     let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
     if matches!(f.verb, Verb::DLVR | Verb::EVNT) && f.body.trim_ascii_start().starts_with(b"[") {
@@ -800,6 +800,14 @@ pub(crate) fn decode_published(mut frames: Vec<Vec<u8>>) -> Result<Published, St
 mod tests {
     use super::*;
     use thynapse_protocol::body::Publish;
+
+    /// Binary frames as received.
+    fn frames(binaries: Vec<Vec<u8>>) -> Vec<Frame> {
+        binaries
+            .into_iter()
+            .map(|b| Frame(zmq::Message::from(b)))
+            .collect()
+    }
 
     #[test]
     fn publish_frames_parse_as_the_protocol_reads_them() {
@@ -1025,11 +1033,11 @@ mod tests {
         let id = Thid::random();
         let mut body = b"J DLVR ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", None, &from, Some(2));
-        match decode_command(&body, vec![vec![0, 1, 2]]).unwrap() {
+        match decode_command(&body, frames(vec![vec![0, 1, 2]])).unwrap() {
             Incoming::Deliver(d) => {
                 assert_eq!((d.id, d.from), (id, from));
                 assert_eq!(d.attempt, 2);
-                assert_eq!(d.binary, Some(vec![0, 1, 2]));
+                assert_eq!(d.binary.as_deref(), Some(&[0u8, 1, 2][..]));
             }
             other => panic!("{other:?}"),
         }
@@ -1109,7 +1117,7 @@ mod tests {
     fn replies_requests_and_pongs_decode() {
         let id = Thid::random();
         let body = format!(r#"J RPLY {{"ref":3,"id":"{id}","payload":{{"sum":3}}}}"#);
-        match decode_command(body.as_bytes(), vec![vec![9]]).unwrap() {
+        match decode_command(body.as_bytes(), frames(vec![vec![9]])).unwrap() {
             Incoming::Reply {
                 reference: Some(3),
                 reply: Ok(r),
@@ -1185,8 +1193,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match decode_command(&body, vec![vec![7, 8]]).unwrap() {
-            Incoming::Event(d) => assert_eq!(d.binary, Some(vec![7, 8])),
+        match decode_command(&body, frames(vec![vec![7, 8]])).unwrap() {
+            Incoming::Event(d) => assert_eq!(d.binary.as_deref(), Some(&[7u8, 8][..])),
             other => panic!("{other:?}"),
         }
         assert!(decode_command(b"J EVNT {\"channel\":1}", Vec::new()).is_err());
@@ -1232,14 +1240,14 @@ mod tests {
                 );
                 assert!(plain.iter().all(|d| d.binary.is_none() && d.from == from));
                 let binaries = vec![vec![1], vec![], vec![3, 3]];
-                let with = batch(decode_command(&f, binaries.clone()).unwrap());
+                let with = batch(decode_command(&f, frames(binaries.clone())).unwrap());
                 assert_eq!(
                     with.into_iter()
-                        .map(|d| d.binary.unwrap())
+                        .map(|d| d.binary.unwrap().into_vec())
                         .collect::<Vec<_>>(),
                     binaries
                 );
-                assert!(decode_command(&f, vec![vec![1], vec![2]]).is_err());
+                assert!(decode_command(&f, frames(vec![vec![1], vec![2]])).is_err());
             }
             let bad = format!(r#"J {verb} [{{"id":"{}","channel":"a"}}]"#, ids[0]);
             assert!(decode_command(bad.as_bytes(), Vec::new()).is_err());
@@ -1250,7 +1258,7 @@ mod tests {
         // than one binary frame.
         let mut rqst = b"J RQST ".to_vec();
         thynapse_protocol::body::write_delivery(&mut rqst, &ids[0], "a", None, &from, Some(1));
-        assert!(decode_command(&rqst, vec![vec![1], vec![2]]).is_err());
+        assert!(decode_command(&rqst, frames(vec![vec![1], vec![2]])).is_err());
     }
 
     #[test]
