@@ -53,10 +53,12 @@ counters! {
     dropped_no_listeners,
     /// Deliveries dropped because the per-service backlog was full.
     dropped_backlog_full,
-    /// Messages not sent because a peer's queue was full.
+    /// Messages not sent because a peer's queue was full (a batch counts
+    /// once).
     dropped_hwm,
-    /// Multicatch copies dropped because the cell's queue was full (also
-    /// counted in `dropped_hwm`).
+    /// Multicatch copies dropped because the cell's queue was full, each
+    /// event of a dropped batch counted (their messages are also in
+    /// `dropped_hwm`).
     dropped_multicatch,
     /// Cells expired for missing heartbeats.
     expired_cells,
