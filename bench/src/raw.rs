@@ -24,7 +24,7 @@ use thynapse_protocol::{frame, Thid, Verb};
 
 use crate::payload;
 use crate::procfs::{self, CpuMark};
-use crate::report::{wait_for_deliveries, Report, RunClock, Tally};
+use crate::report::{wait_for_deliveries, Answers, Report, RunClock, Tally};
 use crate::{Load, Scenario};
 
 /// The channel every run publishes on (throughput runs add `::<tag>`, see
@@ -519,9 +519,6 @@ pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::R
     let mut p = payload::template(load.payload);
     let mut sent_at: Vec<Option<Instant>> = vec![None; socks.len()];
     let mut next_seq = 0u64;
-    let mut tally = Tally::new(load.msgs);
-    let mut latencies = Vec::with_capacity(load.msgs as usize);
-    let mut errors = 0u64;
     let mut send = |i: usize, sent_at: &mut [Option<Instant>]| -> anyhow::Result<()> {
         if next_seq >= load.msgs || begin.elapsed() > load.deadline {
             return Ok(());
@@ -534,14 +531,13 @@ pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::R
         Ok(())
     };
     let mark = CpuMark::now(load.server_pid);
-    let t0 = Instant::now();
+    let mut answers = Answers::new(load.msgs, Instant::now());
     for i in 0..socks.len() {
         send(i, &mut sent_at)?;
     }
-    let mut last_reply = t0;
     while sent_at.iter().any(Option::is_some)
         && begin.elapsed() < load.deadline
-        && last_reply.elapsed() < load.idle
+        && answers.last.elapsed() < load.idle
     {
         let readable: Vec<usize> = {
             let mut items: Vec<_> = socks
@@ -563,19 +559,15 @@ pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::R
                 };
                 match f.verb {
                     Verb::RPLY => {
-                        let now = Instant::now();
-                        if let Some(t) = sent_at[i].take() {
-                            latencies.push((now - t).as_micros() as u32);
-                        }
-                        tally.record(parts.get(1).and_then(|b| payload::seq_of(b)));
-                        last_reply = now;
+                        let seq = parts.get(1).and_then(|b| payload::seq_of(b));
+                        answers.answer(sent_at[i].take(), seq);
                         send(i, &mut sent_at)?;
                     }
                     Verb::ERRR => {
-                        if errors == 0 {
+                        if answers.errors == 0 {
                             eprintln!("requester got ERRR {}", String::from_utf8_lossy(f.body));
                         }
-                        errors += 1;
+                        answers.errors += 1;
                         sent_at[i] = None;
                         send(i, &mut sent_at)?;
                     }
@@ -593,24 +585,13 @@ pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::R
     for s in &socks {
         let _ = send_cmd(&s.dealer, Verb::GBYE, "{}");
     }
-    let mut r = Report::new("thynapse-raw", "request_reply");
-    r.payload = load.payload;
-    r.cells = load.cells;
-    r.requesters = Some(socks.len());
-    r.msgs = next_seq;
-    r.delivered = latencies.len() as u64;
-    r.secs = (last_reply - t0).as_secs_f64();
-    r.msgs_per_sec = if r.secs > 0.0 {
-        r.delivered as f64 / r.secs
-    } else {
-        0.0
-    };
-    r.lost = next_seq.saturating_sub(r.delivered);
-    r.dup = tally.lost_dup(1).1;
-    r.cpu(cpu);
-    r.latencies(latencies);
-    if errors > 0 {
-        r.note = Some(format!("{errors} ERRR answers"));
-    }
-    Ok(r)
+    Ok(Report::request_reply(
+        "thynapse-raw",
+        load,
+        socks.len(),
+        next_seq,
+        answers,
+        cpu,
+        "ERRR answers",
+    ))
 }

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::Load;
+
 /// One run's result, printed as one JSON line.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
@@ -104,10 +106,90 @@ impl Report {
         self.p99_us = Some(at(0.99));
     }
 
+    /// The report of a request/reply run of `system` with `requesters`
+    /// requesters that sent `sent` requests and got `answers`; `failures`
+    /// names what `answers.errors` counts.
+    pub fn request_reply(
+        system: &str,
+        load: &Load,
+        requesters: usize,
+        sent: u64,
+        answers: Answers,
+        cpu: (Option<f64>, f64),
+        failures: &str,
+    ) -> Report {
+        let mut r = Report::new(system, "request_reply");
+        r.payload = load.payload;
+        r.cells = load.cells;
+        r.requesters = Some(requesters);
+        r.msgs = sent;
+        r.delivered = answers.latencies.len() as u64;
+        r.secs = (answers.last - answers.start).as_secs_f64();
+        r.msgs_per_sec = if r.secs > 0.0 {
+            r.delivered as f64 / r.secs
+        } else {
+            0.0
+        };
+        r.lost = sent.saturating_sub(r.delivered);
+        r.dup = answers.tally.lost_dup(1).1;
+        r.cpu(cpu);
+        r.latencies(answers.latencies);
+        if answers.errors > 0 {
+            r.note = Some(format!("{} {failures}", answers.errors));
+        }
+        r
+    }
+
     /// The report as one JSON line (no trailing newline).
     pub fn to_line(&self) -> String {
         // A struct of strings and numbers always serializes.
         serde_json::to_string(self).expect("a report serializes")
+    }
+}
+
+/// What requesters saw of a request/reply run that started at `start`.
+#[derive(Debug, Clone)]
+pub struct Answers {
+    /// When the first request went out.
+    pub start: Instant,
+    /// When the last answer came (`start` until one does).
+    pub last: Instant,
+    /// Round trip of each answered request, in microseconds.
+    pub latencies: Vec<u32>,
+    /// Answers by the sequence number they carry.
+    pub tally: Tally,
+    /// Requests that got an error instead of an answer.
+    pub errors: u64,
+}
+
+impl Answers {
+    /// No answers yet to a run of `msgs` requests that started at `start`.
+    pub fn new(msgs: u64, start: Instant) -> Answers {
+        Answers {
+            start,
+            last: start,
+            latencies: Vec::new(),
+            tally: Tally::new(msgs),
+            errors: 0,
+        }
+    }
+
+    /// An answer carrying `seq` came now, to a request sent at `sent`
+    /// (when known).
+    pub fn answer(&mut self, sent: Option<Instant>, seq: Option<u64>) {
+        self.last = Instant::now();
+        if let Some(t) = sent {
+            self.latencies.push((self.last - t).as_micros() as u32);
+        }
+        self.tally.record(seq);
+    }
+
+    /// Adds another requester's answers.
+    pub fn merge(&mut self, other: Answers) {
+        self.last = self.last.max(other.last);
+        self.latencies.extend(other.latencies);
+        self.tally.merge(&other.tally);
+        self.errors += other.errors;
     }
 }
 

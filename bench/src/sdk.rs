@@ -23,7 +23,7 @@ use thynapse_cell::{Client, ListenOptions, Options, Request};
 use crate::payload;
 use crate::procfs::{self, CpuMark};
 use crate::raw::{CELL_SERVICE, CHANNEL, PUBLISHER_SERVICE, REQUESTER_SERVICE, RR_CHANNEL};
-use crate::report::{Report, RunClock, Tally};
+use crate::report::{Answers, Report, RunClock, Tally};
 use crate::{await_deliveries, tally_deliveries, Load, Scenario};
 
 async fn connect(command: &str, service: &str) -> anyhow::Result<Client> {
@@ -183,11 +183,8 @@ pub async fn request_reply(
     for c in clients {
         let (next, msgs, size, deadline) = (next.clone(), load.msgs, load.payload, load.deadline);
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut tally = Tally::new(msgs);
-            let mut errors = 0u64;
+            let mut answers = Answers::new(msgs, t0);
             let mut template = payload::template(size);
-            let mut last = Instant::now();
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if seq >= msgs || begin.elapsed() > deadline {
@@ -197,27 +194,18 @@ pub async fn request_reply(
                 let t = Instant::now();
                 match c.request_bytes(RR_CHANNEL, template.clone()).await {
                     Ok(reply) => {
-                        last = Instant::now();
-                        latencies.push((last - t).as_micros() as u32);
-                        tally.record(reply.payload::<Option<u64>>().ok().flatten());
+                        answers.answer(Some(t), reply.payload::<Option<u64>>().ok().flatten())
                     }
-                    Err(_) => errors += 1,
+                    Err(_) => answers.errors += 1,
                 }
             }
             c.close().await;
-            (latencies, tally, errors, last)
+            answers
         }));
     }
-    let mut latencies = Vec::new();
-    let mut tally = Tally::new(load.msgs);
-    let mut errors = 0;
-    let mut last = t0;
+    let mut answers = Answers::new(load.msgs, t0);
     for t in tasks {
-        let (l, ta, e, la) = t.await?;
-        latencies.extend(l);
-        tally.merge(&ta);
-        errors += e;
-        last = last.max(la);
+        answers.merge(t.await?);
     }
     let cpu = mark.since();
     for (c, r) in responders {
@@ -225,24 +213,13 @@ pub async fn request_reply(
         c.close().await;
     }
     let sent = next.load(Ordering::Relaxed).min(load.msgs);
-    let mut r = Report::new("thynapse-sdk", "request_reply");
-    r.payload = load.payload;
-    r.cells = load.cells;
-    r.requesters = Some(requesters.max(1));
-    r.msgs = sent;
-    r.delivered = latencies.len() as u64;
-    r.secs = (last - t0).as_secs_f64();
-    r.msgs_per_sec = if r.secs > 0.0 {
-        r.delivered as f64 / r.secs
-    } else {
-        0.0
-    };
-    r.lost = sent.saturating_sub(r.delivered);
-    r.dup = tally.lost_dup(1).1;
-    r.cpu(cpu);
-    r.latencies(latencies);
-    if errors > 0 {
-        r.note = Some(format!("{errors} failed requests"));
-    }
-    Ok(r)
+    Ok(Report::request_reply(
+        "thynapse-sdk",
+        load,
+        requesters.max(1),
+        sent,
+        answers,
+        cpu,
+        "failed requests",
+    ))
 }
