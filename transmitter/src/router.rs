@@ -1539,11 +1539,11 @@ impl Router {
         Metrics::incr(&self.metrics.requests);
         let r: Request<'_> = parse(body)?;
         let re = r.reference.clone();
-        pattern::validate_channel(&r.channel)
-            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
+        let route = self
+            .checked_route(&r.channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e, re.clone()))?;
         let query = parse_query(r.query.as_ref())
             .map_err(|e| Failure::new(ErrorCode::BadQuery, e, re.clone()))?;
-        let route = self.route(&r.channel);
         let empty = Map::new();
         let mut candidates: Vec<(Arc<str>, Target)> = Vec::new();
         for sr in route
@@ -1823,10 +1823,9 @@ impl Router {
             .channel
             .clone()
             .unwrap_or_else(|| format!("send::{}", t.service));
-        pattern::validate_channel(&channel)
-            .map_err(|e| Failure::new(ErrorCode::BadPattern, e.to_string(), re.clone()))?;
         let candidates: Vec<Target> = self
-            .route(&channel)
+            .checked_route(&channel)
+            .map_err(|e| Failure::new(ErrorCode::BadPattern, e, re.clone()))?
             .any
             .iter()
             .find(|sr| *sr.service == *t.service)
