@@ -52,21 +52,18 @@ impl<'a> Item<'a> {
     /// `o` as an item, if it is a single `DLVR`, multicatch `EVNT`,
     /// `MDLV` or `MEVT`.
     fn of(o: &'a Output) -> Option<Item<'a>> {
-        let (frame, binary) = match o {
-            Output::ToPeer { frame, binary, .. } if frame.starts_with(b"J DLVR {") => {
-                (&frame[..], binary)
+        let frame = o.frame();
+        let single = match o {
+            Output::ToPeer { .. } => frame.starts_with(b"J DLVR {"),
+            Output::Multicatch { .. } => true,
+            Output::ToNode { .. } => {
+                frame.starts_with(b"J MDLV {") || frame.starts_with(b"J MEVT {")
             }
-            Output::Multicatch { frame, binary, .. } => (&frame[..], binary),
-            Output::ToNode { frame, binary, .. }
-                if frame.starts_with(b"J MDLV {") || frame.starts_with(b"J MEVT {") =>
-            {
-                (&frame[..], binary)
-            }
-            _ => return None,
+            _ => false,
         };
-        Some(Item {
+        single.then(|| Item {
             frame,
-            binary: binary.as_ref(),
+            binary: o.binaries().first(),
         })
     }
 

@@ -103,6 +103,17 @@ impl Output {
             Output::Batch { merged, .. } | Output::NodeBatch { merged, .. } => &merged.frame,
         }
     }
+
+    /// The binary frames that follow its command frame.
+    pub fn binaries(&self) -> &[Arc<[u8]>] {
+        match self {
+            Output::ToPeer { binary, .. }
+            | Output::ToNode { binary, .. }
+            | Output::Publish { binary, .. }
+            | Output::Multicatch { binary, .. } => binary.as_slice(),
+            Output::Batch { merged, .. } | Output::NodeBatch { merged, .. } => &merged.binaries,
+        }
+    }
 }
 
 /// Messages of one verb merged into one: `J VERB [{json},...]` and their

@@ -21,7 +21,7 @@ use crate::coalesce::coalesce;
 use crate::config::{Config, DEFAULT_HWM, LINGER, MESH_HWM, TICK};
 use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
-use crate::router::{Output, Router};
+use crate::router::{Output, PeerId, Router};
 
 /// Most messages taken from one socket before the others get a turn.
 const BATCH: usize = 512;
@@ -339,7 +339,7 @@ struct Switchboard {
     unseen: HashMap<Thid, (Instant, Vec<Output>)>,
     /// Cells whose queue is full, since when: past
     /// [`SLOW_CONSUMER_MS`] they are disconnected.
-    stuck: HashMap<Vec<u8>, Instant>,
+    stuck: HashMap<PeerId, Instant>,
 }
 
 impl Switchboard {
@@ -520,37 +520,24 @@ impl Switchboard {
                 Err(node) => router.node_takes_batches(node),
             });
             for o in batch.drain(..) {
+                let (frame, binaries) = (o.frame(), o.binaries());
                 let (sent, peer) = match &o {
-                    Output::ToPeer { peer, binary, .. }
-                    | Output::Multicatch { peer, binary, .. } => (
-                        send(&self.commands, Some(peer), o.frame(), binary.as_slice()),
+                    Output::ToPeer { peer, .. }
+                    | Output::Multicatch { peer, .. }
+                    | Output::Batch { peer, .. } => (
+                        send(&self.commands, Some(peer), frame, binaries),
                         Some(peer),
                     ),
-                    Output::Batch { peer, merged, .. } => (
-                        send(&self.commands, Some(peer), &merged.frame, &merged.binaries),
-                        Some(peer),
-                    ),
-                    Output::Publish { frame, binary } => {
-                        (send(&self.events, None, frame, binary.as_slice()), None)
+                    Output::Publish { .. } => (send(&self.events, None, frame, binaries), None),
+                    Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => {
+                        match self.nodes.get(node) {
+                            Some((_, s)) => (send(s, None, frame, binaries), None),
+                            None => {
+                                self.hold_for_unseen(*node, o);
+                                continue;
+                            }
+                        }
                     }
-                    Output::ToNode {
-                        node,
-                        frame,
-                        binary,
-                    } => match self.nodes.get(node) {
-                        Some((_, s)) => (send(s, None, frame, binary.as_slice()), None),
-                        None => {
-                            self.hold_for_unseen(*node, o);
-                            continue;
-                        }
-                    },
-                    Output::NodeBatch { node, merged } => match self.nodes.get(node) {
-                        Some((_, s)) => (send(s, None, &merged.frame, &merged.binaries), None),
-                        None => {
-                            self.hold_for_unseen(*node, o);
-                            continue;
-                        }
-                    },
                 };
                 let metrics = self.router.metrics();
                 match (sent, peer) {
@@ -574,7 +561,7 @@ impl Switchboard {
                             _ => {}
                         }
                         let now = Instant::now();
-                        let since = *self.stuck.entry(peer.to_vec()).or_insert(now);
+                        let since = *self.stuck.entry(peer.clone()).or_insert(now);
                         if now.duration_since(since) > Duration::from_millis(SLOW_CONSUMER_MS) {
                             self.stuck.remove(&peer[..]);
                             self.router.slow_consumer(peer, now, &mut self.out);
