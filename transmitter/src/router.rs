@@ -325,6 +325,13 @@ struct Route {
     multi_nodes: Vec<Thid>,
 }
 
+impl Route {
+    /// Whether nobody listens to the channel.
+    fn is_empty(&self) -> bool {
+        self.any.is_empty() && self.multi.is_empty() && self.multi_nodes.is_empty()
+    }
+}
+
 /// A cell of another transmitter, as the mesh view describes it.
 #[derive(Debug)]
 struct RemoteCell {
@@ -895,10 +902,15 @@ impl Router {
             .checked_route(&p.channel)
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e, re(p.reference.clone())))?;
         let mut routed = 0u32;
+        // One copy of the binary payload, shared by every delivery.
+        let binary: Option<Arc<[u8]>> = if route.is_empty() {
+            None
+        } else {
+            binary.map(Arc::from)
+        };
         if !route.multi.is_empty() || !route.multi_nodes.is_empty() {
             self.scratch.clear();
             body::write_delivery(&mut self.scratch, &id, &p.channel, payload, from, None);
-            let binary = binary.map(Arc::from);
             self.multicatch(&route.multi, &self.scratch, binary.as_ref(), out);
             for node in &route.multi_nodes {
                 out.push(Output::ToNode {
@@ -915,7 +927,7 @@ impl Router {
                 id,
                 channel: route.channel.clone(),
                 payload: payload.map(<[u8]>::to_vec),
-                binary: binary.map(Arc::from),
+                binary,
                 from: *from,
             });
             for sr in &route.any {
