@@ -417,6 +417,34 @@ const FLOOD_PAYLOAD: usize = 1024;
 /// way: the publisher is done and the transmitter handled everything),
 /// counting messages by their first bytes. No PING barrier: a PONG into a
 /// full queue would be dropped like the events.
+/// How long after `started` the membership events on `members` said that
+/// cell `id` of `service` left, waiting at most `within` (`None` if it
+/// did not). `publisher` pings meanwhile, so that it stays welcomed.
+fn left_after(
+    members: &mut RawSub,
+    publisher: &RawCell,
+    (service, id): (&str, &str),
+    started: Instant,
+    within: Duration,
+) -> anyhow::Result<Option<Duration>> {
+    let topic = format!("MEMB {service} ");
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        let _ = publisher.send("J PING {}");
+        if let Some(parts) = members.recv(Duration::from_millis(200))? {
+            let text = String::from_utf8_lossy(&parts[0]).into_owned();
+            let body: Value = serde_json::from_str(
+                text.strip_prefix(&topic)
+                    .context("a MEMB frame of another service")?,
+            )?;
+            if body["event"] == "left" && body["cell"]["id"] == id {
+                return Ok(Some(started.elapsed()));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn read_until_quiet(
     mut recv: impl FnMut(Duration) -> anyhow::Result<Option<Vec<Vec<u8>>>>,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -463,21 +491,13 @@ fn a_consumer_that_never_reads_its_unacked_deliveries_costs_bounded_memory() -> 
 
         // Did the transmitter let the stuck cell go? Its membership ends
         // with "left" if it did.
-        let mut left = None;
-        let end = Instant::now() + Duration::from_secs(10);
-        while left.is_none() && Instant::now() < end {
-            let _ = publisher.send("J PING {}");
-            if let Some(parts) = members.recv(Duration::from_millis(200))? {
-                let text = String::from_utf8_lossy(&parts[0]).into_owned();
-                let body: Value = serde_json::from_str(
-                    text.strip_prefix("MEMB stuck ")
-                        .context("a MEMB frame of another service")?,
-                )?;
-                if body["event"] == "left" && body["cell"]["id"] == stuck_id.as_str() {
-                    left = Some(started.elapsed());
-                }
-            }
-        }
+        let left = left_after(
+            &mut members,
+            &publisher,
+            ("stuck", &stuck_id),
+            started,
+            Duration::from_secs(10),
+        )?;
         let peak = rss.peak_mib();
         let probe = probe
             .stop()
@@ -551,21 +571,13 @@ fn a_multicatch_cell_that_never_reads_costs_bounded_memory_and_is_removed_as_a_s
         // Its queue stays full (the PONGs to its PINGs are refused too), so
         // the transmitter lets it go SLOW_CONSUMER_MS after the first
         // refusal: its membership ends with "left".
-        let mut left = None;
-        let end = Instant::now() + Duration::from_millis(SLOW_CONSUMER_MS) * 3;
-        while left.is_none() && Instant::now() < end {
-            let _ = publisher.send("J PING {}");
-            if let Some(parts) = members.recv(Duration::from_millis(200))? {
-                let text = String::from_utf8_lossy(&parts[0]).into_owned();
-                let body: Value = serde_json::from_str(
-                    text.strip_prefix("MEMB watcher ")
-                        .context("a MEMB frame of another service")?,
-                )?;
-                if body["event"] == "left" && body["cell"]["id"] == watcher_id.as_str() {
-                    left = Some(started.elapsed());
-                }
-            }
-        }
+        let left = left_after(
+            &mut members,
+            &publisher,
+            ("watcher", &watcher_id),
+            started,
+            Duration::from_millis(SLOW_CONSUMER_MS) * 3,
+        )?;
         let peak = rss.peak_mib();
         let probe = probe
             .stop()
