@@ -3,6 +3,12 @@
 
 mod cli;
 
+/// mimalloc, which also takes libzmq's `malloc`/`free` (feature `override`):
+/// messages are allocated on the router thread and freed on libzmq's I/O
+/// thread, and the other way round, where glibc's arenas contend.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
