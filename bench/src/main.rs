@@ -7,6 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use thynapse_bench::nats::{JsPublish, JsTuning};
 use thynapse_bench::{nats, raw, sdk, zmq_ceiling, Load, Scenario};
 
+/// mimalloc for every client of every system alike (async-nats, the SDK,
+/// the raw client), libzmq's allocations included (feature `override`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "thynapse-bench",
