@@ -124,6 +124,66 @@ pub struct Publish<'a> {
     pub reference: Option<Value>,
 }
 
+impl<'a> Publish<'a> {
+    /// Reads a batch (a JSON array of `EVNT` bodies, PROTOCOL.md §23) whose
+    /// every element has the shape clients write most,
+    /// `{"channel":"<text>"[,"id":"<hex>"][,"seq":<n>]}`, with no
+    /// whitespace and nothing to unescape, without going through serde.
+    ///
+    /// `None` when the body or any element differs in any way (an empty
+    /// array, a payload, another field, an escape, a bad THID or number):
+    /// the caller then reads it the general way, which gives the same
+    /// events for what this accepts, and the errors for the rest.
+    pub fn canonical_batch(body: &'a [u8]) -> Option<Vec<Publish<'a>>> {
+        let mut rest = body.strip_prefix(b"[")?;
+        let mut events = Vec::new();
+        loop {
+            let (event, after) = Publish::canonical(rest)?;
+            events.push(event);
+            match after {
+                [b',', more @ ..] => rest = more,
+                [b']'] => return Some(events),
+                _ => return None,
+            }
+        }
+    }
+
+    /// One canonical element at the start of `s`, and what follows it.
+    fn canonical(s: &'a [u8]) -> Option<(Publish<'a>, &'a [u8])> {
+        let s = s.strip_prefix(br#"{"channel":""#)?;
+        let end = s
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let channel = std::str::from_utf8(&s[..end]).ok()?;
+        let mut s = s[end..].strip_prefix(b"\"")?;
+        let mut id = None;
+        if let Some(after) = s.strip_prefix(br#","id":""#) {
+            let (hex, after) = after.split_at_checked(crate::thid::THID_LEN * 2)?;
+            id = Some(Thid::parse_hex(hex).ok()?);
+            s = after.strip_prefix(b"\"")?;
+        }
+        let mut seq = None;
+        if let Some(after) = s.strip_prefix(br#","seq":"#) {
+            let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
+            if digits == 0 || (digits > 1 && after[0] == b'0') {
+                return None;
+            }
+            seq = Some(std::str::from_utf8(&after[..digits]).ok()?.parse().ok()?);
+            s = &after[digits..];
+        }
+        let s = s.strip_prefix(b"}")?;
+        let event = Publish {
+            channel: std::borrow::Cow::Borrowed(channel),
+            payload: None,
+            id,
+            seq,
+            confirm: false,
+            reference: None,
+        };
+        Some((event, s))
+    }
+}
+
 /// `DLVR` to a cell, and (without `attempt`) the body of a multicatch
 /// `EVNT` to a cell.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -433,6 +493,108 @@ pub fn write_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// An event's channel, THID and sequence number.
+    type Read = (String, Option<Thid>, Option<u64>);
+
+    /// What serde reads from a batch, in the fields `canonical_batch` fills.
+    fn by_serde(body: &[u8]) -> Option<Vec<Read>> {
+        let items: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
+        items
+            .iter()
+            .map(|i| {
+                let p: Publish<'_> = serde_json::from_str(i.get()).ok()?;
+                Some((p.channel.into_owned(), p.id, p.seq))
+            })
+            .collect()
+    }
+
+    /// What `canonical_batch` reads from a batch.
+    fn fast(body: &[u8]) -> Option<Vec<Read>> {
+        Publish::canonical_batch(body).map(|events| {
+            events
+                .into_iter()
+                .map(|p| {
+                    assert!(p.payload.is_none() && !p.confirm && p.reference.is_none());
+                    (p.channel.into_owned(), p.id, p.seq)
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn canonical_batches_read_as_serde_reads_them() {
+        let id = Thid::random();
+        let hex = id.to_hex();
+        let body = format!(
+            r#"[{{"channel":"a::b","id":"{hex}","seq":7}},{{"channel":"é::c"}},{{"channel":"x","seq":0}}]"#
+        );
+        let read = fast(body.as_bytes()).expect("canonical");
+        assert_eq!(read, by_serde(body.as_bytes()).unwrap());
+        assert_eq!(read[0], ("a::b".to_owned(), Some(id), Some(7)));
+    }
+
+    #[test]
+    fn anything_else_is_left_to_serde() {
+        let hex = Thid::random().to_hex();
+        for body in [
+            "[]".to_owned(),
+            r#"{"channel":"a"}"#.to_owned(),
+            r#"[{"channel":"a"} ]"#.to_owned(),
+            r#"[ {"channel":"a"}]"#.to_owned(),
+            r#"[{"channel":"a","payload":1}]"#.to_owned(),
+            r#"[{"channel":"a","confirm":true}]"#.to_owned(),
+            r#"[{"channel":"a\u003a"}]"#.to_owned(),
+            r#"[{"channel":"a"},]"#.to_owned(),
+            r#"[{"channel":"a"}"#.to_owned(),
+            r#"[{"channel":"a","seq":01}]"#.to_owned(),
+            r#"[{"channel":"a","seq":}]"#.to_owned(),
+            r#"[{"channel":"a","seq":18446744073709551616}]"#.to_owned(),
+            r#"[{"channel":"a","seq":1,"id":"00"}]"#.to_owned(),
+            format!(r#"[{{"channel":"a","id":"{}"}}]"#, &hex[1..]),
+            format!(r#"[{{"channel":"a","id":"{}x"}}]"#, &hex[1..]),
+            format!(r#"[{{"seq":1,"channel":"a","id":"{hex}"}}]"#),
+            "[{\"channel\":\"a\tb\"}]".to_owned(),
+        ] {
+            assert!(fast(body.as_bytes()).is_none(), "{body}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn whatever_it_accepts_serde_reads_the_same(
+            elements in proptest::collection::vec(
+                ("[a-z:é\"\\\\\t]{0,6}", proptest::option::of(any::<[u8; 20]>()), proptest::option::of(any::<u64>())),
+                1..5,
+            ),
+            noise in proptest::option::of((0usize..200, any::<u8>())),
+        ) {
+            let mut body = String::from("[");
+            for (i, (channel, id, seq)) in elements.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(&format!(r#"{{"channel":"{channel}""#));
+                if let Some(id) = id {
+                    body.push_str(&format!(r#","id":"{}""#, Thid::from_bytes(*id).to_hex()));
+                }
+                if let Some(seq) = seq {
+                    body.push_str(&format!(r#","seq":{seq}"#));
+                }
+                body.push('}');
+            }
+            body.push(']');
+            let mut bytes = body.into_bytes();
+            if let Some((at, b)) = noise {
+                let at = at % bytes.len();
+                bytes[at] = b;
+            }
+            if let Some(read) = fast(&bytes) {
+                prop_assert_eq!(Some(read), by_serde(&bytes));
+            }
+        }
+    }
 
     #[test]
     fn written_deliveries_parse_back() {
