@@ -858,6 +858,20 @@ impl Router {
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Handled {
+        // Most batches have the shape clients write: read them without
+        // serde (the general way below gives the same events).
+        if let Some(events) = Publish::canonical_batch(body) {
+            if binaries.is_empty() || binaries.len() == events.len() {
+                for (i, p) in events.into_iter().enumerate() {
+                    Metrics::incr(&self.metrics.events_in);
+                    let binary = binaries.get(i).copied();
+                    if let Err(f) = self.publish_event(peer, from, p, binary, now, out) {
+                        self.fail(peer, f, out);
+                    }
+                }
+                return Ok(());
+            }
+        }
         for (event, binary) in batch_items(body, binaries)? {
             if let Err(f) = self.publish(peer, from, event, binary, now, out) {
                 self.fail(peer, f, out);
@@ -877,6 +891,19 @@ impl Router {
     ) -> Handled {
         Metrics::incr(&self.metrics.events_in);
         let p: Publish<'_> = parse(body)?;
+        self.publish_event(peer, from, p, binary, now, out)
+    }
+
+    /// Routes one event, read from its `EVNT` body.
+    fn publish_event(
+        &mut self,
+        peer: &[u8],
+        from: &Thid,
+        p: Publish<'_>,
+        binary: Option<&[u8]>,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Handled {
         let payload = p.payload.map(|r| r.get().as_bytes());
         let id = match p.id {
             Some(id) => id,
@@ -1512,11 +1539,23 @@ impl Router {
     /// Whether `cell` holds as many unanswered deliveries as it takes at
     /// once: a local cell counting all of them, a remote one those we sent.
     fn is_full(&self, cell: &Thid) -> bool {
+        self.load(cell).0
+    }
+
+    /// Whether `cell` holds as many unanswered deliveries as it takes, and
+    /// how many it has unanswered plus waiting (for a remote cell, the
+    /// unanswered ones we sent), in one lookup.
+    fn load(&self, cell: &Thid) -> (bool, usize) {
         match self.cells.get(cell) {
-            Some(c) => c.held.len() as u32 >= c.limit(),
-            None => self
-                .remote_cell(cell)
-                .is_some_and(|c| self.remote_load.get(cell).copied().unwrap_or(0) >= c.limit),
+            Some(c) => (
+                c.held.len() as u32 >= c.limit(),
+                c.held.len() + c.queue.len(),
+            ),
+            None => {
+                let sent = self.remote_load.get(cell).copied().unwrap_or(0);
+                let full = self.remote_cell(cell).is_some_and(|c| sent >= c.limit);
+                (full, sent as usize)
+            }
         }
     }
 
@@ -1532,20 +1571,34 @@ impl Router {
         if candidates.is_empty() {
             return None;
         }
-        let cursor = self.cursors.entry(service.clone()).or_insert(0);
-        let start = *cursor;
-        *cursor = cursor.wrapping_add(1);
-        // A cell with a free slot beats any cell that would have to queue;
-        // then the fewest unanswered-plus-waiting deliveries win.
-        let load = |t: &Target| {
-            let busy = match self.cells.get(&t.cell) {
-                Some(c) => c.held.len() + c.queue.len(),
-                None => self.remote_load.get(&t.cell).copied().unwrap_or(0) as usize,
-            };
-            (self.is_full(&t.cell), busy)
+        let start = match self.cursors.get_mut(service) {
+            Some(cursor) => {
+                let start = *cursor;
+                *cursor = cursor.wrapping_add(1);
+                start
+            }
+            None => {
+                self.cursors.insert(service.clone(), 1);
+                0
+            }
         };
+        // A cell with a free slot beats any cell that would have to queue;
+        // then the fewest unanswered-plus-waiting deliveries win, the first
+        // from the cursor on a tie. An idle cell with a free slot cannot be
+        // beaten, so the search stops there (without acks, at once).
         let n = candidates.len();
-        (0..n).map(|i| candidates[(start + i) % n]).min_by_key(load)
+        let mut best: Option<(Target, (bool, usize))> = None;
+        for i in 0..n {
+            let t = candidates[(start + i) % n];
+            let load = self.load(&t.cell);
+            if load == (false, 0) {
+                return Some(t);
+            }
+            if best.is_none_or(|(_, b)| load < b) {
+                best = Some((t, load));
+            }
+        }
+        best.map(|(t, _)| t)
     }
 
     /// `RQST`: routes a request to one cell listening to its channel (of
