@@ -36,6 +36,11 @@ pub struct Hello {
     /// body is a JSON array of several deliveries.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub batch: bool,
+    /// Whether the cell takes packed batches (with `batch`): the binary
+    /// payloads of a batch in one frame, each element saying its `bin`
+    /// length (PROTOCOL.md §23).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packed: bool,
     /// Echoed in the reply.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<Value>,
@@ -66,6 +71,11 @@ pub struct Welcome {
     /// JSON array of events.
     #[serde(default)]
     pub batch: bool,
+    /// Whether the transmitter takes packed batches: an `EVNT` batch whose
+    /// binary payloads come in one frame, each element saying its `bin`
+    /// length (PROTOCOL.md §23).
+    #[serde(default)]
+    pub packed: bool,
     /// Echo of the HELO's `ref`.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub reference: Option<Value>,
@@ -122,12 +132,16 @@ pub struct Publish<'a> {
     /// Echoed in the reply.
     #[serde(default, rename = "ref")]
     pub reference: Option<Value>,
+    /// In a packed batch: the length of this event's binary payload in
+    /// the batch's one binary frame (PROTOCOL.md §23).
+    #[serde(default)]
+    pub bin: Option<u64>,
 }
 
 impl<'a> Publish<'a> {
     /// Reads a batch (a JSON array of `EVNT` bodies, PROTOCOL.md §23) whose
     /// every element has the shape clients write most,
-    /// `{"channel":"<text>"[,"id":"<hex>"][,"seq":<n>]}`, with no
+    /// `{"channel":"<text>"[,"id":"<hex>"][,"seq":<n>][,"bin":<n>]}`, with no
     /// whitespace and nothing to unescape, without going through serde.
     ///
     /// `None` when the body or any element differs in any way (an empty
@@ -162,15 +176,8 @@ impl<'a> Publish<'a> {
             id = Some(Thid::parse_hex(hex).ok()?);
             s = after.strip_prefix(b"\"")?;
         }
-        let mut seq = None;
-        if let Some(after) = s.strip_prefix(br#","seq":"#) {
-            let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
-            if digits == 0 || (digits > 1 && after[0] == b'0') {
-                return None;
-            }
-            seq = Some(std::str::from_utf8(&after[..digits]).ok()?.parse().ok()?);
-            s = &after[digits..];
-        }
+        let (seq, s) = canonical_number(s, br#","seq":"#)?;
+        let (bin, s) = canonical_number(s, br#","bin":"#)?;
         let s = s.strip_prefix(b"}")?;
         let event = Publish {
             channel: std::borrow::Cow::Borrowed(channel),
@@ -179,9 +186,25 @@ impl<'a> Publish<'a> {
             seq,
             confirm: false,
             reference: None,
+            bin,
         };
         Some((event, s))
     }
+}
+
+/// An optional `,"key":<u64>` at the start of `s` (`key` given with its
+/// punctuation), and what follows; `None` when it is there but is not a
+/// plain JSON integer that fits.
+fn canonical_number<'a>(s: &'a [u8], key: &[u8]) -> Option<(Option<u64>, &'a [u8])> {
+    let Some(after) = s.strip_prefix(key) else {
+        return Some((None, s));
+    };
+    let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || (digits > 1 && after[0] == b'0') {
+        return None;
+    }
+    let n = std::str::from_utf8(&after[..digits]).ok()?.parse().ok()?;
+    Some((Some(n), &after[digits..]))
 }
 
 /// `DLVR` to a cell, and (without `attempt`) the body of a multicatch
@@ -495,8 +518,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// An event's channel, THID and sequence number.
-    type Read = (String, Option<Thid>, Option<u64>);
+    /// An event's channel, THID, sequence number and `bin`.
+    type Read = (String, Option<Thid>, Option<u64>, Option<u64>);
 
     /// What serde reads from a batch, in the fields `canonical_batch` fills.
     fn by_serde(body: &[u8]) -> Option<Vec<Read>> {
@@ -505,7 +528,7 @@ mod tests {
             .iter()
             .map(|i| {
                 let p: Publish<'_> = serde_json::from_str(i.get()).ok()?;
-                Some((p.channel.into_owned(), p.id, p.seq))
+                Some((p.channel.into_owned(), p.id, p.seq, p.bin))
             })
             .collect()
     }
@@ -517,7 +540,7 @@ mod tests {
                 .into_iter()
                 .map(|p| {
                     assert!(p.payload.is_none() && !p.confirm && p.reference.is_none());
-                    (p.channel.into_owned(), p.id, p.seq)
+                    (p.channel.into_owned(), p.id, p.seq, p.bin)
                 })
                 .collect()
         })
@@ -528,11 +551,12 @@ mod tests {
         let id = Thid::random();
         let hex = id.to_hex();
         let body = format!(
-            r#"[{{"channel":"a::b","id":"{hex}","seq":7}},{{"channel":"é::c"}},{{"channel":"x","seq":0}}]"#
+            r#"[{{"channel":"a::b","id":"{hex}","seq":7}},{{"channel":"é::c","bin":0}},{{"channel":"x","seq":0,"bin":128}}]"#
         );
         let read = fast(body.as_bytes()).expect("canonical");
         assert_eq!(read, by_serde(body.as_bytes()).unwrap());
-        assert_eq!(read[0], ("a::b".to_owned(), Some(id), Some(7)));
+        assert_eq!(read[0], ("a::b".to_owned(), Some(id), Some(7), None));
+        assert_eq!(read[2], ("x".to_owned(), None, Some(0), Some(128)));
     }
 
     #[test]
@@ -552,6 +576,8 @@ mod tests {
             r#"[{"channel":"a","seq":}]"#.to_owned(),
             r#"[{"channel":"a","seq":18446744073709551616}]"#.to_owned(),
             r#"[{"channel":"a","seq":1,"id":"00"}]"#.to_owned(),
+            r#"[{"channel":"a","bin":1,"seq":1}]"#.to_owned(),
+            r#"[{"channel":"a","bin":-1}]"#.to_owned(),
             format!(r#"[{{"channel":"a","id":"{}"}}]"#, &hex[1..]),
             format!(r#"[{{"channel":"a","id":"{}x"}}]"#, &hex[1..]),
             format!(r#"[{{"seq":1,"channel":"a","id":"{hex}"}}]"#),
@@ -565,13 +591,18 @@ mod tests {
         #[test]
         fn whatever_it_accepts_serde_reads_the_same(
             elements in proptest::collection::vec(
-                ("[a-z:é\"\\\\\t]{0,6}", proptest::option::of(any::<[u8; 20]>()), proptest::option::of(any::<u64>())),
+                (
+                    "[a-z:é\"\\\\\t]{0,6}",
+                    proptest::option::of(any::<[u8; 20]>()),
+                    proptest::option::of(any::<u64>()),
+                    proptest::option::of(any::<u64>()),
+                ),
                 1..5,
             ),
             noise in proptest::option::of((0usize..200, any::<u8>())),
         ) {
             let mut body = String::from("[");
-            for (i, (channel, id, seq)) in elements.iter().enumerate() {
+            for (i, (channel, id, seq, bin)) in elements.iter().enumerate() {
                 if i > 0 {
                     body.push(',');
                 }
@@ -581,6 +612,9 @@ mod tests {
                 }
                 if let Some(seq) = seq {
                     body.push_str(&format!(r#","seq":{seq}"#));
+                }
+                if let Some(bin) = bin {
+                    body.push_str(&format!(r#","bin":{bin}"#));
                 }
                 body.push('}');
             }

@@ -2,7 +2,8 @@
 //! of events published in one message reaches a cell that takes batches
 //! as one `DLVR` array, in order, each binary frame with its delivery; a
 //! cell that did not ask gets the same events one frame each; a bad
-//! element gets its own error while the others go on.
+//! element gets its own error while the others go on; packed batches (one
+//! binary frame for all) both ways.
 
 use std::time::{Duration, Instant};
 
@@ -24,14 +25,26 @@ fn transmitter() -> Transmitter {
 /// A cell of `service` that said HELO with `batch` and listens to `jobs::*`
 /// anycatch with `ack`.
 fn cell(t: &Transmitter, service: &str, batch: bool, ack: bool) -> anyhow::Result<RawCell> {
+    let mut c = joined(t, service, json!({"batch": batch}))?;
+    c.listen("jobs::*", "any", ack)?;
+    Ok(c)
+}
+
+/// A cell of `service` that said HELO with `flags` (`batch`, `packed`).
+fn joined(t: &Transmitter, service: &str, flags: Value) -> anyhow::Result<RawCell> {
     let mut c = RawCell::open(t.command_endpoint())?;
-    c.send_json(
-        "HELO",
-        &json!({"id": c.id(), "service": service, "batch": batch, "ref": "h"}),
-    )?;
+    let mut hello = json!({"id": c.id(), "service": service, "ref": "h"});
+    hello
+        .as_object_mut()
+        .unwrap()
+        .extend(flags.as_object().unwrap().clone());
+    c.send_json("HELO", &hello)?;
     let welcome = c.expect_reply("WLCM", &json!("h"))?;
     assert_eq!(welcome["batch"], true, "the transmitter takes batches");
-    c.listen("jobs::*", "any", ack)?;
+    assert_eq!(
+        welcome["packed"], true,
+        "the transmitter takes packed batches"
+    );
     Ok(c)
 }
 
@@ -41,8 +54,17 @@ type Delivery = (Value, Option<Vec<u8>>);
 /// Reads messages until `want` deliveries came, and how many messages
 /// carried them.
 fn deliveries(c: &RawCell, want: usize) -> anyhow::Result<(Vec<Delivery>, usize)> {
+    let (got, messages, _) = received(c, "DLVR", want)?;
+    Ok((got, messages))
+}
+
+/// Reads `verb` messages until `want` items came: the items with their
+/// binary payloads, how many messages carried them, and how many of those
+/// were packed (PROTOCOL.md §23: one binary frame, cut by each item's `bin`).
+fn received(c: &RawCell, verb: &str, want: usize) -> anyhow::Result<(Vec<Delivery>, usize, usize)> {
     let deadline = Instant::now() + REPLY_TIMEOUT;
-    let (mut got, mut messages) = (Vec::new(), 0);
+    let (mut got, mut messages, mut packed) = (Vec::new(), 0, 0);
+    let prefix = format!("J {verb} ");
     while got.len() < want {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(parts) = c.recv_parts(left)? else {
@@ -50,22 +72,35 @@ fn deliveries(c: &RawCell, want: usize) -> anyhow::Result<(Vec<Delivery>, usize)
         };
         let text = String::from_utf8(parts[0].clone())?;
         let body = text
-            .strip_prefix("J DLVR ")
-            .ok_or_else(|| anyhow::anyhow!("not a DLVR: {text}"))?;
+            .strip_prefix(&prefix)
+            .ok_or_else(|| anyhow::anyhow!("not a {verb}: {text}"))?;
         let items = match serde_json::from_str(body)? {
             Value::Array(items) => items,
             single => vec![single],
         };
         let binaries = &parts[1..];
+        messages += 1;
+        if items.len() > 1 && items[0].get("bin").is_some() {
+            assert_eq!(binaries.len(), 1, "packed: one binary frame: {text}");
+            let mut rest = &binaries[0][..];
+            for item in items {
+                let n = item["bin"].as_u64().expect("every item says its bin") as usize;
+                let (payload, after) = rest.split_at(n);
+                got.push((item, Some(payload.to_vec())));
+                rest = after;
+            }
+            assert!(rest.is_empty(), "the bins add up to the frame: {text}");
+            packed += 1;
+            continue;
+        }
         assert!(
             binaries.is_empty() || binaries.len() == items.len(),
             "one binary frame each, or none: {text}"
         );
         let mut binaries = binaries.iter().cloned();
         got.extend(items.into_iter().map(|i| (i, binaries.next())));
-        messages += 1;
     }
-    Ok((got, messages))
+    Ok((got, messages, packed))
 }
 
 #[test]
@@ -161,5 +196,56 @@ fn a_bad_element_of_a_batch_gets_its_own_error_and_the_others_go_on() -> anyhow:
         "{refused}"
     );
     assert!(batching.recv_parts(Duration::from_millis(100))?.is_none());
+    Ok(())
+}
+
+#[test]
+fn a_packed_batch_reaches_packing_cells_packed_and_the_others_frame_by_frame() -> anyhow::Result<()>
+{
+    let t = transmitter();
+    let mut packing = joined(&t, "packing", json!({"batch": true, "packed": true}))?;
+    packing.listen("jobs::*", "any", false)?;
+    let frames = cell(&t, "frames", true, false)?;
+    let mut watcher = joined(&t, "watchers", json!({"batch": true, "packed": true}))?;
+    watcher.listen("jobs::*", "multi", false)?;
+    let mut publisher = joined(&t, "publisher", json!({"batch": true, "packed": true}))?;
+
+    // Payloads of varied sizes, an empty one among them.
+    let payloads: Vec<Vec<u8>> = (0..EVENTS).map(|n| vec![n as u8; n % 7]).collect();
+    let events: Vec<Value> = payloads
+        .iter()
+        .enumerate()
+        .map(|(n, p)| json!({"channel": format!("jobs::{}", n % 3), "seq": n, "bin": p.len()}))
+        .collect();
+    let head = format!("J EVNT {}", Value::Array(events));
+    publisher.send_parts(&[head.as_bytes(), &payloads.concat()])?;
+
+    let (got, _, packed) = received(&packing, "DLVR", EVENTS)?;
+    assert!(packed > 0, "a cell that said packed gets packed batches");
+    let (multi, _, multi_packed) = received(&watcher, "EVNT", EVENTS)?;
+    assert!(multi_packed > 0, "multicatch events come packed too");
+    let (plain, _, plain_packed) = received(&frames, "DLVR", EVENTS)?;
+    assert_eq!(
+        plain_packed, 0,
+        "a cell that did not say packed never gets one"
+    );
+    for delivered in [&got, &multi, &plain] {
+        for (n, (body, binary)) in delivered.iter().enumerate() {
+            assert_eq!(binary.as_ref(), Some(&payloads[n]), "in order, exact bytes");
+            assert_eq!(body["channel"], format!("jobs::{}", n % 3));
+        }
+    }
+    // The THID is the one of the event with its payload in a frame of its own.
+    let expected = thynapse_protocol::Thid::for_event(&publisher.id(), 5, "jobs::2", &payloads[5]);
+    assert_eq!(got[5].0["id"], expected.to_hex());
+
+    // Bins that do not add up: refused whole, nothing delivered.
+    publisher.send_parts(&[
+        br#"J EVNT [{"channel":"jobs::0","bin":2},{"channel":"jobs::1","bin":2}]"#,
+        b"abc",
+    ])?;
+    publisher.expect_error("bad_multipart")?;
+    assert!(packing.recv_parts(Duration::from_millis(100))?.is_none());
+    assert_eq!(t.metrics().snapshot()["events_in"], EVENTS as u64);
     Ok(())
 }

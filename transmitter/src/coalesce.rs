@@ -5,8 +5,10 @@
 //! body is the JSON array of their bodies, in order, followed by their
 //! binary frames (a run has a binary frame for every message or for
 //! none). One ZeroMQ message then carries many, which is where libzmq's
-//! cost per message goes. Everything else passes unchanged, and the
-//! messages to one destination keep their order.
+//! cost per message goes. For a cell that takes packed batches (HELO
+//! `packed`), a run with binary frames carries them in one frame, each
+//! element saying its `bin` length (PROTOCOL.md §23). Everything else
+//! passes unchanged, and the messages to one destination keep their order.
 
 use std::sync::Arc;
 
@@ -22,6 +24,18 @@ pub const MAX_BYTES: usize = 64 * 1024;
 
 /// The length of a frame's header, `J VERB `.
 const HEADER: usize = 7;
+
+/// How a destination takes batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// Not at all: every message goes alone.
+    Off,
+    /// Merged, with one binary frame per message (or none).
+    Frames,
+    /// Merged, with the binary payloads in one frame (a cell that said
+    /// HELO `packed`).
+    Packed,
+}
 
 /// Where an output goes.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -73,12 +87,12 @@ impl<'a> Item<'a> {
 }
 
 /// Moves `from` into `to`, merging what can be merged for the cells and
-/// transmitters `takes_batches` says yes to (given a cell's connection or
-/// a transmitter's THID).
+/// transmitters as `batching` says (given a cell's connection or a
+/// transmitter's THID).
 pub fn coalesce(
     from: &mut Vec<Output>,
     to: &mut Vec<Output>,
-    takes_batches: impl Fn(Result<&[u8], &Thid>) -> bool,
+    batching: impl Fn(Result<&[u8], &Thid>) -> Batching,
 ) {
     // The open run of each destination: its index in `to`.
     let mut open: HashMap<Dest, usize> = HashMap::new();
@@ -88,16 +102,16 @@ pub fn coalesce(
             continue;
         };
         let batching = match &dest {
-            Dest::Peer(p) => takes_batches(Ok(p)),
-            Dest::Node(n) => takes_batches(Err(n)),
+            Dest::Peer(p) => batching(Ok(p)),
+            Dest::Node(n) => batching(Err(n)),
         };
-        let Some(item) = Item::of(&o).filter(|_| batching) else {
+        let Some(item) = Item::of(&o).filter(|_| batching != Batching::Off) else {
             close(to, open.remove(&dest));
             to.push(o);
             continue;
         };
         if let Some(&at) = open.get(&dest) {
-            if join(&mut to[at], &item) {
+            if join(&mut to[at], &item, batching == Batching::Packed) {
                 continue;
             }
         }
@@ -110,10 +124,30 @@ pub fn coalesce(
     }
 }
 
+/// Appends an item's body to a batch frame; packed, with its `bin` length
+/// as the last field.
+fn push_body(frame: &mut Vec<u8>, item: &Item<'_>, packed: bool) {
+    let body = &item.frame[HEADER..];
+    match item.binary.filter(|_| packed) {
+        Some(binary) => {
+            // `{...}` becomes `{...,"bin":n}`.
+            frame.extend_from_slice(&body[..body.len() - 1]);
+            frame.extend_from_slice(b",\"bin\":");
+            let mut digits = [0u8; 20];
+            frame.extend_from_slice(thynapse_protocol::thid::decimal(
+                binary.len() as u64,
+                &mut digits,
+            ));
+            frame.push(b'}');
+        }
+        None => frame.extend_from_slice(body),
+    }
+}
+
 /// Adds `item` to the run at `run` (a single message so far, or a
 /// batch), if it fits: same verb, both with binary frames or both
-/// without, room left.
-fn join(run: &mut Output, item: &Item<'_>) -> bool {
+/// without, room left. `packed`: the destination takes packed batches.
+fn join(run: &mut Output, item: &Item<'_>, packed: bool) -> bool {
     if let Some(first) = Item::of(run) {
         let fits = first.frame[..HEADER] == item.frame[..HEADER]
             && first.binary.is_some() == item.binary.is_some()
@@ -126,12 +160,13 @@ fn join(run: &mut Output, item: &Item<'_>) -> bool {
         let mut frame = Vec::with_capacity((first.frame.len() * 32).min(MAX_BYTES));
         frame.extend_from_slice(&first.frame[..HEADER]);
         frame.push(b'[');
-        frame.extend_from_slice(&first.frame[HEADER..]);
+        push_body(&mut frame, &first, packed);
         let merged = Merged {
             frame,
             binaries: first.binary.cloned().into_iter().collect(),
             count: 1,
             bytes: first.size(),
+            packed: packed && first.binary.is_some(),
         };
         *run = match run {
             Output::ToPeer { peer, .. } => Output::Batch {
@@ -162,7 +197,7 @@ fn join(run: &mut Output, item: &Item<'_>) -> bool {
         return false;
     }
     merged.frame.push(b',');
-    merged.frame.extend_from_slice(&item.frame[HEADER..]);
+    push_body(&mut merged.frame, item, merged.packed);
     merged.binaries.extend(item.binary.cloned());
     merged.count += 1;
     merged.bytes += item.size();
@@ -211,13 +246,24 @@ mod tests {
     }
 
     /// Each output as (peer, frame, binaries), batches marked by `xN`
-    /// after the peer (`mN` for multicatch).
+    /// after the peer (`mN` for multicatch, `pN` when packed).
     fn run(outputs: Vec<Output>, batching: &[&str]) -> Vec<(String, String, Vec<String>)> {
+        run_packing(outputs, batching, &[])
+    }
+
+    /// [`run`], with the cells in `packing` taking packed batches.
+    fn run_packing(
+        outputs: Vec<Output>,
+        batching: &[&str],
+        packing: &[&str],
+    ) -> Vec<(String, String, Vec<String>)> {
         let mut from = outputs;
         let mut to = Vec::new();
         coalesce(&mut from, &mut to, |dest| match dest {
-            Ok(p) => batching.iter().any(|b| b.as_bytes() == p),
-            Err(_) => true,
+            Ok(p) if packing.iter().any(|b| b.as_bytes() == p) => Batching::Packed,
+            Ok(p) if batching.iter().any(|b| b.as_bytes() == p) => Batching::Frames,
+            Ok(_) => Batching::Off,
+            Err(_) => Batching::Frames,
         });
         assert!(from.is_empty());
         let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
@@ -234,9 +280,10 @@ mod tests {
                     multicatch,
                 } => (
                     format!(
-                        "{}{}{}",
+                        "{}{}{}{}",
                         text(peer),
                         if *multicatch { "m" } else { "x" },
+                        if merged.packed { "p" } else { "" },
                         merged.count
                     ),
                     text(&merged.frame),
@@ -343,6 +390,36 @@ mod tests {
         assert_eq!(
             got[3],
             row("a", &format!(r#"J DLVR {{"n":{}}}"#, 3 + MAX_ITEMS), &[])
+        );
+    }
+
+    #[test]
+    fn a_packing_cell_gets_its_binaries_packed_and_each_body_says_its_bin() {
+        let got = run_packing(
+            vec![
+                with_binary(to_peer("a", r#"J DLVR {"n":1}"#), "b1"),
+                with_binary(to_peer("a", r#"J DLVR {"n":2}"#), ""),
+                with_binary(to_peer("a", r#"J DLVR {"n":3}"#), "b333"),
+                to_peer("a", r#"J DLVR {"n":4}"#),
+                to_peer("a", r#"J DLVR {"n":5}"#),
+                with_binary(to_peer("a", r#"J DLVR {"n":6}"#), "alone"),
+                to_peer("a", r#"J OKAY {}"#),
+            ],
+            &[],
+            &["a"],
+        );
+        assert_eq!(
+            got,
+            [
+                row(
+                    "axp3",
+                    r#"J DLVR [{"n":1,"bin":2},{"n":2,"bin":0},{"n":3,"bin":4}]"#,
+                    &["b1", "", "b333"]
+                ),
+                row("ax2", r#"J DLVR [{"n":4},{"n":5}]"#, &[]),
+                row("a", r#"J DLVR {"n":6}"#, &["alone"]),
+                row("a", r#"J OKAY {}"#, &[]),
+            ]
         );
     }
 }

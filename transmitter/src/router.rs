@@ -24,7 +24,7 @@ use thynapse_protocol::limits::{
 use thynapse_protocol::query::{Outcome, Query};
 use thynapse_protocol::{frame, pattern, ErrorCode, Mode, Pattern, Thid, Verb};
 
-use crate::coalesce::MAX_ITEMS;
+use crate::coalesce::{Batching, MAX_ITEMS};
 use crate::config::{Config, MAX_BACKLOG_BYTES_PER_SERVICE, MAX_BACKLOG_PER_SERVICE};
 use crate::discovery::{self, Instance, InstanceListen};
 use crate::mesh::{CellRecord, ListenRecord, NodeRecord};
@@ -128,6 +128,9 @@ pub struct Merged {
     pub count: u32,
     /// Its size, frames together.
     pub bytes: usize,
+    /// Whether its binary frames go out as one (the cell takes packed
+    /// batches); each body then says its `bin` length.
+    pub packed: bool,
 }
 
 /// Why a cell left.
@@ -180,6 +183,8 @@ struct Cell {
     queue: VecDeque<Queued>,
     /// Whether it said it takes batches (HELO `batch`).
     batch: bool,
+    /// Whether it said it takes packed batches too (HELO `packed`).
+    packed: bool,
 }
 
 impl Cell {
@@ -512,12 +517,14 @@ impl Router {
         self.remote.get(node).is_some_and(|n| n.batch)
     }
 
-    /// Whether the cell on connection `peer` takes batches (HELO `batch`).
-    pub fn takes_batches(&self, peer: &[u8]) -> bool {
-        self.peers
-            .get(peer)
-            .and_then(|id| self.cells.get(id))
-            .is_some_and(|c| c.batch)
+    /// How the cell on connection `peer` takes batches (HELO `batch` and
+    /// `packed`).
+    pub fn batching(&self, peer: &[u8]) -> Batching {
+        match self.peers.get(peer).and_then(|id| self.cells.get(id)) {
+            Some(c) if c.packed => Batching::Packed,
+            Some(c) if c.batch => Batching::Frames,
+            _ => Batching::Off,
+        }
     }
 
     fn dispatch(
@@ -634,9 +641,12 @@ impl Router {
             (Verb::EVNT, None) if batch => {
                 // Each event of the batch is refused under its own `ref`,
                 // so that a client can match and re-send every one.
-                for (event, _) in batch_items(f.body, binaries)? {
-                    let failure =
-                        Failure::new(ErrorCode::NotWelcomed, "say HELO first", reference(event));
+                for event in batch_elements(f.body)? {
+                    let failure = Failure::new(
+                        ErrorCode::NotWelcomed,
+                        "say HELO first",
+                        reference(event.get().as_bytes()),
+                    );
                     self.fail(peer, failure, out);
                 }
                 Ok(())
@@ -742,6 +752,7 @@ impl Router {
             existing.service = Arc::from(h.service.as_str());
             existing.metadata = metadata;
             existing.batch = h.batch;
+            existing.packed = h.batch && h.packed;
             self.invalidate();
             self.announce(&h.id, "updated", out);
         } else {
@@ -758,6 +769,7 @@ impl Router {
                     held: HashSet::new(),
                     queue: VecDeque::new(),
                     batch: h.batch,
+                    packed: h.batch && h.packed,
                 },
             );
             self.invalidate();
@@ -777,6 +789,7 @@ impl Router {
                 ack_timeout_ms: self.ack_timeout.as_millis() as u64,
             },
             batch: true,
+            packed: true,
             reference: h.reference,
         };
         out.push(to_peer(peer, frame::encode_json(Verb::WLCM, &welcome)));
@@ -860,20 +873,22 @@ impl Router {
     ) -> Handled {
         // Most batches have the shape clients write: read them without
         // serde (the general way below gives the same events).
-        if let Some(events) = Publish::canonical_batch(body) {
-            if binaries.is_empty() || binaries.len() == events.len() {
-                for (i, p) in events.into_iter().enumerate() {
-                    Metrics::incr(&self.metrics.events_in);
-                    let binary = binaries.get(i).copied();
-                    if let Err(f) = self.publish_event(peer, from, p, binary, now, out) {
-                        self.fail(peer, f, out);
-                    }
-                }
-                return Ok(());
-            }
-        }
-        for (event, binary) in batch_items(body, binaries)? {
-            if let Err(f) = self.publish(peer, from, event, binary, now, out) {
+        let events: Vec<Result<Publish<'_>, Failure>> = match Publish::canonical_batch(body) {
+            Some(events) => events.into_iter().map(Ok).collect(),
+            None => batch_elements(body)?
+                .iter()
+                .map(|e| parse(e.get().as_bytes()))
+                .collect(),
+        };
+        let bins: Vec<Option<Option<u64>>> = events
+            .iter()
+            .map(|e| e.as_ref().ok().map(|p| p.bin))
+            .collect();
+        let payloads = batch_binaries(&bins, binaries)?;
+        for (event, binary) in events.into_iter().zip(payloads) {
+            Metrics::incr(&self.metrics.events_in);
+            let handled = event.and_then(|p| self.publish_event(peer, from, p, binary, now, out));
+            if let Err(f) = handled {
                 self.fail(peer, f, out);
             }
         }
@@ -2469,24 +2484,84 @@ type BatchItem<'a> = (&'a [u8], Option<&'a [u8]>);
 /// The elements of a batch (PROTOCOL.md §23), each with its binary frame
 /// if the batch has them: no binary frame, or one per element.
 fn batch_items<'a>(body: &'a [u8], binaries: &[&'a [u8]]) -> Result<Vec<BatchItem<'a>>, Failure> {
-    let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)
-        .map_err(|e| Failure::new(ErrorCode::BadJson, format!("bad batch: {e}"), None))?;
+    let items = batch_elements(body)?;
     if !binaries.is_empty() && binaries.len() != items.len() {
-        return Err(Failure::new(
-            ErrorCode::BadMultipart,
-            format!(
-                "a batch of {} events has no binary frame or one per event, got {}",
-                items.len(),
-                binaries.len()
-            ),
-            None,
-        ));
+        return Err(frames_per_element(items.len(), binaries.len()));
     }
     Ok(items
         .iter()
         .enumerate()
         .map(|(i, item)| (item.get().as_bytes(), binaries.get(i).copied()))
         .collect())
+}
+
+/// The elements of a batch body (a JSON array).
+fn batch_elements(body: &[u8]) -> Result<Vec<&serde_json::value::RawValue>, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure::new(ErrorCode::BadJson, format!("bad batch: {e}"), None))
+}
+
+/// A batch of `events` came with `frames` binary frames, neither none nor
+/// one per event.
+fn frames_per_element(events: usize, frames: usize) -> Failure {
+    Failure::new(
+        ErrorCode::BadMultipart,
+        format!("a batch of {events} events has no binary frame or one per event, got {frames}"),
+        None,
+    )
+}
+
+/// The binary payload of each event of a published batch (PROTOCOL.md
+/// §23), given each event's `bin` (`None` for an event that could not be
+/// read): one frame each, none, or, when the first event has `bin`, the
+/// one packed frame cut by the `bin`s.
+fn batch_binaries<'a>(
+    bins: &[Option<Option<u64>>],
+    binaries: &[&'a [u8]],
+) -> Result<Vec<Option<&'a [u8]>>, Failure> {
+    let refuse = |message: String| Err(Failure::new(ErrorCode::BadMultipart, message, None));
+    if !matches!(bins.first(), Some(Some(Some(_)))) {
+        if bins.iter().any(|b| matches!(b, Some(Some(_)))) {
+            return refuse("an event has bin but the batch's first has none".into());
+        }
+        return match binaries.len() {
+            0 => Ok(vec![None; bins.len()]),
+            n if n == bins.len() => Ok(binaries.iter().map(|b| Some(*b)).collect()),
+            n => Err(frames_per_element(bins.len(), n)),
+        };
+    }
+    let [packed] = binaries else {
+        return refuse(format!(
+            "a packed batch has one binary frame, got {}",
+            binaries.len()
+        ));
+    };
+    let mut rest: &[u8] = packed;
+    let mut payloads = Vec::with_capacity(bins.len());
+    for (i, bin) in bins.iter().enumerate() {
+        let Some(Some(n)) = bin else {
+            return refuse(format!("event {i} of a packed batch has no bin"));
+        };
+        let Some((payload, after)) = usize::try_from(*n)
+            .ok()
+            .and_then(|n| rest.split_at_checked(n))
+        else {
+            return refuse(format!(
+                "the bins of a packed batch add up to more than its {} bytes",
+                packed.len()
+            ));
+        };
+        payloads.push(Some(payload));
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return refuse(format!(
+            "the bins of a packed batch add up to {} of its {} bytes",
+            packed.len() - rest.len(),
+            packed.len()
+        ));
+    }
+    Ok(payloads)
 }
 
 /// Whether a body is a JSON array (a batch).
@@ -3126,7 +3201,7 @@ mod tests {
             code(&h.send("pub", r#"J EVNT [{"channel":"jobs::1"},"#)),
             "bad_json"
         );
-        assert!(!h.router.takes_batches(b"pub"));
+        assert_eq!(h.router.batching(b"pub"), Batching::Off);
         let r = h.send(
             "stranger",
             r#"J EVNT [{"channel":"jobs::1","ref":"a"},{"channel":"jobs::2","ref":"b"}]"#,
@@ -3157,6 +3232,106 @@ mod tests {
         h.router
             .handle(b"pub", &[single, b"b1", b"b2"], false, h.now, &mut h.out);
         assert_eq!(code(&h.drain()), "bad_multipart");
+    }
+
+    /// The binary payload of each `DLVR` in `out`, in order.
+    fn delivered_binaries(out: Vec<Output>) -> Vec<Vec<u8>> {
+        out.iter()
+            .map(|o| match o {
+                Output::ToPeer {
+                    frame,
+                    binary: Some(b),
+                    ..
+                } if frame.starts_with(b"J DLVR ") => b.to_vec(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_packed_batch_is_cut_by_its_bins_and_hashed_as_if_unpacked() {
+        let mut h = Harness::new();
+        h.join("c", "s");
+        h.listen("c", "jobs::*", "any");
+        let from = h.join("pub", "p");
+        let r = h.send(
+            "pub",
+            &format!(r#"J HELO {{"id":"{from}","service":"p","batch":true,"packed":true}}"#),
+        );
+        assert!(r[0].1.contains(r#""packed":true"#), "{r:?}");
+        assert_eq!(h.router.batching(b"pub"), Batching::Packed);
+
+        let packed = br#"J EVNT [{"channel":"jobs::1","seq":1,"bin":2},{"channel":"jobs::2","seq":2,"bin":0},{"channel":"jobs::3","seq":3,"bin":3}]"#;
+        h.router
+            .handle(b"pub", &[packed, b"aaccc"], false, h.now, &mut h.out);
+        let out: Vec<Output> = h.out.drain(..).collect();
+        let ids: Vec<String> = out
+            .iter()
+            .map(|o| {
+                let body: Value = serde_json::from_slice(&o.frame()[7..]).unwrap();
+                body["id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            delivered_binaries(out),
+            [b"aa".to_vec(), b"".to_vec(), b"ccc".to_vec()]
+        );
+        let expected: Vec<String> = [
+            ("jobs::1", 1, &b"aa"[..]),
+            ("jobs::2", 2, b""),
+            ("jobs::3", 3, b"ccc"),
+        ]
+        .iter()
+        .map(|(c, seq, p)| Thid::for_event(&from, *seq, c, p).to_hex())
+        .collect();
+        assert_eq!(ids, expected, "THIDs over each event's own bytes");
+
+        // The general way (whitespace, a payload field) reads the same.
+        let spaced = br#"J EVNT [ {"channel":"jobs::1","payload":{"k":1},"bin":1}, {"bin":2,"channel":"jobs::2"} ]"#;
+        h.router
+            .handle(b"pub", &[spaced, b"xyz"], false, h.now, &mut h.out);
+        let out: Vec<Output> = h.out.drain(..).collect();
+        assert_eq!(delivered_binaries(out), [b"x".to_vec(), b"yz".to_vec()]);
+
+        // Refused whole: bins that do not add up, a missing bin, a bin
+        // after an unpacked first, not exactly one frame, an unreadable element.
+        for (frames, what) in [
+            (vec![&packed[..], b"aacc"], "short"),
+            (vec![&packed[..], b"aacccc"], "long"),
+            (vec![&packed[..], b"aa", b"", b"ccc"], "three frames"),
+            (vec![&packed[..]], "no frame"),
+            (
+                vec![
+                    &br#"J EVNT [{"channel":"jobs::1","bin":1},{"channel":"jobs::2"}]"#[..],
+                    b"ab",
+                ],
+                "missing bin",
+            ),
+            (
+                vec![
+                    &br#"J EVNT [{"channel":"jobs::1"},{"channel":"jobs::2","bin":1}]"#[..],
+                    b"a",
+                    b"b",
+                ],
+                "late bin",
+            ),
+            (
+                vec![
+                    &br#"J EVNT [{"channel":"jobs::1","bin":1},{"channel":"jobs::2","bin":-1}]"#[..],
+                    b"a",
+                ],
+                "bad bin",
+            ),
+            (
+                vec![&br#"J EVNT [{"channel":"jobs::1","bin":1},7]"#[..], b"a"],
+                "unreadable",
+            ),
+        ] {
+            h.router.handle(b"pub", &frames, false, h.now, &mut h.out);
+            let r = h.drain();
+            assert_eq!(r.len(), 1, "{what}: {r:?}");
+            assert_eq!(code(&r), "bad_multipart", "{what}");
+        }
     }
 
     #[test]

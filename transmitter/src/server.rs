@@ -17,7 +17,7 @@ use thynapse_protocol::Thid;
 use std::collections::HashMap;
 
 use crate::auth::{self, MESH_USER};
-use crate::coalesce::coalesce;
+use crate::coalesce::{coalesce, Batching};
 use crate::config::{Config, DEFAULT_HWM, LINGER, MESH_HWM, TICK};
 use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
@@ -516,15 +516,22 @@ impl Switchboard {
             let mut batch = std::mem::take(&mut self.sending);
             let router = &self.router;
             coalesce(&mut self.out, &mut batch, |dest| match dest {
-                Ok(peer) => router.takes_batches(peer),
-                Err(node) => router.node_takes_batches(node),
+                Ok(peer) => router.batching(peer),
+                Err(node) if router.node_takes_batches(node) => Batching::Frames,
+                Err(_) => Batching::Off,
             });
             for o in batch.drain(..) {
                 let (frame, binaries) = (o.frame(), o.binaries());
                 let (sent, peer) = match &o {
-                    Output::ToPeer { peer, .. }
-                    | Output::Multicatch { peer, .. }
-                    | Output::Batch { peer, .. } => (
+                    Output::ToPeer { peer, .. } | Output::Multicatch { peer, .. } => (
+                        send(&self.commands, Some(peer), frame, binaries),
+                        Some(peer),
+                    ),
+                    Output::Batch { peer, merged, .. } if merged.packed => (
+                        send_packed(&self.commands, peer, frame, binaries),
+                        Some(peer),
+                    ),
+                    Output::Batch { peer, .. } => (
                         send(&self.commands, Some(peer), frame, binaries),
                         Some(peer),
                     ),
@@ -686,4 +693,23 @@ fn send(
         socket.send(&b[..], more(i + 1 == binaries.len()))?;
     }
     Ok(())
+}
+
+/// Sends a packed batch to a cell: the routing id, the command frame, then
+/// the binary payloads in one frame (PROTOCOL.md §23).
+fn send_packed(
+    socket: &zmq::Socket,
+    peer: &[u8],
+    frame: &[u8],
+    binaries: &[Arc<[u8]>],
+) -> Result<(), zmq::Error> {
+    let mut packed = zmq::Message::with_size(binaries.iter().map(|b| b.len()).sum());
+    let mut at = 0;
+    for b in binaries {
+        packed[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    }
+    socket.send(peer, zmq::SNDMORE | zmq::DONTWAIT)?;
+    socket.send(frame, zmq::SNDMORE | zmq::DONTWAIT)?;
+    socket.send(packed, zmq::DONTWAIT)
 }
