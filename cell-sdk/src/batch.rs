@@ -4,6 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use thynapse_protocol::thid::decimal;
 use thynapse_protocol::Thid;
 
 /// Collects acked ids and says when to flush them as one `ACKN` frame:
@@ -65,20 +66,26 @@ impl AckBatcher {
 /// How a publish's command frame starts: the SDK writes `J EVNT {...}`.
 const EVENT_PREFIX: &[u8] = b"J EVNT ";
 
+/// What a packed batch adds before an element's closing `}`, followed by
+/// the length of its binary payload.
+const BIN_FIELD: &[u8] = b",\"bin\":";
+
 /// Collects the publishes (a `J EVNT {...}` frame and its binary frame,
 /// if any) ready at the same time, to send as one `J EVNT [...]` frame
-/// followed by their binary frames (PROTOCOL.md §23). A batch holds
-/// events that all have a binary frame or none, at most `max_events` of
-/// them and about `max_bytes`, and its command frame stays within the
-/// transmitter's `max_frame`; an event that does not fit starts the next
-/// batch. Order is kept: the caller sends the held batch before anything
-/// that does not join it.
+/// followed by their binary frames (PROTOCOL.md §23), or, when the
+/// transmitter takes packed batches, by one binary frame holding them all,
+/// each element saying its `"bin":<n>` length. A batch holds events that
+/// all have a binary frame or none, at most `max_events` of them and about
+/// `max_bytes`, and its command frame stays within the transmitter's
+/// `max_frame`; an event that does not fit starts the next batch. Order is
+/// kept: the caller sends the held batch before anything that does not
+/// join it.
 #[derive(Debug)]
 pub(crate) struct EventBatcher {
     /// The publishes held, in order, each as its own message.
     events: Vec<Vec<Vec<u8>>>,
     /// Length of the batch's command frame: `J EVNT [`, then each body
-    /// with its `,` or closing `]`.
+    /// (with its `bin` when packed) and its `,` or closing `]`.
     frame_len: usize,
     /// Bytes of every frame held.
     bytes: usize,
@@ -88,6 +95,9 @@ pub(crate) struct EventBatcher {
     max_bytes: usize,
     /// Largest command frame the transmitter accepts.
     max_frame: usize,
+    /// Whether the transmitter takes packed batches (its `WLCM` said
+    /// `"packed":true`).
+    packed: bool,
 }
 
 impl EventBatcher {
@@ -100,19 +110,34 @@ impl EventBatcher {
             max_events: max_events.max(1),
             max_bytes,
             max_frame,
+            packed: false,
         }
     }
 
-    /// Sets the transmitter's largest frame (from its `WLCM`).
-    pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
+    /// Applies the transmitter's `WLCM`: its largest frame, and whether it
+    /// takes packed batches. Called with no event held.
+    pub(crate) fn welcomed(&mut self, max_frame: usize, packed: bool) {
         self.max_frame = max_frame;
+        self.packed = packed;
     }
 
     /// The body of a publish that can join a batch, and whether it has a
     /// binary frame.
     fn element(frames: &[Vec<u8>]) -> Option<(&[u8], bool)> {
         let body = frames.first()?.strip_prefix(EVENT_PREFIX)?;
-        (body.first() == Some(&b'{') && frames.len() <= 2).then_some((body, frames.len() == 2))
+        (body.first() == Some(&b'{') && body.last() == Some(&b'}') && frames.len() <= 2)
+            .then_some((body, frames.len() == 2))
+    }
+
+    /// How many bytes a publish that can join a batch takes in the
+    /// batch's command frame (its body, plus its `bin` field when packed),
+    /// and whether it has a binary frame.
+    fn element_len(&self, frames: &[Vec<u8>]) -> Option<(usize, bool)> {
+        let (body, binary) = Self::element(frames)?;
+        let bin = frames.get(1).filter(|_| self.packed).map_or(0, |b| {
+            BIN_FIELD.len() + decimal(b.len() as u64, &mut [0; 20]).len()
+        });
+        Some((body.len() + bin, binary))
     }
 
     /// Whether `frames` can join the events held: always when none is
@@ -121,8 +146,8 @@ impl EventBatcher {
         let Some(first) = self.events.first() else {
             return true;
         };
-        let (Some((_, binary)), Some((body, with_binary))) =
-            (Self::element(first), Self::element(frames))
+        let (Some((_, binary)), Some((len, with_binary))) =
+            (Self::element(first), self.element_len(frames))
         else {
             return false;
         };
@@ -130,14 +155,14 @@ impl EventBatcher {
         binary == with_binary
             && self.events.len() < self.max_events
             // The body and its `,` or `]` within the frame limit.
-            && self.frame_len + body.len() < self.max_frame
+            && self.frame_len + len < self.max_frame
             && self.bytes + size <= self.max_bytes
     }
 
     /// Holds a publish; the caller checked [`EventBatcher::fits`].
     pub(crate) fn push(&mut self, frames: Vec<Vec<u8>>) {
-        if let Some((body, _)) = Self::element(&frames) {
-            self.frame_len += body.len() + 1;
+        if let Some((len, _)) = self.element_len(&frames) {
+            self.frame_len += len + 1;
         }
         self.bytes += frames.iter().map(Vec::len).sum::<usize>();
         self.events.push(frames);
@@ -145,25 +170,45 @@ impl EventBatcher {
 
     /// The events held as one message, leaving the batcher empty: the
     /// plain message of an event alone, else `J EVNT [...]` and the
-    /// binary frames. `None` when none is held.
+    /// binary frames (packed into one when the transmitter takes it).
+    /// `None` when none is held.
     pub(crate) fn take(&mut self) -> Option<Vec<Vec<u8>>> {
         let frame_len = std::mem::replace(&mut self.frame_len, EVENT_PREFIX.len() + 1);
         self.bytes = 0;
         if self.events.len() <= 1 {
             return self.events.pop();
         }
+        // `fits` admitted only `J EVNT {...}` frames, all with a binary
+        // frame or all without.
+        let packed = self.packed && self.events[0].len() == 2;
         let mut frame = Vec::with_capacity(frame_len);
         frame.extend_from_slice(EVENT_PREFIX);
-        let mut message = Vec::with_capacity(self.events.len() + 1);
+        let mut message = Vec::with_capacity(if packed { 2 } else { self.events.len() + 1 });
         message.push(Vec::new());
+        let mut joined = Vec::new();
+        if packed {
+            joined.reserve_exact(self.events.iter().map(|e| e[1].len()).sum());
+        }
         for (i, mut event) in self.events.drain(..).enumerate() {
             frame.push(if i == 0 { b'[' } else { b',' });
-            // `fits` admitted only `J EVNT {...}` frames.
-            frame.extend_from_slice(&event[0][EVENT_PREFIX.len()..]);
-            message.extend(event.drain(1..));
+            let body = &event[0][EVENT_PREFIX.len()..];
+            if packed {
+                let binary = &event[1];
+                frame.extend_from_slice(&body[..body.len() - 1]);
+                frame.extend_from_slice(BIN_FIELD);
+                frame.extend_from_slice(decimal(binary.len() as u64, &mut [0; 20]));
+                frame.push(b'}');
+                joined.extend_from_slice(binary);
+            } else {
+                frame.extend_from_slice(body);
+                message.extend(event.drain(1..));
+            }
         }
         frame.push(b']');
         message[0] = frame;
+        if packed {
+            message.push(joined);
+        }
         Some(message)
     }
 }
@@ -352,6 +397,115 @@ mod tests {
         let odd = vec![b"EVNT {}".to_vec()];
         assert_eq!(batch(&mut b, vec![odd.clone(), event("a", None)]).len(), 2);
         assert_eq!(batch(&mut b, vec![event("a", None), odd]).len(), 2);
+    }
+
+    /// A batcher as after a `WLCM` that says (or not) `"packed":true`.
+    fn welcomed(packed: bool) -> EventBatcher {
+        let mut b = EventBatcher::new(256, 65_536, 1);
+        b.welcomed(1 << 20, packed);
+        b
+    }
+
+    /// Publishes as the SDK writes them, binary payloads of these sizes.
+    fn publishes(sizes: &[usize]) -> Vec<Vec<Vec<u8>>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let body = crate::wire::publish("a::b", None, &id(i as u8), i as u64, None);
+                vec![body, vec![i as u8; n]]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_packed_batch_carries_every_binary_payload_in_one_frame() {
+        let sizes = [3, 0, 1000, 1, 0];
+        let sent = batch(&mut welcomed(true), publishes(&sizes));
+        assert_eq!(sent.len(), 1);
+        let message = &sent[0];
+        assert_eq!(message.len(), 2, "the command frame and one binary frame");
+        let joined: Vec<u8> = publishes(&sizes)
+            .into_iter()
+            .flat_map(|e| e[1].clone())
+            .collect();
+        assert_eq!(message[1], joined);
+        // Each element ends in its `bin`, in the one spelling the
+        // transmitter reads without serde_json.
+        let f = thynapse_protocol::frame::decode(&message[0]).unwrap();
+        let read = thynapse_protocol::body::Publish::canonical_batch(f.body).expect("canonical");
+        let bins: Vec<Option<u64>> = read.iter().map(|p| p.bin).collect();
+        assert_eq!(bins, sizes.map(|n| Some(n as u64)));
+        assert_eq!(read[2].id, Some(id(2)));
+        assert_eq!(read[2].seq, Some(2));
+        let first = format!(
+            r#"J EVNT [{{"channel":"a::b","id":"{}","seq":0,"bin":3}},"#,
+            id(0)
+        );
+        assert!(message[0].starts_with(first.as_bytes()));
+    }
+
+    #[test]
+    fn without_packed_in_the_welcome_a_batch_keeps_a_frame_per_payload() {
+        for b in [
+            &mut EventBatcher::new(256, 65_536, 1 << 20),
+            &mut welcomed(false),
+        ] {
+            let events = publishes(&[3, 0, 7]);
+            let sent = batch(b, events.clone());
+            assert_eq!(sent.len(), 1);
+            assert_eq!(sent[0].len(), 4);
+            assert!(!sent[0][0].windows(6).any(|w| w == b"\"bin\":"));
+            let binaries: Vec<Vec<u8>> = events.into_iter().map(|e| e[1].clone()).collect();
+            assert_eq!(sent[0][1..], binaries[..]);
+        }
+    }
+
+    #[test]
+    fn packing_spares_events_alone_and_batches_without_binaries() {
+        let mut b = welcomed(true);
+        let alone = publishes(&[5]);
+        assert_eq!(batch(&mut b, alone.clone()), alone);
+        let json = vec![event("a", None), event("b", None)];
+        assert_eq!(
+            batch(&mut b, json),
+            vec![vec![br#"J EVNT [{"channel":"a"},{"channel":"b"}]"#.to_vec()]]
+        );
+        // A run with binaries and one without still part ways.
+        let sent = batch(
+            &mut b,
+            vec![
+                event("a", Some(b"1")),
+                event("b", Some(b"")),
+                event("c", None),
+            ],
+        );
+        assert_eq!(
+            sent,
+            vec![
+                vec![
+                    br#"J EVNT [{"channel":"a","bin":1},{"channel":"b","bin":0}]"#.to_vec(),
+                    b"1".to_vec()
+                ],
+                event("c", None)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_packed_batch_counts_its_bin_fields_within_the_frame_limit() {
+        // `J EVNT [` + 2 × `{"channel":"a","bin":1}` (23) + `,` + `]`: 56.
+        let two = || vec![event("a", Some(b"x")); 2];
+        let mut b = EventBatcher::new(256, 65_536, 1);
+        b.welcomed(55, true);
+        assert_eq!(batch(&mut b, two()).len(), 2);
+        b.welcomed(56, true);
+        let sent = batch(&mut b, two());
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0][0].len(), 56);
+        // Unpacked, the same events fit in 16 bytes less.
+        b.welcomed(40, false);
+        assert_eq!(batch(&mut b, two()).len(), 1);
     }
 
     #[test]

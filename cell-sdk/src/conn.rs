@@ -7,17 +7,20 @@
 //!
 //! Everything a cell listens to arrives on the DEALER: anycatch `DLVR`s,
 //! `RQST`s, and multicatch events, each cell's own `J EVNT` copy
-//! (PROTOCOL.md §6). The cell says `"batch":true` in `HELO`, so a `DLVR`
-//! or `EVNT` may also come as a batch (§23): a JSON array of bodies and
-//! one binary frame per element or none, each element handled exactly
-//! as the same delivery sent alone. The event socket carries only
+//! (PROTOCOL.md §6). The cell says `"batch":true` and `"packed":true` in
+//! `HELO`, so a `DLVR` or `EVNT` may also come as a batch (§23): a JSON
+//! array of bodies and one binary frame per element or none, or one
+//! binary frame that the elements' `bin` lengths cut, each element
+//! handled exactly as the same delivery sent alone. The event socket carries only
 //! membership events and the `SYNC` markers that prove a membership
 //! subscription in place (§18), so a cell that never follows membership
 //! never opens a SUB.
 //!
 //! Publishes without answer that the thread drains from the command
 //! queue in one pass go out as one `J EVNT [...]` batch (§23) when the
-//! `WLCM` said `"batch":true` (the `EventBatcher` of `batch` cuts them):
+//! `WLCM` said `"batch":true` (the `EventBatcher` of `batch` cuts them,
+//! and packs their binary frames into one when the `WLCM` said
+//! `"packed":true`):
 //! the batch leaves at the end of the pass, or before any other command,
 //! so nothing is reordered. A confirmed publish travels alone: a batch
 //! refused as a whole (`not_welcomed` after an expiry) is answered
@@ -45,7 +48,7 @@ use crate::consts::{
 };
 use crate::context::ContextLease;
 use crate::error::{Error, ErrorKind};
-use crate::event::{AckGuard, Delivered, Event, Frame};
+use crate::event::{AckGuard, Delivered, Event};
 use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink, BELL};
 use crate::membership::MembershipEvent;
 use crate::options::{ListenOptions, Options};
@@ -556,7 +559,8 @@ impl Conn {
             .unwrap_or(Duration::from_millis(welcome.heartbeat_ms.max(1)));
         self.event_endpoint.clone_from(&welcome.event_endpoint);
         self.takes_batches = welcome.batch;
-        self.events.set_max_frame(welcome.limits.max_frame);
+        self.events
+            .welcomed(welcome.limits.max_frame, welcome.packed);
         self.follow_event_endpoint()?;
         debug!(
             transmitter = %welcome.id,
@@ -1579,8 +1583,8 @@ impl Conn {
     /// Receives and decodes one command-socket message, without waiting;
     /// `None` when none is queued. The first frame lands in the reused
     /// `frame` and is decoded in place; binary frames, which go to the
-    /// user, stay in their libzmq messages (one per element of a batch),
-    /// uncopied.
+    /// user, stay in their libzmq messages (one per element of a batch,
+    /// or one shared by the elements of a packed batch), uncopied.
     fn recv(&mut self) -> Option<Result<Incoming, String>> {
         match self.dealer.recv(&mut self.frame, zmq::DONTWAIT) {
             Ok(()) => self.dealer_settled = false,
@@ -1600,7 +1604,7 @@ impl Conn {
             // libzmq hands over whole messages: the other frames are there.
             while let Ok(part) = self.dealer.recv_msg(zmq::DONTWAIT) {
                 let more = part.get_more();
-                binaries.push(Frame(part));
+                binaries.push(part);
                 if !more {
                     break;
                 }

@@ -1,6 +1,7 @@
 //! Received events and their acknowledgement.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
@@ -78,21 +79,30 @@ macro_rules! delivery_accessors {
 }
 pub(crate) use delivery_accessors;
 
-/// A received binary frame, kept in the libzmq message it arrived in:
+/// A received binary payload, kept in the libzmq message it arrived in:
 /// reading it through `binary()` copies nothing; only taking it out as a
 /// `Vec` does.
-pub(crate) struct Frame(pub(crate) zmq::Message);
+pub(crate) enum Frame {
+    /// A binary frame of its own.
+    Whole(zmq::Message),
+    /// Element payload of a packed batch (PROTOCOL.md §23): a range of the
+    /// batch's one binary frame, which its elements share.
+    Packed(Arc<zmq::Message>, Range<usize>),
+}
 
 impl Frame {
     /// The bytes as a `Vec` (one copy).
     pub(crate) fn into_vec(self) -> Vec<u8> {
-        self.0.to_vec()
+        self.to_vec()
     }
 }
 
 impl Clone for Frame {
     fn clone(&self) -> Frame {
-        Frame(zmq::Message::from(&self.0[..]))
+        match self {
+            Frame::Whole(m) => Frame::Whole(zmq::Message::from(&m[..])),
+            Frame::Packed(m, range) => Frame::Packed(Arc::clone(m), range.clone()),
+        }
     }
 }
 
@@ -100,7 +110,10 @@ impl std::ops::Deref for Frame {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.0
+        match self {
+            Frame::Whole(m) => m,
+            Frame::Packed(m, range) => &m[range.clone()],
+        }
     }
 }
 
@@ -335,7 +348,7 @@ mod tests {
         let (link, _rx) = Link::new(4).unwrap();
         let mut e = event(&link, Thid::random());
         e.delivered.payload = None;
-        e.delivered.binary = Some(Frame(zmq::Message::from(&[1u8, 2][..])));
+        e.delivered.binary = Some(Frame::Whole(zmq::Message::from(&[1u8, 2][..])));
         assert_eq!(e.binary(), Some(&[1u8, 2][..]));
         assert_eq!(e.payload_raw(), None);
         assert_eq!(e.payload_value(), serde_json::Value::Null);

@@ -2,6 +2,7 @@
 //! Pure functions over bytes, on top of `thynapse_protocol`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,10 @@ struct HelloBody<'a> {
     /// Always true: the SDK takes batched deliveries (PROTOCOL.md §23);
     /// transmitters that do not know the field ignore it.
     batch: bool,
+    /// Always true: the SDK takes packed batches (§23), whose binary
+    /// payloads share one frame; ignored by transmitters that do not know
+    /// the field.
+    packed: bool,
     #[serde(rename = "ref")]
     reference: u64,
 }
@@ -175,6 +180,7 @@ pub(crate) fn hello(
             service,
             metadata,
             batch: true,
+            packed: true,
             reference,
         },
     )
@@ -456,6 +462,10 @@ struct DeliveryIn<'a> {
     from: Thid,
     #[serde(default)]
     attempt: Option<u32>,
+    /// In a packed batch: the length of its binary payload in the batch's
+    /// one binary frame (PROTOCOL.md §23).
+    #[serde(default)]
+    bin: Option<u64>,
 }
 
 impl DeliveryIn<'_> {
@@ -474,7 +484,7 @@ impl DeliveryIn<'_> {
 
 impl<'a> DeliveryIn<'a> {
     /// Reads a body in the transmitter's own spelling (`write_delivery`):
-    /// `{"id":"<hex>","channel":"<text>"[,"payload":<json>],"from":"<hex>"[,"attempt":<n>]}`,
+    /// `{"id":"<hex>","channel":"<text>"[,"payload":<json>],"from":"<hex>"[,"attempt":<n>][,"bin":<n>]}`,
     /// with no JSON parser but for the payload. `None` for any other
     /// spelling (escapes in the channel, more fields, another order), which
     /// the general decoder then reads.
@@ -513,16 +523,9 @@ impl<'a> DeliveryIn<'a> {
         }
         let rest = rest.strip_prefix(b",\"from\":\"")?;
         let from = parse_thid(rest.get(..40)?)?;
-        let mut rest = rest[40..].strip_prefix(b"\"")?;
-        let mut attempt = None;
-        if let Some(digits) = rest.strip_prefix(b",\"attempt\":") {
-            let end = digits
-                .iter()
-                .position(|b| !b.is_ascii_digit())
-                .unwrap_or(digits.len());
-            attempt = Some(std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?);
-            rest = &digits[end..];
-        }
+        let rest = rest[40..].strip_prefix(b"\"")?;
+        let (attempt, rest) = canonical_number(rest, b",\"attempt\":")?;
+        let (bin, rest) = canonical_number(rest, b",\"bin\":")?;
         let rest = rest.strip_prefix(b"}")?;
         Some((
             DeliveryIn {
@@ -531,6 +534,7 @@ impl<'a> DeliveryIn<'a> {
                 payload,
                 from,
                 attempt,
+                bin,
             },
             rest,
         ))
@@ -576,6 +580,80 @@ impl<'a> DeliveryIn<'a> {
             None => serde_json::from_slice(body),
         }
     }
+}
+
+/// An optional `,"key":<n>` at the start of `s` (`key` given with its
+/// punctuation), and what follows; `None` when it is there but is not a
+/// plain JSON integer that fits `T`.
+fn canonical_number<'a, T: std::str::FromStr>(
+    s: &'a [u8],
+    key: &[u8],
+) -> Option<(Option<T>, &'a [u8])> {
+    let Some(after) = s.strip_prefix(key) else {
+        return Some((None, s));
+    };
+    let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || (digits > 1 && after[0] == b'0') {
+        return None;
+    }
+    let n = std::str::from_utf8(&after[..digits]).ok()?.parse().ok()?;
+    Some((Some(n), &after[digits..]))
+}
+
+/// Splits the binary frames of a batch among its elements, given each
+/// element's `bin`: one frame per element (or none at all) when no element
+/// has `bin`; one frame cut into the `bin`s, in order, when the first one
+/// has (a packed batch, PROTOCOL.md §23). The frames, one per element, or
+/// none.
+fn element_binaries(
+    bins: &[Option<u64>],
+    binaries: Vec<zmq::Message>,
+) -> Result<Vec<Frame>, String> {
+    let n = bins.len();
+    if bins.first().is_none_or(Option::is_none) {
+        if bins.iter().any(Option::is_some) {
+            return Err(format!(
+                "a batch of {n} with `bin` on some elements but not the first"
+            ));
+        }
+        if !binaries.is_empty() && binaries.len() != n {
+            return Err(format!(
+                "a batch of {n} with {} binary frames",
+                binaries.len()
+            ));
+        }
+        return Ok(binaries.into_iter().map(Frame::Whole).collect());
+    }
+    let [joined]: [zmq::Message; 1] = binaries
+        .try_into()
+        .map_err(|b: Vec<_>| format!("a packed batch of {n} with {} binary frames", b.len()))?;
+    let mut ranges = Vec::with_capacity(n);
+    let mut end = 0usize;
+    for bin in bins {
+        let start = end;
+        end = bin
+            .and_then(|b| usize::try_from(b).ok())
+            .and_then(|b| start.checked_add(b))
+            .filter(|&e| e <= joined.len())
+            .ok_or_else(|| {
+                format!(
+                    "a packed batch of {n} whose `bin`s do not cut its {}-byte frame",
+                    joined.len()
+                )
+            })?;
+        ranges.push(start..end);
+    }
+    if end != joined.len() {
+        return Err(format!(
+            "a packed batch of {n} whose `bin`s sum to {end}, not its frame's {}",
+            joined.len()
+        ));
+    }
+    let joined = Arc::new(joined);
+    Ok(ranges
+        .into_iter()
+        .map(|r| Frame::Packed(Arc::clone(&joined), r))
+        .collect())
 }
 
 /// Reads a THID from a JSON string without an intermediate `String`, one
@@ -639,21 +717,19 @@ struct RefReply {
 
 /// Decodes a command-socket message: its first frame and the binary
 /// frames after it. A `DLVR` or `EVNT` whose body is a JSON array is a
-/// batch (PROTOCOL.md §23), with no binary frame or one per element;
-/// every other message has at most one.
-pub(crate) fn decode_command(first: &[u8], binaries: Vec<Frame>) -> Result<Incoming, String> {
+/// batch (PROTOCOL.md §23), with no binary frame or one per element, or
+/// packed: one frame that its elements' `bin`s cut; every other message
+/// has at most one.
+pub(crate) fn decode_command(
+    first: &[u8],
+    binaries: Vec<zmq::Message>,
+) -> Result<Incoming, String> {
     let f = frame::decode(first).map_err(|e| e.to_string())?;
     let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
     if matches!(f.verb, Verb::DLVR | Verb::EVNT) && f.body.trim_ascii_start().starts_with(b"[") {
         let items = DeliveryIn::parse_batch(f.body.trim_ascii()).map_err(bad)?;
-        if !binaries.is_empty() && binaries.len() != items.len() {
-            return Err(format!(
-                "a {} batch of {} with {} binary frames",
-                f.verb,
-                items.len(),
-                binaries.len()
-            ));
-        }
+        let bins: Vec<Option<u64>> = items.iter().map(|d| d.bin).collect();
+        let binaries = element_binaries(&bins, binaries).map_err(|e| format!("{}: {e}", f.verb))?;
         let mut binaries = binaries.into_iter();
         let delivered = items
             .into_iter()
@@ -671,7 +747,7 @@ pub(crate) fn decode_command(first: &[u8], binaries: Vec<Frame>) -> Result<Incom
             binaries.len() + 1
         ));
     }
-    let binary = binaries.into_iter().next();
+    let binary = binaries.into_iter().next().map(Frame::Whole);
     let delivered = |binary| {
         DeliveryIn::parse(f.body)
             .map(|d| d.into_delivered(binary))
@@ -802,11 +878,8 @@ mod tests {
     use thynapse_protocol::body::Publish;
 
     /// Binary frames as received.
-    fn frames(binaries: Vec<Vec<u8>>) -> Vec<Frame> {
-        binaries
-            .into_iter()
-            .map(|b| Frame(zmq::Message::from(b)))
-            .collect()
+    fn frames(binaries: Vec<Vec<u8>>) -> Vec<zmq::Message> {
+        binaries.into_iter().map(zmq::Message::from).collect()
     }
 
     #[test]
@@ -872,7 +945,7 @@ mod tests {
         let h: Hello = serde_json::from_slice(frame::decode(&f).unwrap().body).unwrap();
         assert_eq!((h.id, h.service.as_str()), (id, "svc"));
         assert_eq!(h.metadata, metadata);
-        assert!(h.batch, "the SDK takes batches");
+        assert!(h.batch && h.packed, "the SDK takes packed batches");
         assert_eq!(h.reference, Some(Value::from(4)));
         let l: Listen = serde_json::from_slice(
             frame::decode(&listen("a::*", &ListenOptions::any(), 5))
@@ -1259,6 +1332,110 @@ mod tests {
         let mut rqst = b"J RQST ".to_vec();
         thynapse_protocol::body::write_delivery(&mut rqst, &ids[0], "a", None, &from, Some(1));
         assert!(decode_command(&rqst, frames(vec![vec![1], vec![2]])).is_err());
+    }
+
+    /// A `J <verb> [...]` batch in the transmitter's spelling, each
+    /// element ending in `"bin":<n>` when `bins` says.
+    fn packed_batch(verb: &str, ids: &[Thid], from: &Thid, bins: &[Option<u64>]) -> Vec<u8> {
+        let mut frame = format!("J {verb} [").into_bytes();
+        for (i, (id, bin)) in ids.iter().zip(bins).enumerate() {
+            if i > 0 {
+                frame.push(b',');
+            }
+            let attempt = (verb == "DLVR").then_some(1);
+            thynapse_protocol::body::write_delivery(&mut frame, id, "a::b", None, from, attempt);
+            if let Some(n) = bin {
+                frame.pop();
+                frame.extend_from_slice(format!(r#","bin":{n}}}"#).as_bytes());
+            }
+        }
+        frame.push(b']');
+        frame
+    }
+
+    #[test]
+    fn packed_batches_cut_their_one_binary_frame_among_their_elements() {
+        let from = Thid::random();
+        let ids = [
+            Thid::random(),
+            Thid::random(),
+            Thid::random(),
+            Thid::random(),
+        ];
+        let payloads: [&[u8]; 4] = [b"abc", b"", b"0123456789", b"z"];
+        let joined = payloads.concat();
+        let bins = payloads.map(|p| Some(p.len() as u64));
+        for verb in ["DLVR", "EVNT"] {
+            let frame = packed_batch(verb, &ids, &from, &bins);
+            // The canonical reader and serde_json read `bin` alike.
+            let body = &frame[7..];
+            let fast = DeliveryIn::parse_canonical_batch(body).expect("canonical");
+            let raw: Vec<&RawValue> = serde_json::from_slice(body).unwrap();
+            let general: Vec<Option<u64>> = raw
+                .iter()
+                .map(|r| serde_json::from_str::<DeliveryIn<'_>>(r.get()).unwrap().bin)
+                .collect();
+            assert_eq!(fast.iter().map(|d| d.bin).collect::<Vec<_>>(), general);
+            let spaced = String::from_utf8(frame.clone())
+                .unwrap()
+                .replace(",{", " , {");
+            for f in [frame.clone(), spaced.into_bytes()] {
+                let delivered = match decode_command(&f, frames(vec![joined.clone()])).unwrap() {
+                    Incoming::Delivers(v) if verb == "DLVR" => v,
+                    Incoming::Events(v) if verb == "EVNT" => v,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(delivered.iter().map(|d| d.id).collect::<Vec<_>>(), ids);
+                let read: Vec<&[u8]> = delivered
+                    .iter()
+                    .map(|d| d.binary.as_deref().unwrap())
+                    .collect();
+                assert_eq!(read, payloads);
+                // A clone shares the frame; taking one out copies its part.
+                let copy = delivered[2].clone();
+                let whole = delivered.into_iter().nth(2).unwrap().binary.unwrap();
+                assert_eq!(whole.into_vec(), payloads[2]);
+                assert_eq!(copy.binary.as_deref(), Some(payloads[2]));
+            }
+            // Refused without a panic: a wrong total, a frame count other
+            // than one, an element without `bin`, `bin` after a first
+            // element without, a `bin` that is no length.
+            let short = joined[1..].to_vec();
+            let long = [&joined[..], b"!"].concat();
+            for binaries in [
+                vec![short],
+                vec![long],
+                vec![],
+                vec![joined.clone(), vec![]],
+            ] {
+                assert!(decode_command(&frame, frames(binaries)).is_err());
+            }
+            let mut missing = bins;
+            missing[2] = None;
+            let f = packed_batch(verb, &ids, &from, &missing);
+            assert!(decode_command(&f, frames(vec![joined.clone()])).is_err());
+            let mut late = [None; 4];
+            late[1] = Some(0);
+            let f = packed_batch(verb, &ids, &from, &late);
+            assert!(decode_command(&f, Vec::new()).is_err());
+            assert!(decode_command(&f, frames(vec![vec![]; 4])).is_err());
+            let huge = [Some(u64::MAX), Some(2), Some(0), Some(0)];
+            let f = packed_batch(verb, &ids, &from, &huge);
+            assert!(decode_command(&f, frames(vec![joined.clone()])).is_err());
+            let text = String::from_utf8(frame.clone()).unwrap();
+            for odd in [r#""bin":-3"#, r#""bin":"3""#, r#""bin":3.0"#] {
+                let f = text.replacen(r#""bin":3"#, odd, 1);
+                assert!(decode_command(f.as_bytes(), frames(vec![joined.clone()])).is_err());
+            }
+        }
+        // Outside a batch `bin` means nothing.
+        let batch = packed_batch("DLVR", &ids[..1], &from, &[Some(9)]);
+        // `J DLVR [{...}]` without its brackets.
+        let body = [b"J DLVR ", &batch[8..batch.len() - 1]].concat();
+        match decode_command(&body, frames(vec![vec![1, 2]])).unwrap() {
+            Incoming::Deliver(d) => assert_eq!(d.binary.as_deref(), Some(&[1u8, 2][..])),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
