@@ -67,6 +67,17 @@ pub use nix::sys::signal::Signal;
 /// never waits this long.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What [`RawCell::items`] read.
+#[derive(Debug, Default)]
+pub struct Items {
+    /// Each item's body and binary payload, in order.
+    pub items: Vec<(Value, Option<Vec<u8>>)>,
+    /// How many messages carried them.
+    pub messages: usize,
+    /// How many of those were packed batches.
+    pub packed: usize,
+}
+
 /// How long a test watches for something that must *not* arrive.
 pub const SILENCE: Duration = Duration::from_millis(750);
 
@@ -743,6 +754,60 @@ impl RawCell {
         Ok(Some(self.socket.recv_multipart(0)?))
     }
 
+    /// Reads `verb` messages (ignoring what is pending, and messages of
+    /// other verbs) until `want` items came, single or in batches
+    /// (PROTOCOL.md §23), packed or not.
+    ///
+    /// # Errors
+    /// When fewer came within [`REPLY_TIMEOUT`], or a batch is malformed.
+    pub fn items(&self, verb: &str, want: usize) -> anyhow::Result<Items> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let mut got = Items::default();
+        let prefix = format!("J {verb} ");
+        while got.items.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(parts) = self.recv_parts(left)? else {
+                bail!(
+                    "{} of {want} {verb} items after {REPLY_TIMEOUT:?}",
+                    got.items.len()
+                );
+            };
+            let text = String::from_utf8(parts[0].clone())?;
+            let Some(body) = text.strip_prefix(&prefix) else {
+                continue;
+            };
+            let items = match serde_json::from_str(body)? {
+                Value::Array(items) => items,
+                single => vec![single],
+            };
+            let binaries = &parts[1..];
+            got.messages += 1;
+            if items.len() > 1 && items[0].get("bin").is_some() {
+                anyhow::ensure!(binaries.len() == 1, "packed: one binary frame: {text}");
+                let mut rest = &binaries[0][..];
+                for item in items {
+                    let n = item["bin"].as_u64().context("every item says its bin")?;
+                    let (payload, after) = rest
+                        .split_at_checked(usize::try_from(n)?)
+                        .context("bins past the frame")?;
+                    got.items.push((item, Some(payload.to_vec())));
+                    rest = after;
+                }
+                anyhow::ensure!(rest.is_empty(), "the bins add up to the frame: {text}");
+                got.packed += 1;
+                continue;
+            }
+            anyhow::ensure!(
+                binaries.is_empty() || binaries.len() == items.len(),
+                "one binary frame each, or none: {text}"
+            );
+            let mut binaries = binaries.iter().cloned();
+            got.items
+                .extend(items.into_iter().map(|i| (i, binaries.next())));
+        }
+        Ok(got)
+    }
+
     /// The first frame of the next message, as text, or `None` after
     /// `timeout`. Pending messages come first.
     ///
@@ -888,11 +953,22 @@ impl RawCell {
     /// # Errors
     /// When no WLCM comes (an ERRR for it fails at once).
     pub fn hello(&mut self, service: &str) -> anyhow::Result<Value> {
+        self.hello_with(service, json!({}))
+    }
+
+    /// Says HELO as a cell of `service`, with the fields of `extra` added
+    /// (e.g. `{"batch": true, "packed": true}`), and returns the WLCM body.
+    ///
+    /// # Errors
+    /// When no WLCM comes, or `extra` is not an object.
+    pub fn hello_with(&mut self, service: &str, extra: Value) -> anyhow::Result<Value> {
         let reference = self.next_ref();
-        self.send_json(
-            "HELO",
-            &json!({"id": self.id, "service": service, "ref": reference}),
-        )?;
+        let mut body = json!({"id": self.id, "service": service, "ref": reference});
+        let Value::Object(extra) = extra else {
+            bail!("HELO fields must be an object: {extra}");
+        };
+        body.as_object_mut().expect("a JSON object").extend(extra);
+        self.send_json("HELO", &body)?;
         self.expect_reply("WLCM", &reference)
     }
 

@@ -5,7 +5,7 @@
 //! element gets its own error while the others go on; packed batches (one
 //! binary frame for all) both ways.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use thynapse_tests::{RawCell, REPLY_TIMEOUT};
@@ -33,13 +33,7 @@ fn cell(t: &Transmitter, service: &str, batch: bool, ack: bool) -> anyhow::Resul
 /// A cell of `service` that said HELO with `flags` (`batch`, `packed`).
 fn joined(t: &Transmitter, service: &str, flags: Value) -> anyhow::Result<RawCell> {
     let mut c = RawCell::open(t.command_endpoint())?;
-    let mut hello = json!({"id": c.id(), "service": service, "ref": "h"});
-    hello
-        .as_object_mut()
-        .unwrap()
-        .extend(flags.as_object().unwrap().clone());
-    c.send_json("HELO", &hello)?;
-    let welcome = c.expect_reply("WLCM", &json!("h"))?;
+    let welcome = c.hello_with(service, flags)?;
     assert_eq!(welcome["batch"], true, "the transmitter takes batches");
     assert_eq!(
         welcome["packed"], true,
@@ -48,60 +42,15 @@ fn joined(t: &Transmitter, service: &str, flags: Value) -> anyhow::Result<RawCel
     Ok(c)
 }
 
-/// A delivery's body and its binary frame, if any.
-type Delivery = (Value, Option<Vec<u8>>);
-
 /// Reads messages until `want` deliveries came, and how many messages
 /// carried them.
 fn deliveries(c: &RawCell, want: usize) -> anyhow::Result<(Vec<Delivery>, usize)> {
-    let (got, messages, _) = received(c, "DLVR", want)?;
-    Ok((got, messages))
+    let got = c.items("DLVR", want)?;
+    Ok((got.items, got.messages))
 }
 
-/// Reads `verb` messages until `want` items came: the items with their
-/// binary payloads, how many messages carried them, and how many of those
-/// were packed (PROTOCOL.md §23: one binary frame, cut by each item's `bin`).
-fn received(c: &RawCell, verb: &str, want: usize) -> anyhow::Result<(Vec<Delivery>, usize, usize)> {
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    let (mut got, mut messages, mut packed) = (Vec::new(), 0, 0);
-    let prefix = format!("J {verb} ");
-    while got.len() < want {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(parts) = c.recv_parts(left)? else {
-            anyhow::bail!("{} of {want} deliveries after {REPLY_TIMEOUT:?}", got.len());
-        };
-        let text = String::from_utf8(parts[0].clone())?;
-        let body = text
-            .strip_prefix(&prefix)
-            .ok_or_else(|| anyhow::anyhow!("not a {verb}: {text}"))?;
-        let items = match serde_json::from_str(body)? {
-            Value::Array(items) => items,
-            single => vec![single],
-        };
-        let binaries = &parts[1..];
-        messages += 1;
-        if items.len() > 1 && items[0].get("bin").is_some() {
-            assert_eq!(binaries.len(), 1, "packed: one binary frame: {text}");
-            let mut rest = &binaries[0][..];
-            for item in items {
-                let n = item["bin"].as_u64().expect("every item says its bin") as usize;
-                let (payload, after) = rest.split_at(n);
-                got.push((item, Some(payload.to_vec())));
-                rest = after;
-            }
-            assert!(rest.is_empty(), "the bins add up to the frame: {text}");
-            packed += 1;
-            continue;
-        }
-        assert!(
-            binaries.is_empty() || binaries.len() == items.len(),
-            "one binary frame each, or none: {text}"
-        );
-        let mut binaries = binaries.iter().cloned();
-        got.extend(items.into_iter().map(|i| (i, binaries.next())));
-    }
-    Ok((got, messages, packed))
-}
+/// A delivery's body and its binary frame, if any.
+type Delivery = (Value, Option<Vec<u8>>);
 
 #[test]
 fn a_published_batch_reaches_a_batching_cell_as_one_array_and_others_frame_by_frame(
@@ -220,16 +169,19 @@ fn a_packed_batch_reaches_packing_cells_packed_and_the_others_frame_by_frame() -
     let head = format!("J EVNT {}", Value::Array(events));
     publisher.send_parts(&[head.as_bytes(), &payloads.concat()])?;
 
-    let (got, _, packed) = received(&packing, "DLVR", EVENTS)?;
-    assert!(packed > 0, "a cell that said packed gets packed batches");
-    let (multi, _, multi_packed) = received(&watcher, "EVNT", EVENTS)?;
-    assert!(multi_packed > 0, "multicatch events come packed too");
-    let (plain, _, plain_packed) = received(&frames, "DLVR", EVENTS)?;
+    let got = packing.items("DLVR", EVENTS)?;
+    assert!(
+        got.packed > 0,
+        "a cell that said packed gets packed batches"
+    );
+    let multi = watcher.items("EVNT", EVENTS)?;
+    assert!(multi.packed > 0, "multicatch events come packed too");
+    let plain = frames.items("DLVR", EVENTS)?;
     assert_eq!(
-        plain_packed, 0,
+        plain.packed, 0,
         "a cell that did not say packed never gets one"
     );
-    for delivered in [&got, &multi, &plain] {
+    for delivered in [&got.items, &multi.items, &plain.items] {
         for (n, (body, binary)) in delivered.iter().enumerate() {
             assert_eq!(binary.as_ref(), Some(&payloads[n]), "in order, exact bytes");
             assert_eq!(body["channel"], format!("jobs::{}", n % 3));
@@ -237,7 +189,7 @@ fn a_packed_batch_reaches_packing_cells_packed_and_the_others_frame_by_frame() -
     }
     // The THID is the one of the event with its payload in a frame of its own.
     let expected = thynapse_protocol::Thid::for_event(&publisher.id(), 5, "jobs::2", &payloads[5]);
-    assert_eq!(got[5].0["id"], expected.to_hex());
+    assert_eq!(got.items[5].0["id"], expected.to_hex());
 
     // Bins that do not add up: refused whole, nothing delivered.
     publisher.send_parts(&[

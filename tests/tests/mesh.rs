@@ -410,3 +410,73 @@ fn a_multicatch_event_published_at_one_transmitter_reaches_a_raw_cell_of_another
         Ok(())
     })
 }
+
+#[test]
+fn a_packed_batch_crosses_the_mesh_packed_and_reaches_cells_of_another_transmitter(
+) -> anyhow::Result<()> {
+    use thynapse_tests::{binary_watchdog, eventually, RawCell};
+    binary_watchdog("mesh_packed", || {
+        let t1 = TransmitterProcess::spawn(&[])?;
+        let t2 = TransmitterProcess::spawn(&["--join", t1.command_endpoint()])?;
+        let packing = json!({"batch": true, "packed": true});
+        let (mut any, mut multi) = (
+            RawCell::open(t2.command_endpoint())?,
+            RawCell::open(t2.command_endpoint())?,
+        );
+        for (c, service, mode) in [
+            (&mut any, "workers", "any"),
+            (&mut multi, "watchers", "multi"),
+        ] {
+            c.hello_with(service, packing.clone())?;
+            c.listen("jobs::*", mode, false)?;
+        }
+        let mut a = RawCell::open(t1.command_endpoint())?;
+        a.hello_with("billing", packing)?;
+
+        // Until T1's view holds both listens, a probe is routed to fewer
+        // than two (one service, and multicatch); the cells ping meanwhile.
+        let seen = eventually(Duration::from_secs(20), POLL, || {
+            let _ = any.send("J PING {}");
+            let _ = multi.send("J PING {}");
+            a.publish_confirmed("jobs::probe", &json!(0))
+                .is_ok_and(|okay| okay["routed"] == 2)
+        });
+        anyhow::ensure!(seen, "T1 never saw both listens");
+
+        let payloads: Vec<Vec<u8>> = (0..100u8).map(|n| vec![n; usize::from(n % 5)]).collect();
+        let events: Vec<serde_json::Value> = payloads
+            .iter()
+            .enumerate()
+            .map(|(n, p)| json!({"channel": "jobs::data", "seq": n, "bin": p.len()}))
+            .collect();
+        let head = format!("J EVNT {}", serde_json::Value::Array(events));
+        a.send_parts(&[head.as_bytes(), &payloads.concat()])?;
+
+        for (c, verb) in [(&any, "DLVR"), (&multi, "EVNT")] {
+            // Probes that reached the cell come first; the data follows, in order.
+            let mut data = Vec::new();
+            let mut packed = 0;
+            while data.len() < payloads.len() {
+                let got = c.items(verb, 1)?;
+                packed += got.packed;
+                data.extend(
+                    got.items
+                        .into_iter()
+                        .filter(|(b, _)| b["channel"] == "jobs::data"),
+                );
+            }
+            for (n, (_, binary)) in data.iter().enumerate() {
+                assert_eq!(
+                    binary.as_ref(),
+                    Some(&payloads[n]),
+                    "{verb} {n}: in order, exact bytes"
+                );
+            }
+            assert!(
+                packed > 0,
+                "{verb}: the cell said packed and gets packed batches"
+            );
+        }
+        Ok(())
+    })
+}

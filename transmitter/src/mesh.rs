@@ -42,6 +42,8 @@ const KEY_COMMAND: &str = "command";
 const KEY_CELLS: &str = "cells";
 /// Gossip key saying the transmitter takes batches of mesh messages.
 const KEY_BATCH: &str = "batch";
+/// Gossip key saying the transmitter takes them packed.
+const KEY_PACKED: &str = "packed";
 
 /// One listen of a cell, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +91,10 @@ pub struct NodeRecord {
     /// transmitters that do not say so get single messages.
     #[serde(default)]
     pub batch: bool,
+    /// Whether it takes those batches packed: their binary payloads in
+    /// one frame, each message saying its `bin` length as its last field.
+    #[serde(default)]
+    pub packed: bool,
 }
 
 /// What the mesh thread needs to start.
@@ -195,6 +201,7 @@ pub fn start(
         (KEY_COMMAND.to_owned(), settings.command.clone()),
         (KEY_CELLS.to_owned(), "[]".to_owned()),
         (KEY_BATCH.to_owned(), "true".to_owned()),
+        (KEY_PACKED.to_owned(), "true".to_owned()),
     ];
     // The runtime lives on the mesh thread, so a transmitter can be
     // started from inside another tokio runtime; startup errors come back
@@ -278,8 +285,9 @@ async fn exchange(handle: chitchat::ChitchatHandle, pair: zmq::Socket, stop: Arc
                 let command = serde_json::to_string(state.get(KEY_COMMAND)?).ok()?;
                 let cells = state.get(KEY_CELLS).unwrap_or("[]");
                 let batch = state.get(KEY_BATCH) == Some("true");
+                let packed = state.get(KEY_PACKED) == Some("true");
                 Some(format!(
-                    r#"{{"id":"{}","command":{command},"cells":{cells},"batch":{batch}}}"#,
+                    r#"{{"id":"{}","command":{command},"cells":{cells},"batch":{batch},"packed":{packed}}}"#,
                     n.node_id
                 ))
             })

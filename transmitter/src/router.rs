@@ -4,6 +4,7 @@
 //! (see [`crate::server`]) feeds it commands and clock ticks and sends the
 //! [`Output`]s it produces. That keeps it testable without sockets.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 // THIDs are keys on the hot path: foldhash (seeded per process) instead
@@ -365,6 +366,8 @@ struct RemoteNode {
     cells: HashMap<Thid, RemoteCell>,
     /// Whether it takes batches of mesh messages.
     batch: bool,
+    /// Whether it takes them packed.
+    packed: bool,
 }
 
 /// Most channels whose routes are cached before the cache is emptied.
@@ -512,9 +515,13 @@ impl Router {
         out.push(to_peer(peer, frame::encode_json(Verb::ERRR, &reply)));
     }
 
-    /// Whether transmitter `node` takes batches of mesh messages.
-    pub fn node_takes_batches(&self, node: &Thid) -> bool {
-        self.remote.get(node).is_some_and(|n| n.batch)
+    /// How transmitter `node` takes batches of mesh messages.
+    pub fn node_batching(&self, node: &Thid) -> Batching {
+        match self.remote.get(node) {
+            Some(n) if n.packed => Batching::Packed,
+            Some(n) if n.batch => Batching::Frames,
+            _ => Batching::Off,
+        }
     }
 
     /// How the cell on connection `peer` takes batches (HELO `batch` and
@@ -616,10 +623,10 @@ impl Router {
             }
             (Verb::GBYE, None) => Ok(()),
             (Verb::MDLV | Verb::MEVT, None) if mesh_ok && batch => {
-                for (item, binary) in batch_items(f.body, binaries)? {
+                for (item, binary) in mesh_items(f.body, binaries)? {
                     let handled = match f.verb {
-                        Verb::MDLV => self.mesh_deliver(item, binary, out),
-                        _ => self.mesh_event(item, binary, out),
+                        Verb::MDLV => self.mesh_deliver(&item, binary, out),
+                        _ => self.mesh_event(&item, binary, out),
                     };
                     if let Err(failure) = handled {
                         self.fail(peer, failure, out);
@@ -1290,6 +1297,7 @@ impl Router {
                 n.id,
                 RemoteNode {
                     batch: n.batch,
+                    packed: n.batch && n.packed,
                     command: n.command,
                     cells,
                 },
@@ -2478,21 +2486,50 @@ fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Failure> {
     })
 }
 
-/// One element of a batch and its binary frame, if any.
-type BatchItem<'a> = (&'a [u8], Option<&'a [u8]>);
+/// A message of a batch from another transmitter (its body, `bin` taken
+/// off) and its binary payload.
+type MeshItem<'a> = (Cow<'a, [u8]>, Option<&'a [u8]>);
 
-/// The elements of a batch (PROTOCOL.md §23), each with its binary frame
-/// if the batch has them: no binary frame, or one per element.
-fn batch_items<'a>(body: &'a [u8], binaries: &[&'a [u8]]) -> Result<Vec<BatchItem<'a>>, Failure> {
+/// The messages of a batch of `MDLV`s or `MEVT`s from another
+/// transmitter, each with its binary payload. Packed, each message's
+/// `bin` is its last field (our own writer puts it there); it is taken off
+/// the body, which goes on to a cell.
+fn mesh_items<'a>(body: &'a [u8], binaries: &[&'a [u8]]) -> Result<Vec<MeshItem<'a>>, Failure> {
     let items = batch_elements(body)?;
-    if !binaries.is_empty() && binaries.len() != items.len() {
-        return Err(frames_per_element(items.len(), binaries.len()));
+    let mut bodies = Vec::with_capacity(items.len());
+    let mut bins = Vec::with_capacity(items.len());
+    for item in &items {
+        let item = item.get().as_bytes();
+        match trailing_bin(item) {
+            Some((head, n)) => {
+                let mut owned = head.to_vec();
+                owned.push(b'}');
+                bodies.push(Cow::Owned(owned));
+                bins.push(Some(Some(n)));
+            }
+            None => {
+                bodies.push(Cow::Borrowed(item));
+                bins.push(Some(None));
+            }
+        }
     }
-    Ok(items
+    let payloads = batch_binaries(&bins, binaries)?;
+    Ok(bodies.into_iter().zip(payloads).collect())
+}
+
+/// `{...,"bin":<n>}` as `{...` (without the bin and the closing brace)
+/// and `n`; `None` when the object does not end with a `bin`.
+fn trailing_bin(item: &[u8]) -> Option<(&[u8], u64)> {
+    let inner = item.strip_suffix(b"}")?;
+    let digits = inner
         .iter()
-        .enumerate()
-        .map(|(i, item)| (item.get().as_bytes(), binaries.get(i).copied()))
-        .collect())
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let (head, number) = inner.split_at(inner.len() - digits);
+    let head = head.strip_suffix(br#","bin":"#)?;
+    let n = std::str::from_utf8(number).ok()?.parse().ok()?;
+    Some((head, n))
 }
 
 /// The elements of a batch body (a JSON array).
@@ -3246,6 +3283,53 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_packed_batch_from_another_transmitter_reaches_cells_without_its_bins() {
+        let mut h = Harness::new();
+        let cell = h.join("c", "s");
+        h.listen("c", "jobs::*", "any");
+        let origin = Thid::random();
+        let mdlv = |id: Thid, bin: usize| {
+            format!(
+                r#"{{"id":"{id}","channel":"jobs::1","from":"{origin}","attempt":1,"cell":"{cell}","origin":"{origin}","ack":false,"bin":{bin}}}"#
+            )
+        };
+        let (e1, e2) = (Thid::random(), Thid::random());
+        let mut from_node = |batch: String| {
+            h.router.handle(
+                b"node",
+                &[batch.as_bytes(), b"abc"],
+                true,
+                h.now,
+                &mut h.out,
+            );
+            h.out.drain(..).collect::<Vec<Output>>()
+        };
+        let out = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 2)));
+        for o in &out {
+            assert!(
+                !String::from_utf8_lossy(o.frame()).contains("bin"),
+                "the bin stays between transmitters: {o:?}"
+            );
+        }
+        assert_eq!(delivered_binaries(out), [b"a".to_vec(), b"bc".to_vec()]);
+
+        let refused = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 3)));
+        assert!(
+            refused.len() == 1
+                && refused[0]
+                    .frame()
+                    .starts_with(br#"J ERRR {"code":"bad_multipart""#),
+            "{refused:?}"
+        );
+        assert_eq!(
+            trailing_bin(br#"{"a":1,"bin":12}"#),
+            Some((&br#"{"a":1"#[..], 12))
+        );
+        assert_eq!(trailing_bin(br#"{"a":{"bin":12}}"#), None);
+        assert_eq!(trailing_bin(br#"{"a":1,"bin":}"#), None);
     }
 
     #[test]

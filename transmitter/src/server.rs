@@ -17,7 +17,7 @@ use thynapse_protocol::Thid;
 use std::collections::HashMap;
 
 use crate::auth::{self, MESH_USER};
-use crate::coalesce::{coalesce, Batching};
+use crate::coalesce::coalesce;
 use crate::config::{Config, DEFAULT_HWM, LINGER, MESH_HWM, TICK};
 use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
@@ -517,8 +517,7 @@ impl Switchboard {
             let router = &self.router;
             coalesce(&mut self.out, &mut batch, |dest| match dest {
                 Ok(peer) => router.batching(peer),
-                Err(node) if router.node_takes_batches(node) => Batching::Frames,
-                Err(_) => Batching::Off,
+                Err(node) => router.node_batching(node),
             });
             for o in batch.drain(..) {
                 let (frame, binaries) = (o.frame(), o.binaries());
@@ -528,7 +527,7 @@ impl Switchboard {
                         Some(peer),
                     ),
                     Output::Batch { peer, merged, .. } if merged.packed => (
-                        send_packed(&self.commands, peer, frame, binaries),
+                        send_packed(&self.commands, Some(peer), frame, binaries),
                         Some(peer),
                     ),
                     Output::Batch { peer, .. } => (
@@ -537,7 +536,10 @@ impl Switchboard {
                     ),
                     Output::Publish { .. } => (send(&self.events, None, frame, binaries), None),
                     Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => {
+                        let packed =
+                            matches!(&o, Output::NodeBatch { merged, .. } if merged.packed);
                         match self.nodes.get(node) {
+                            Some((_, s)) if packed => (send_packed(s, None, frame, binaries), None),
                             Some((_, s)) => (send(s, None, frame, binaries), None),
                             None => {
                                 self.hold_for_unseen(*node, o);
@@ -695,11 +697,11 @@ fn send(
     Ok(())
 }
 
-/// Sends a packed batch to a cell: the routing id, the command frame, then
-/// the binary payloads in one frame (PROTOCOL.md §23).
+/// Sends a packed batch: the routing id (on the ROUTER), the command
+/// frame, then the binary payloads in one frame (PROTOCOL.md §23).
 fn send_packed(
     socket: &zmq::Socket,
-    peer: &[u8],
+    peer: Option<&[u8]>,
     frame: &[u8],
     binaries: &[Arc<[u8]>],
 ) -> Result<(), zmq::Error> {
@@ -709,7 +711,9 @@ fn send_packed(
         packed[at..at + b.len()].copy_from_slice(b);
         at += b.len();
     }
-    socket.send(peer, zmq::SNDMORE | zmq::DONTWAIT)?;
+    if let Some(p) = peer {
+        socket.send(p, zmq::SNDMORE | zmq::DONTWAIT)?;
+    }
     socket.send(frame, zmq::SNDMORE | zmq::DONTWAIT)?;
     socket.send(packed, zmq::DONTWAIT)
 }
