@@ -8,7 +8,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use thynapse_protocol::body::{Goodbye, Welcome};
+use thynapse_protocol::body::{canonical_number, Goodbye, Welcome};
 use thynapse_protocol::frame::{self, MEMBERSHIP_TOPIC, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
 
@@ -580,24 +580,6 @@ impl<'a> DeliveryIn<'a> {
             None => serde_json::from_slice(body),
         }
     }
-}
-
-/// An optional `,"key":<n>` at the start of `s` (`key` given with its
-/// punctuation), and what follows; `None` when it is there but is not a
-/// plain JSON integer that fits `T`.
-fn canonical_number<'a, T: std::str::FromStr>(
-    s: &'a [u8],
-    key: &[u8],
-) -> Option<(Option<T>, &'a [u8])> {
-    let Some(after) = s.strip_prefix(key) else {
-        return Some((None, s));
-    };
-    let digits = after.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || (digits > 1 && after[0] == b'0') {
-        return None;
-    }
-    let n = std::str::from_utf8(&after[..digits]).ok()?.parse().ok()?;
-    Some((Some(n), &after[digits..]))
 }
 
 /// Splits the binary frames of a batch among its elements, given each

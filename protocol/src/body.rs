@@ -192,10 +192,14 @@ impl<'a> Publish<'a> {
     }
 }
 
-/// An optional `,"key":<u64>` at the start of `s` (`key` given with its
+/// An optional `,"key":<n>` at the start of `s` (`key` given with its
 /// punctuation), and what follows; `None` when it is there but is not a
-/// plain JSON integer that fits.
-fn canonical_number<'a>(s: &'a [u8], key: &[u8]) -> Option<(Option<u64>, &'a [u8])> {
+/// plain JSON integer that fits `T`. For readers of the canonical shapes
+/// (here and in the cell SDK) that fall back to serde on `None`.
+pub fn canonical_number<'a, T: std::str::FromStr>(
+    s: &'a [u8],
+    key: &[u8],
+) -> Option<(Option<T>, &'a [u8])> {
     let Some(after) = s.strip_prefix(key) else {
         return Some((None, s));
     };
