@@ -10,10 +10,13 @@
 //! socket, its DEALER: deliveries, requests and multicatch events (`J EVNT`,
 //! each cell its own copy) all come there.
 //!
-//! Batches (PROTOCOL.md §23): the cells say HELO with `batch` true and
-//! take `DLVR`/`EVNT` frames with an array of deliveries, one binary frame
-//! each; the publisher sends [`PUBLISH_BATCH`] events per `EVNT` frame, as
-//! a client that has many events ready at once would.
+//! Batches (PROTOCOL.md §23): the cells say HELO with `batch` and
+//! `packed` true and take `DLVR`/`EVNT` frames with an array of
+//! deliveries, their binary payloads packed in one frame (each element's
+//! `bin` its length) or, as the transmitter sends a batch of one, one
+//! binary frame each; the publisher sends [`PUBLISH_BATCH`] events per
+//! `EVNT` frame, as a client that has many events ready at once would,
+//! packed when the transmitter's `WLCM` says it takes packed batches.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -52,6 +55,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A welcomed connection.
 struct Joined {
     dealer: zmq::Socket,
+    /// The transmitter's `WLCM` says `"packed":true`: it takes packed
+    /// batches (PROTOCOL.md §23).
+    packed: bool,
 }
 
 fn send_cmd(s: &zmq::Socket, verb: Verb, body: &str) -> anyhow::Result<()> {
@@ -88,7 +94,7 @@ fn expect(s: &zmq::Socket, verb: Verb) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Connects a DEALER (with `rcvhwm` when given, else libzmq's default)
-/// and says HELO.
+/// and says HELO, taking batches, packed or not.
 fn join(
     ctx: &zmq::Context,
     command: &str,
@@ -107,10 +113,11 @@ fn join(
     send_cmd(
         &dealer,
         Verb::HELO,
-        &format!(r#"{{"id":"{id}","service":"{service}","batch":true}}"#),
+        &format!(r#"{{"id":"{id}","service":"{service}","batch":true,"packed":true}}"#),
     )?;
-    expect(&dealer, Verb::WLCM)?;
-    Ok(Joined { dealer })
+    let welcome: serde_json::Value = serde_json::from_slice(&expect(&dealer, Verb::WLCM)?)?;
+    let packed = welcome.get("packed") == Some(&serde_json::Value::Bool(true));
+    Ok(Joined { dealer, packed })
 }
 
 /// The id of a DLVR body, which the transmitter writes first:
@@ -118,6 +125,18 @@ fn join(
 fn delivery_id(body: &[u8]) -> Option<&[u8]> {
     let rest = body.strip_prefix(br#"{"id":""#)?;
     rest.get(..40)
+}
+
+/// The `bin` of an element of a packed batch, which the transmitter writes
+/// last: `{...,"bin":<n>}`. `None` when the element has none.
+fn packed_len(element: &[u8]) -> Option<usize> {
+    let rest = element.strip_suffix(b"}")?;
+    let digits = rest.len() - rest.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let key = rest[..digits].strip_suffix(br#""bin":"#)?;
+    if digits == rest.len() || !matches!(key.last(), Some(b',' | b'{')) {
+        return None;
+    }
+    std::str::from_utf8(&rest[digits..]).ok()?.parse().ok()
 }
 
 struct CellLoop {
@@ -145,8 +164,8 @@ impl CellLoop {
     }
 
     /// One delivery: its binary frame carries the sequence number.
-    fn on_delivery(&mut self, body: &[u8], binary: Option<&Vec<u8>>) -> anyhow::Result<()> {
-        self.tally.record(binary.and_then(|p| payload::seq_of(p)));
+    fn on_delivery(&mut self, body: &[u8], binary: Option<&[u8]>) -> anyhow::Result<()> {
+        self.tally.record(binary.and_then(payload::seq_of));
         if self.ack {
             if let Some(id) = delivery_id(body) {
                 if self.pending_n > 0 {
@@ -171,13 +190,31 @@ impl CellLoop {
         match f.verb {
             Verb::DLVR | Verb::EVNT if f.body.first() == Some(&b'[') => {
                 let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(f.body)?;
+                // Packed: one binary frame, element k's payload the `bin`
+                // bytes after those before it. Else one frame each.
+                let packed = parts.get(1).filter(|_| {
+                    items
+                        .first()
+                        .is_some_and(|e| packed_len(e.get().as_bytes()).is_some())
+                });
+                let mut at = 0usize;
                 for (i, item) in items.iter().enumerate() {
-                    self.on_delivery(item.get().as_bytes(), parts.get(1 + i))?;
+                    let body = item.get().as_bytes();
+                    let binary = match packed {
+                        Some(all) => packed_len(body).and_then(|n| {
+                            let end = at.checked_add(n)?;
+                            let one = all.get(at..end);
+                            at = end;
+                            one
+                        }),
+                        None => parts.get(1 + i).map(Vec::as_slice),
+                    };
+                    self.on_delivery(body, binary)?;
                 }
                 clock.delivered_now(items.len() as u64);
             }
             Verb::DLVR | Verb::EVNT => {
-                self.on_delivery(f.body, parts.get(1))?;
+                self.on_delivery(f.body, parts.get(1).map(Vec::as_slice))?;
                 clock.delivered_now(1);
             }
             Verb::ERRR => {
@@ -298,13 +335,20 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
             load.deadline,
         );
         std::thread::spawn(move || -> anyhow::Result<(u64, Duration)> {
-            let event = format!(r#"{{"channel":"{channel}"}}"#);
+            let p = payload::template(size);
+            // Packed (PROTOCOL.md §23): `bin` last, the shape the
+            // transmitter reads fastest, and one frame for the batch.
+            let event = if publisher.packed {
+                format!(r#"{{"channel":"{channel}","bin":{}}}"#, p.len())
+            } else {
+                format!(r#"{{"channel":"{channel}"}}"#)
+            };
             let head = |n: u64| {
                 let events = vec![event.as_str(); n as usize].join(",");
                 frame::encode(Verb::EVNT, format!("[{events}]").as_bytes())
             };
             let full = head(PUBLISH_BATCH);
-            let mut p = payload::template(size);
+            let mut batch = p.repeat(PUBLISH_BATCH as usize);
             clock.restart();
             let t0 = Instant::now();
             let mut sent = 0;
@@ -315,10 +359,22 @@ pub fn run(command: &str, scenario: Scenario, load: &Load) -> anyhow::Result<Rep
                 } else {
                     publisher.dealer.send(head(n), zmq::SNDMORE)?;
                 }
-                for i in 0..n {
-                    payload::stamp(&mut p, sent + i);
-                    let more = if i + 1 < n { zmq::SNDMORE } else { 0 };
-                    publisher.dealer.send(&p[..], more)?;
+                let batch = &mut batch[..n as usize * p.len()];
+                for (i, one) in (sent..).zip(batch.chunks_mut(p.len())) {
+                    payload::stamp(one, i);
+                }
+                if publisher.packed {
+                    publisher.dealer.send(&batch[..], 0)?;
+                } else {
+                    let mut frames = batch.chunks(p.len()).peekable();
+                    while let Some(one) = frames.next() {
+                        let more = if frames.peek().is_some() {
+                            zmq::SNDMORE
+                        } else {
+                            0
+                        };
+                        publisher.dealer.send(one, more)?;
+                    }
                 }
                 sent += n;
             }
@@ -594,4 +650,18 @@ pub fn request_reply(command: &str, load: &Load, requesters: usize) -> anyhow::R
         cpu,
         "ERRR answers",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_len_reads_a_last_bin_field_and_nothing_else() {
+        assert_eq!(packed_len(br#"{"id":"x","bin":128}"#), Some(128));
+        assert_eq!(packed_len(br#"{"bin":0}"#), Some(0));
+        assert_eq!(packed_len(br#"{"id":"x","seq":12}"#), None);
+        assert_eq!(packed_len(br#"{"id":"x","bin":}"#), None);
+        assert_eq!(packed_len(br#"{"payload":{"bin":3}}"#), None);
+    }
 }

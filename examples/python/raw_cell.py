@@ -12,7 +12,9 @@ Only pyzmq and the standard library: no SDK. Two modes:
         An interop test against a running transmitter: THID test vectors,
         handshake, anycatch with batch acks, multicatch (J EVNT on the
         DEALER), membership events on a SUB with the SYNC handshake, computed
-        event THIDs, batches of events both ways, error codes, GBYE. Every wait has a deadline. Prints
+        event THIDs, batches of events both ways, plain and packed (one
+        binary frame for the whole batch), error codes, GBYE. Every wait
+        has a deadline. Prints
         "raw_cell selftest: ok" and exits 0 on success; prints one line
         saying what failed and exits 1 otherwise.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import itertools
 import json
 import secrets
 import signal
@@ -199,6 +202,18 @@ class Cell:
         """The next message, from `pending` first; None after `timeout` s."""
         if self.pending:
             return self.pending.popleft()
+        frames = self.recv_frames(timeout)
+        if frames is None:
+            return None
+        try:
+            return decode(frames)
+        except ValueError as e:
+            raise Failure(f"{self.name}: transmitter sent a bad frame: {e}")
+
+    def recv_frames(self, timeout: float) -> list[bytes] | None:
+        """The frames of the next message off the socket (`pending` aside),
+        undecoded: a batch's body is an array, which `decode` refuses.
+        Keepalive PONGs are dropped; None after `timeout` s."""
         deadline = time.monotonic() + timeout
         while True:
             Cell.keep_all_alive()
@@ -208,13 +223,10 @@ class Cell:
                     return None
                 continue
             frames = self.dealer.recv_multipart()
-            try:
-                m = decode(frames)
-            except ValueError as e:
-                raise Failure(f"{self.name}: transmitter sent a bad frame: {e}")
-            if m.verb == "PONG" and m.body.get("ref") == KEEPALIVE_REF:
+            if frames[0].startswith(b"J PONG ") and \
+                    json.loads(frames[0][len(b"J PONG "):]).get("ref") == KEEPALIVE_REF:
                 continue
-            return m
+            return frames
 
     def wait_for(self, what: str, pred: Callable[[Msg], bool],
                  timeout: float | None = None) -> Msg:
@@ -548,13 +560,15 @@ def run_selftest(ctx: zmq.Context, args: argparse.Namespace,
     expect_error(a, "bad_multipart", "a 3-frame message", any_re=True)
     ping(a, "after-errors")
 
-    check_batches(cell("cell D"), b)
+    d, e = cell("cell D"), cell("cell E")
+    check_batches(d, b)
+    check_packed(d, e, b)
 
     c = cell("cell C")
     c.send("LSTN", {"pattern": "interop::*", "mode": "any", "ref": "r-early"})
     expect_error(c, "not_welcomed", "LSTN before HELO", re="r-early")
 
-    leftovers = [m for x in (a, b, c) for m in x.pending]
+    leftovers = [m for x in (a, b, c, d, e) for m in x.pending]
     check(not leftovers, f"unexpected {leftovers[0].verb} "
           f"{leftovers[0].raw[:120].decode('utf-8', 'replace')}" if leftovers else "")
 
@@ -578,9 +592,9 @@ def check_batches(d: Cell, b: Cell) -> None:
     events = [{"channel": f"interop::batch::{i}", "seq": 2000 + i} for i in range(3)]
     binaries = [bytes([i, 0xff]) for i in range(3)]
     b.send_frames([encode("EVNT", json.dumps(events))] + binaries)
-    if not d.dealer.poll(int(d.timeout * 1000)):
+    frames = d.recv_frames(d.timeout)
+    if frames is None:
         raise Failure(f"no batch for cell D within {d.timeout} s")
-    frames = d.dealer.recv_multipart()
     check(frames[0].startswith(b"J DLVR ["), f"not a DLVR batch: {frames[0][:80]!r}")
     items = json.loads(frames[0][len(b"J DLVR "):])
     check([i.get("channel") for i in items] == [e["channel"] for e in events],
@@ -589,6 +603,145 @@ def check_batches(d: Cell, b: Cell) -> None:
               for i, e, bin_ in zip(items, events, binaries)),
           f"batch THIDs not per spec: {items}")
     check(frames[1:] == binaries, f"binary frames not one per event, in order: {frames[1:]}")
+
+
+#: Events per packed batch the selftest publishes: enough that the
+#: transmitter has several deliveries ready at once for a cell.
+N_PACKED = 50
+
+
+class Event(NamedTuple):
+    """An event as published: what its delivery must carry."""
+
+    channel: str
+    seq: int
+    payload: bytes  # the binary payload
+
+
+def packed_batch(events: list[Event], bins: list[int | None] | None = None,
+                 frames: list[bytes] | None = None) -> list[bytes]:
+    """`J EVNT [...]` packed (PROTOCOL.md §23): each element's "bin" is its
+    payload's length, last, and one binary frame follows, the payloads
+    concatenated. `bins` (None: no "bin") and `frames` replace the right
+    ones, to break the rules."""
+    bins = bins if bins is not None else [len(e.payload) for e in events]
+    body = [{"channel": e.channel, "seq": e.seq} | ({} if n is None else {"bin": n})
+            for e, n in zip(events, bins)]
+    head = encode("EVNT", json.dumps(body, separators=(",", ":")))
+    return [head] + (frames if frames is not None
+                     else [b"".join(e.payload for e in events)])
+
+
+def unbatch(frames: list[bytes], verb: str, who: str,
+            packed_ok: bool) -> tuple[list[tuple[dict, bytes]], bool]:
+    """The (body, binary payload) of each event of one `verb` message, a
+    single one with its own binary frame, a batch with one binary frame
+    per element or (only when `packed_ok`) a packed batch; and whether it
+    was packed. Fails on anything else."""
+    head = f"J {verb} ".encode()
+    check(frames[0].startswith(head), f"{who}: expected {verb}, got {frames[0][:80]!r}")
+    body, binaries = json.loads(frames[0][len(head):]), frames[1:]
+    if isinstance(body, dict):
+        check("bin" not in body and len(binaries) == 1,
+              f"{who}: a single {verb} not in the plain form: {frames}")
+        return [(body, binaries[0])], False
+    check(isinstance(body, list) and body and all(isinstance(e, dict) for e in body),
+          f"{who}: {verb} body is neither an object nor an array of them")
+    if "bin" not in body[0]:
+        check(not any("bin" in e for e in body) and len(binaries) == len(body),
+              f"{who}: unpacked {verb} batch of {len(body)} with {len(binaries)} "
+              f"binary frames or a bin: {frames[0][:200]!r}")
+        return list(zip(body, binaries)), False
+    check(packed_ok, f"{who}: a packed {verb} batch, though it did not say packed")
+    check(len(body) > 1, f"{who}: a packed batch of one: {frames[0][:200]!r}")
+    check(all(list(e)[-1] == "bin" and isinstance(e["bin"], int) for e in body),
+          f"{who}: packed {verb} batch whose elements lack a last bin: {frames[0][:200]!r}")
+    sizes = [e.pop("bin") for e in body]
+    check(len(binaries) == 1 and len(binaries[0]) == sum(sizes),
+          f"{who}: packed {verb} batch with bins summing to {sum(sizes)} and "
+          f"binary frames of {[len(b) for b in binaries]} bytes")
+    ends = list(itertools.accumulate(sizes))
+    return [(e, binaries[0][end - n:end]) for e, n, end in zip(body, sizes, ends)], True
+
+
+def receive_events(cell: Cell, verb: str, want: list[Event], publisher: str,
+                   packed_ok: bool) -> int:
+    """Requires `cell`'s next messages to deliver exactly `want`, in order,
+    with their payloads byte for byte and their THIDs per §9 (as though
+    each payload had a frame of its own); returns how many came packed."""
+    got: list[tuple[dict, bytes]] = []
+    packed = 0
+    while len(got) < len(want):
+        frames = cell.recv_frames(cell.timeout)
+        if frames is None:
+            raise Failure(f"{cell.name}: {len(got)} of {len(want)} events within "
+                          f"{cell.timeout} s")
+        events, was_packed = unbatch(frames, verb, cell.name, packed_ok)
+        got += events
+        packed += was_packed
+    check(len(got) == len(want), f"{cell.name}: {len(got)} events, expected {len(want)}")
+    for n, ((body, payload), e) in enumerate(zip(got, want)):
+        what = f"{cell.name}: {verb} #{n} ({e.channel})"
+        check(body.get("channel") == e.channel,
+              f"{what}: out of order or unexpected, got {body.get('channel')!r}")
+        check(payload == e.payload, f"{what}: payload {payload!r} != {e.payload!r}")
+        check(body.get("id") == event_thid(publisher, e.seq, e.channel, e.payload),
+              f"{what}: id {body.get('id')} not per spec")
+        check(body.get("from") == publisher, f"{what}: from {body.get('from')}")
+        check((body.get("attempt") == 1) == (verb == "DLVR"),
+              f"{what}: attempt {body.get('attempt')!r}")
+    return packed
+
+
+def check_packed(d: Cell, e: Cell, b: Cell) -> None:
+    """PROTOCOL.md §23, packed binary frames. E says HELO with "batch" and
+    "packed" and listens beside D (same pattern, another service). B
+    publishes N_PACKED binary events in one packed EVNT: E gets them,
+    at least once as a packed DLVR batch, D (not packed) never packed.
+    Batches that break the packing rules are refused whole and deliver
+    nothing. A multicatch listener gets packed EVNT batches."""
+    e.send("HELO", {"id": e.thid, "service": "interop-e", "batch": True,
+                    "packed": True, "ref": "helo-e"})
+    e.welcome = e.reply("WLCM", "helo-e").body
+    check(e.welcome.get("packed") is True, f"WLCM without packed: {e.welcome}")
+    e.listen("interop::batch::*", "any", ack=False, ref="lstn-packed-any")
+    e.listen("interop::packed::*", "multi", ref="lstn-packed-multi")
+
+    def events(prefix: str, seq: int) -> list[Event]:
+        # Lengths 0 to 12, every byte value: the split is by "bin" alone.
+        return [Event(f"{prefix}{i}", seq + i,
+                      bytes((i * 31 + j) % 256 for j in range(i % 5 * 3)))
+                for i in range(N_PACKED)]
+
+    anycatch = events("interop::batch::p", 3000)
+    b.send_frames(packed_batch(anycatch))
+    check(receive_events(e, "DLVR", anycatch, b.thid, packed_ok=True) > 0,
+          f"{e.name}: {N_PACKED} events published at once, none came packed")
+    receive_events(d, "DLVR", anycatch, b.thid, packed_ok=False)
+
+    bad = events("interop::batch::bad", 4000)[1:4]  # every length nonzero
+    total = sum(len(x.payload) for x in bad)
+    for why, frames in (
+            ("a frame 1 byte short of the bins", packed_batch(
+                bad, frames=[b"".join(x.payload for x in bad)[:-1]])),
+            ("an element without bin", packed_batch(
+                bad, bins=[3, None, 9], frames=[bad[0].payload + bad[2].payload])),
+            ("bin on a later element only", packed_batch(
+                bad, bins=[None, 6, None], frames=[x.payload for x in bad])),
+            ("two binary frames", packed_batch(
+                bad, frames=[b"\0" * total, b""]))):
+        b.send_frames(frames)
+        expect_error(b, "bad_multipart", f"a packed EVNT with {why}", re=None)
+    sentinel = [Event("interop::batch::after-bad", 4999, b"\x05")]
+    b.send("EVNT", {"channel": sentinel[0].channel, "seq": sentinel[0].seq},
+           sentinel[0].payload)
+    for c in (e, d):  # the sentinel first: no refused event got through
+        receive_events(c, "DLVR", sentinel, b.thid, packed_ok=c is e)
+
+    multicatch = events("interop::packed::m", 5000)
+    b.send_frames(packed_batch(multicatch))
+    check(receive_events(e, "EVNT", multicatch, b.thid, packed_ok=True) > 0,
+          f"{e.name}: {N_PACKED} multicatch events published at once, none came packed")
 
 
 # --------------------------------------------------------------------------
