@@ -12,6 +12,10 @@
 # Environment:
 #   RUNS        runs per cell of the grid (default 3; the table shows medians)
 #   MSGS        events per throughput run (default 200000)
+#   MSGS_LARGE  events per run at payloads of 8192 B and more (default
+#               50000: 400 MiB, within a service's backlog bound of 512 MiB,
+#               PROTOCOL.md §21, which a publisher faster than its acking
+#               cells would otherwise overrun; both systems alike)
 #   PAYLOADS    payload grid (default "32 128 1024 8192")
 #   CONNS       idle cells/connections for the memory scenario (default 1000)
 #   RR_MSGS     requests per request/reply run (default 50000)
@@ -27,6 +31,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 RUNS=${RUNS:-3}
 MSGS=${MSGS:-200000}
+MSGS_LARGE=${MSGS_LARGE:-50000}
 PAYLOADS=${PAYLOADS:-"32 128 1024 8192"}
 CONNS=${CONNS:-1000}
 RR_MSGS=${RR_MSGS:-50000}
@@ -198,12 +203,16 @@ fi
 if section grid; then
 start_servers
 for payload in $PAYLOADS; do
+    msgs=$MSGS
+    if [ "$payload" -ge 8192 ]; then
+        msgs=$MSGS_LARGE
+    fi
     for scenario in anycatch-noack anycatch-ack multicatch; do
-        log "$scenario, $payload B"
+        log "$scenario, $payload B, $msgs events"
         for _ in $(seq 1 "$RUNS"); do
-            run "$BENCH" nats --url "$NATS_URL" "$scenario" --payload "$payload" --msgs "$MSGS" --server-pid "$NATS_PID"
+            run "$BENCH" nats --url "$NATS_URL" "$scenario" --payload "$payload" --msgs "$msgs" --server-pid "$NATS_PID"
             for sys in $SYSTEMS; do
-                run "$BENCH" "$sys" --command "$THY_COMMAND" "$scenario" --payload "$payload" --msgs "$MSGS" --server-pid "$THY_PID"
+                run "$BENCH" "$sys" --command "$THY_COMMAND" "$scenario" --payload "$payload" --msgs "$msgs" --server-pid "$THY_PID"
             done
         done
     done
