@@ -144,6 +144,9 @@ struct Sub {
     /// Events read in the current burst, handed over together at its end
     /// (one channel send and one wake-up for the lot).
     batch: Vec<Event>,
+    /// How many events the last burst handed over: the room the next
+    /// one starts with, rather than growing step by step.
+    last_burst: usize,
 }
 
 impl Sub {
@@ -153,6 +156,7 @@ impl Sub {
             options,
             sink,
             batch: Vec::new(),
+            last_burst: 0,
         }
     }
 
@@ -521,6 +525,7 @@ impl Conn {
             while let Some(message) = self.recv() {
                 match message {
                     Ok(Incoming::Welcome(welcome)) => {
+                        self.last_received = Instant::now();
                         self.welcomed(&welcome)?;
                         return Ok(welcome);
                     }
@@ -1125,10 +1130,15 @@ impl Conn {
     // ---- the command socket ----------------------------------------------
 
     fn read_commands(&mut self) {
-        for _ in 0..READ_BURST {
+        for n in 0..READ_BURST {
             let Some(message) = self.recv() else {
                 break;
             };
+            if n == 0 {
+                // One clock reading for the burst.
+                self.last_received = Instant::now();
+                self.silence_reported = false;
+            }
             match message {
                 Ok(message) => self.on_command(message),
                 Err(e) => warn!(error = %e, "undecodable message from the transmitter"),
@@ -1382,6 +1392,7 @@ impl Conn {
         if let Some(sub) = self.subs.get_mut(&key) {
             if sub.batch.is_empty() {
                 self.batched.push(key);
+                sub.batch.reserve(sub.last_burst);
             }
             sub.batch.push(event);
         }
@@ -1393,9 +1404,11 @@ impl Conn {
             if let Some(Sub {
                 sink: Sink::Events(events),
                 batch,
+                last_burst,
                 ..
             }) = self.subs.get_mut(&key)
             {
+                *last_burst = batch.len();
                 // A closed receiver returns the events, whose guards then
                 // NACK.
                 let _ = events.send(std::mem::take(batch));
@@ -1597,8 +1610,6 @@ impl Conn {
                 return None;
             }
         }
-        self.last_received = Instant::now();
-        self.silence_reported = false;
         let mut binaries = Vec::new();
         if self.frame.get_more() {
             // libzmq hands over whole messages: the other frames are there.

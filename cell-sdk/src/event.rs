@@ -123,8 +123,9 @@ impl std::ops::Deref for Frame {
 pub(crate) struct Delivered {
     /// Its THID: stable across redeliveries.
     pub(crate) id: Thid,
-    /// The channel it was sent on.
-    pub(crate) channel: String,
+    /// The channel it was sent on, shared by the deliveries of a batch
+    /// on the same channel.
+    pub(crate) channel: Arc<str>,
     /// The JSON payload as it was sent.
     pub(crate) payload: Option<Box<RawValue>>,
     /// The binary payload frame, if the sender sent bytes.

@@ -449,7 +449,8 @@ pub(crate) struct ConfirmBody {
 
 /// The body of a `DLVR`, `EVNT` (T→C) or `RQST` (T→C), borrowed from the
 /// frame: the hottest thing the SDK reads. The THIDs are decoded in place,
-/// the channel is copied once (escapes aside) and the payload once.
+/// the channel is copied once (once per batch when its elements share it)
+/// and the payload once.
 #[derive(Deserialize)]
 struct DeliveryIn<'a> {
     #[serde(deserialize_with = "thid")]
@@ -470,10 +471,16 @@ struct DeliveryIn<'a> {
 
 impl DeliveryIn<'_> {
     /// The delivery with its binary frame (attempt 1 when absent).
-    fn into_delivered(self, binary: Option<Frame>) -> Delivered {
+    /// `last` is the channel of the previous delivery of its batch, which
+    /// it shares when it is the same (one allocation for the lot).
+    fn into_delivered(self, binary: Option<Frame>, last: &mut Option<Arc<str>>) -> Delivered {
+        let channel = match last {
+            Some(c) if **c == *self.channel => Arc::clone(c),
+            _ => Arc::clone(last.insert(Arc::from(&*self.channel))),
+        };
         Delivered {
             id: self.id,
-            channel: self.channel.into_owned(),
+            channel,
             payload: self.payload.map(RawValue::to_owned),
             binary,
             from: self.from,
@@ -489,7 +496,7 @@ impl<'a> DeliveryIn<'a> {
     /// spelling (escapes in the channel, more fields, another order), which
     /// the general decoder then reads.
     fn parse_canonical(body: &'a [u8]) -> Option<DeliveryIn<'a>> {
-        match DeliveryIn::parse_canonical_prefix(body)? {
+        match DeliveryIn::parse_canonical_prefix(body, &mut Shared::default())? {
             (d, b"") => Some(d),
             _ => None,
         }
@@ -497,8 +504,12 @@ impl<'a> DeliveryIn<'a> {
 
     /// As [`DeliveryIn::parse_canonical`], for a body that starts `body`:
     /// the delivery and what follows its closing brace (the rest of a
-    /// batch).
-    fn parse_canonical_prefix(body: &'a [u8]) -> Option<(DeliveryIn<'a>, &'a [u8])> {
+    /// batch). `shared` is what the previous element of the batch read,
+    /// updated with this one's.
+    fn parse_canonical_prefix(
+        body: &'a [u8],
+        shared: &mut Shared<'a>,
+    ) -> Option<(DeliveryIn<'a>, &'a [u8])> {
         let rest = body.strip_prefix(b"{\"id\":\"")?;
         let id = parse_thid(rest.get(..40)?)?;
         let rest = rest[40..].strip_prefix(b"\",\"channel\":\"")?;
@@ -508,7 +519,10 @@ impl<'a> DeliveryIn<'a> {
         if rest[end] != b'"' {
             return None;
         }
-        let channel = std::str::from_utf8(&rest[..end]).ok()?;
+        if rest[..end] != *shared.channel.as_bytes() {
+            shared.channel = std::str::from_utf8(&rest[..end]).ok()?;
+        }
+        let channel = shared.channel;
         let mut rest = &rest[end + 1..];
         let mut payload = None;
         if let Some(json) = rest.strip_prefix(b",\"payload\":") {
@@ -522,7 +536,11 @@ impl<'a> DeliveryIn<'a> {
             payload = Some(raw).filter(|r| r.get() != "null");
         }
         let rest = rest.strip_prefix(b",\"from\":\"")?;
-        let from = parse_thid(rest.get(..40)?)?;
+        let hex = rest.get(..40)?;
+        let from = match shared.from {
+            Some((seen, from)) if seen == hex => from,
+            _ => shared.from.insert((hex, parse_thid(hex)?)).1,
+        };
         let rest = rest[40..].strip_prefix(b"\"")?;
         let (attempt, rest) = canonical_number(rest, b",\"attempt\":")?;
         let (bin, rest) = canonical_number(rest, b",\"bin\":")?;
@@ -548,8 +566,9 @@ impl<'a> DeliveryIn<'a> {
         if rest == b"]" {
             return Some(items);
         }
+        let mut shared = Shared::default();
         loop {
-            let (d, after) = DeliveryIn::parse_canonical_prefix(rest)?;
+            let (d, after) = DeliveryIn::parse_canonical_prefix(rest, &mut shared)?;
             items.push(d);
             match after.split_first()? {
                 (b',', next) => rest = next,
@@ -580,6 +599,17 @@ impl<'a> DeliveryIn<'a> {
             None => serde_json::from_slice(body),
         }
     }
+}
+
+/// What the canonical reader last read in a batch, for the next element
+/// to reuse rather than check or decode again: the elements of a batch
+/// mostly share their channel and their sender.
+#[derive(Default)]
+struct Shared<'a> {
+    /// The last channel, valid UTF-8.
+    channel: &'a str,
+    /// The last `from`: its hex digits and its THID.
+    from: Option<(&'a [u8], Thid)>,
 }
 
 /// Splits the binary frames of a batch among its elements, given each
@@ -713,9 +743,10 @@ pub(crate) fn decode_command(
         let bins: Vec<Option<u64>> = items.iter().map(|d| d.bin).collect();
         let binaries = element_binaries(&bins, binaries).map_err(|e| format!("{}: {e}", f.verb))?;
         let mut binaries = binaries.into_iter();
+        let mut channel = None;
         let delivered = items
             .into_iter()
-            .map(|d| d.into_delivered(binaries.next()))
+            .map(|d| d.into_delivered(binaries.next(), &mut channel))
             .collect();
         return Ok(match f.verb {
             Verb::DLVR => Incoming::Delivers(delivered),
@@ -732,7 +763,7 @@ pub(crate) fn decode_command(
     let binary = binaries.into_iter().next().map(Frame::Whole);
     let delivered = |binary| {
         DeliveryIn::parse(f.body)
-            .map(|d| d.into_delivered(binary))
+            .map(|d| d.into_delivered(binary, &mut None))
             .map_err(bad)
     };
     Ok(match f.verb {
@@ -1013,7 +1044,7 @@ mod tests {
             id, id
         );
         match decode_command(escaped.as_bytes(), Vec::new()).unwrap() {
-            Incoming::Deliver(d) => assert_eq!((d.id, d.channel.as_str()), (id, "a:b")),
+            Incoming::Deliver(d) => assert_eq!((d.id, &*d.channel), (id, "a:b")),
             other => panic!("{other:?}"),
         }
         let bad = format!(r#"J DLVR {{"id":"{}","channel":"a","from":"xyz"}}"#, id);
@@ -1240,7 +1271,7 @@ mod tests {
         match decode_command(&body, Vec::new()).unwrap() {
             Incoming::Event(d) => {
                 assert_eq!((d.id, d.from), (id, id));
-                assert_eq!(d.channel, "a::b");
+                assert_eq!(&*d.channel, "a::b");
                 assert_eq!(d.payload.unwrap().get(), "[1]");
                 // Multicatch bodies carry no `attempt`: it reads as 1.
                 assert_eq!(d.attempt, 1);
