@@ -70,6 +70,38 @@ const EVENT_PREFIX: &[u8] = b"J EVNT ";
 /// the length of its binary payload.
 const BIN_FIELD: &[u8] = b",\"bin\":";
 
+/// A publish that expects no answer, as the async side hands it to the
+/// background thread: its `J EVNT {...}` frame and its binary frame, if
+/// any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Publish {
+    /// The command frame.
+    pub(crate) command: Vec<u8>,
+    /// The binary frame.
+    pub(crate) binary: Option<Vec<u8>>,
+}
+
+impl Publish {
+    /// Its message: the command frame, then the binary frame if any.
+    pub(crate) fn into_frames(self) -> Vec<Vec<u8>> {
+        let mut frames = Vec::with_capacity(2);
+        frames.push(self.command);
+        frames.extend(self.binary);
+        frames
+    }
+
+    /// Bytes of its frames.
+    pub(crate) fn size(&self) -> usize {
+        self.command.len() + self.binary.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Its body, `{...}`, when it can join a batch.
+    fn body(&self) -> Option<&[u8]> {
+        let body = self.command.strip_prefix(EVENT_PREFIX)?;
+        (body.first() == Some(&b'{') && body.last() == Some(&b'}')).then_some(body)
+    }
+}
+
 /// Collects the publishes (a `J EVNT {...}` frame and its binary frame,
 /// if any) ready at the same time, to send as one `J EVNT [...]` frame
 /// followed by their binary frames (PROTOCOL.md §23), or, when the
@@ -82,8 +114,11 @@ const BIN_FIELD: &[u8] = b",\"bin\":";
 /// join it.
 #[derive(Debug)]
 pub(crate) struct EventBatcher {
-    /// The publishes held, in order, each as its own message.
-    events: Vec<Vec<Vec<u8>>>,
+    /// The publishes held, in order.
+    events: Vec<Publish>,
+    /// Whether the events held have binary frames, when they can take
+    /// more (`None` with none held, or one that cannot join a batch).
+    binary: Option<bool>,
     /// Length of the batch's command frame: `J EVNT [`, then each body
     /// (with its `bin` when packed) and its `,` or closing `]`.
     frame_len: usize,
@@ -105,6 +140,7 @@ impl EventBatcher {
     pub(crate) fn new(max_events: usize, max_bytes: usize, max_frame: usize) -> EventBatcher {
         EventBatcher {
             events: Vec::new(),
+            binary: None,
             frame_len: EVENT_PREFIX.len() + 1,
             bytes: 0,
             max_events: max_events.max(1),
@@ -121,51 +157,45 @@ impl EventBatcher {
         self.packed = packed;
     }
 
-    /// The body of a publish that can join a batch, and whether it has a
-    /// binary frame.
-    fn element(frames: &[Vec<u8>]) -> Option<(&[u8], bool)> {
-        let body = frames.first()?.strip_prefix(EVENT_PREFIX)?;
-        (body.first() == Some(&b'{') && body.last() == Some(&b'}') && frames.len() <= 2)
-            .then_some((body, frames.len() == 2))
-    }
-
     /// How many bytes a publish that can join a batch takes in the
-    /// batch's command frame (its body, plus its `bin` field when packed),
-    /// and whether it has a binary frame.
-    fn element_len(&self, frames: &[Vec<u8>]) -> Option<(usize, bool)> {
-        let (body, binary) = Self::element(frames)?;
-        let bin = frames.get(1).filter(|_| self.packed).map_or(0, |b| {
-            BIN_FIELD.len() + decimal(b.len() as u64, &mut [0; 20]).len()
-        });
-        Some((body.len() + bin, binary))
+    /// batch's command frame: its body, plus its `bin` field when packed.
+    fn element_len(&self, event: &Publish) -> Option<usize> {
+        let body = event.body()?;
+        let bin = event
+            .binary
+            .as_ref()
+            .filter(|_| self.packed)
+            .map_or(0, |b| {
+                BIN_FIELD.len() + decimal(b.len() as u64, &mut [0; 20]).len()
+            });
+        Some(body.len() + bin)
     }
 
-    /// Whether `frames` can join the events held: always when none is
+    /// Whether `event` can join the events held: always when none is
     /// held. When not, the caller sends [`EventBatcher::take`] first.
-    pub(crate) fn fits(&self, frames: &[Vec<u8>]) -> bool {
-        let Some(first) = self.events.first() else {
+    pub(crate) fn fits(&self, event: &Publish) -> bool {
+        if self.events.is_empty() {
             return true;
-        };
-        let (Some((_, binary)), Some((len, with_binary))) =
-            (Self::element(first), self.element_len(frames))
-        else {
+        }
+        let (Some(binary), Some(len)) = (self.binary, self.element_len(event)) else {
             return false;
         };
-        let size: usize = frames.iter().map(Vec::len).sum();
-        binary == with_binary
+        binary == event.binary.is_some()
             && self.events.len() < self.max_events
             // The body and its `,` or `]` within the frame limit.
             && self.frame_len + len < self.max_frame
-            && self.bytes + size <= self.max_bytes
+            && self.bytes + event.size() <= self.max_bytes
     }
 
     /// Holds a publish; the caller checked [`EventBatcher::fits`].
-    pub(crate) fn push(&mut self, frames: Vec<Vec<u8>>) {
-        if let Some((len, _)) = self.element_len(&frames) {
-            self.frame_len += len + 1;
+    pub(crate) fn push(&mut self, event: Publish) {
+        let len = self.element_len(&event);
+        if self.events.is_empty() {
+            self.binary = len.map(|_| event.binary.is_some());
         }
-        self.bytes += frames.iter().map(Vec::len).sum::<usize>();
-        self.events.push(frames);
+        self.frame_len += len.map_or(0, |len| len + 1);
+        self.bytes += event.size();
+        self.events.push(event);
     }
 
     /// The events held as one message, leaving the batcher empty: the
@@ -175,33 +205,36 @@ impl EventBatcher {
     pub(crate) fn take(&mut self) -> Option<Vec<Vec<u8>>> {
         let frame_len = std::mem::replace(&mut self.frame_len, EVENT_PREFIX.len() + 1);
         self.bytes = 0;
+        let binary = self.binary.take();
         if self.events.len() <= 1 {
-            return self.events.pop();
+            return self.events.pop().map(Publish::into_frames);
         }
         // `fits` admitted only `J EVNT {...}` frames, all with a binary
         // frame or all without.
-        let packed = self.packed && self.events[0].len() == 2;
+        let packed = self.packed && binary == Some(true);
         let mut frame = Vec::with_capacity(frame_len);
         frame.extend_from_slice(EVENT_PREFIX);
         let mut message = Vec::with_capacity(if packed { 2 } else { self.events.len() + 1 });
         message.push(Vec::new());
         let mut joined = Vec::new();
         if packed {
-            joined.reserve_exact(self.events.iter().map(|e| e[1].len()).sum());
+            joined.reserve_exact(self.bytes_of_binaries());
         }
-        for (i, mut event) in self.events.drain(..).enumerate() {
+        for (i, event) in self.events.drain(..).enumerate() {
             frame.push(if i == 0 { b'[' } else { b',' });
-            let body = &event[0][EVENT_PREFIX.len()..];
-            if packed {
-                let binary = &event[1];
-                frame.extend_from_slice(&body[..body.len() - 1]);
-                frame.extend_from_slice(BIN_FIELD);
-                frame.extend_from_slice(decimal(binary.len() as u64, &mut [0; 20]));
-                frame.push(b'}');
-                joined.extend_from_slice(binary);
-            } else {
-                frame.extend_from_slice(body);
-                message.extend(event.drain(1..));
+            let body = &event.command[EVENT_PREFIX.len()..];
+            match event.binary {
+                Some(binary) if packed => {
+                    frame.extend_from_slice(&body[..body.len() - 1]);
+                    frame.extend_from_slice(BIN_FIELD);
+                    frame.extend_from_slice(decimal(binary.len() as u64, &mut [0; 20]));
+                    frame.push(b'}');
+                    joined.extend_from_slice(&binary);
+                }
+                binary => {
+                    frame.extend_from_slice(body);
+                    message.extend(binary);
+                }
             }
         }
         frame.push(b']');
@@ -210,6 +243,14 @@ impl EventBatcher {
             message.push(joined);
         }
         Some(message)
+    }
+
+    /// Bytes of the binary frames held.
+    fn bytes_of_binaries(&self) -> usize {
+        self.events
+            .iter()
+            .map(|e| e.binary.as_ref().map_or(0, Vec::len))
+            .sum()
     }
 }
 
@@ -302,13 +343,14 @@ mod tests {
         assert_eq!(b.deadline(), Some(t1 + delay));
     }
 
-    fn event(channel: &str, binary: Option<&[u8]>) -> Vec<Vec<u8>> {
-        let mut frames = vec![format!(r#"J EVNT {{"channel":"{channel}"}}"#).into_bytes()];
-        frames.extend(binary.map(<[u8]>::to_vec));
-        frames
+    fn event(channel: &str, binary: Option<&[u8]>) -> Publish {
+        Publish {
+            command: format!(r#"J EVNT {{"channel":"{channel}"}}"#).into_bytes(),
+            binary: binary.map(<[u8]>::to_vec),
+        }
     }
 
-    fn batch(b: &mut EventBatcher, events: Vec<Vec<Vec<u8>>>) -> Vec<Vec<Vec<u8>>> {
+    fn batch(b: &mut EventBatcher, events: Vec<Publish>) -> Vec<Vec<Vec<u8>>> {
         let mut sent = Vec::new();
         for e in events {
             if !b.fits(&e) {
@@ -325,7 +367,7 @@ mod tests {
         let mut b = EventBatcher::new(256, 65_536, 1 << 20);
         assert!(b.take().is_none());
         let e = event("a", Some(b"x"));
-        assert_eq!(batch(&mut b, vec![e.clone()]), vec![e]);
+        assert_eq!(batch(&mut b, vec![e.clone()]), vec![e.into_frames()]);
         assert!(b.take().is_none());
     }
 
@@ -394,7 +436,10 @@ mod tests {
         assert_eq!(batch(&mut b, vec![event("a", None); 2]).len(), 1);
         // Anything but a `J EVNT {...}` frame goes alone.
         let mut b = EventBatcher::new(256, 65_536, 1 << 20);
-        let odd = vec![b"EVNT {}".to_vec()];
+        let odd = Publish {
+            command: b"EVNT {}".to_vec(),
+            binary: None,
+        };
         assert_eq!(batch(&mut b, vec![odd.clone(), event("a", None)]).len(), 2);
         assert_eq!(batch(&mut b, vec![event("a", None), odd]).len(), 2);
     }
@@ -407,13 +452,16 @@ mod tests {
     }
 
     /// Publishes as the SDK writes them, binary payloads of these sizes.
-    fn publishes(sizes: &[usize]) -> Vec<Vec<Vec<u8>>> {
+    fn publishes(sizes: &[usize]) -> Vec<Publish> {
         sizes
             .iter()
             .enumerate()
             .map(|(i, &n)| {
-                let body = crate::wire::publish("a::b", None, &id(i as u8), i as u64, None);
-                vec![body, vec![i as u8; n]]
+                let command = crate::wire::publish("a::b", None, &id(i as u8), i as u64, None);
+                Publish {
+                    command,
+                    binary: Some(vec![i as u8; n]),
+                }
             })
             .collect()
     }
@@ -427,7 +475,7 @@ mod tests {
         assert_eq!(message.len(), 2, "the command frame and one binary frame");
         let joined: Vec<u8> = publishes(&sizes)
             .into_iter()
-            .flat_map(|e| e[1].clone())
+            .flat_map(|e| e.binary.unwrap())
             .collect();
         assert_eq!(message[1], joined);
         // Each element ends in its `bin`, in the one spelling the
@@ -456,7 +504,7 @@ mod tests {
             assert_eq!(sent.len(), 1);
             assert_eq!(sent[0].len(), 4);
             assert!(!sent[0][0].windows(6).any(|w| w == b"\"bin\":"));
-            let binaries: Vec<Vec<u8>> = events.into_iter().map(|e| e[1].clone()).collect();
+            let binaries: Vec<Vec<u8>> = events.into_iter().flat_map(|e| e.binary).collect();
             assert_eq!(sent[0][1..], binaries[..]);
         }
     }
@@ -465,7 +513,13 @@ mod tests {
     fn packing_spares_events_alone_and_batches_without_binaries() {
         let mut b = welcomed(true);
         let alone = publishes(&[5]);
-        assert_eq!(batch(&mut b, alone.clone()), alone);
+        assert_eq!(
+            batch(&mut b, alone.clone()),
+            alone
+                .into_iter()
+                .map(Publish::into_frames)
+                .collect::<Vec<_>>()
+        );
         let json = vec![event("a", None), event("b", None)];
         assert_eq!(
             batch(&mut b, json),
@@ -487,7 +541,7 @@ mod tests {
                     br#"J EVNT [{"channel":"a","bin":1},{"channel":"b","bin":0}]"#.to_vec(),
                     b"1".to_vec()
                 ],
-                event("c", None)
+                event("c", None).into_frames()
             ]
         );
     }

@@ -15,6 +15,7 @@ use thynapse_protocol::pattern::validate_channel;
 use thynapse_protocol::{Mode, Pattern, Thid};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch::Publish;
 use crate::conn::{self, Start};
 use crate::consts::COMMAND_QUEUE_CAPACITY;
 use crate::discovery::Discover;
@@ -462,8 +463,8 @@ impl Client {
     /// If the future is dropped before it completes, the event may or may
     /// not have been sent.
     pub async fn publish(&self, channel: &str, payload: impl Serialize) -> Result<Thid, Error> {
-        let (id, frames) = self.event_frames(channel, Body::Json(to_json(&payload)?), None)?;
-        self.send_event(frames).await?;
+        let (id, event) = self.event_frames(channel, Body::Json(to_json(&payload)?), None)?;
+        self.send_event(event).await?;
         Ok(id)
     }
 
@@ -477,8 +478,8 @@ impl Client {
         channel: &str,
         bytes: impl Into<Vec<u8>>,
     ) -> Result<Thid, Error> {
-        let (id, frames) = self.event_frames(channel, Body::Binary(bytes.into()), None)?;
-        self.send_event(frames).await?;
+        let (id, event) = self.event_frames(channel, Body::Binary(bytes.into()), None)?;
+        self.send_event(event).await?;
         Ok(id)
     }
 
@@ -546,14 +547,16 @@ impl Client {
 
     async fn confirmed(&self, channel: &str, body: Body) -> Result<Confirm, Error> {
         let reference = self.inner.link.next_ref();
-        let (id, frames) = self.event_frames(channel, body, Some(reference))?;
-        let body = self.call(reference, frames, None, "EVNT confirm").await?;
+        let (id, event) = self.event_frames(channel, body, Some(reference))?;
+        let body = self
+            .call(reference, event.into_frames(), None, "EVNT confirm")
+            .await?;
         confirm_of(&body, Some(id))
     }
 
     /// Sends an event that expects no answer.
-    async fn send_event(&self, frames: Vec<Vec<u8>>) -> Result<(), Error> {
-        self.inner.link.command(Command::Publish { frames }).await
+    async fn send_event(&self, event: Publish) -> Result<(), Error> {
+        self.inner.link.command(Command::Publish(event)).await
     }
 
     /// Sends a command carrying `reference` and waits, within the request
@@ -603,7 +606,11 @@ impl Client {
     /// Refuses a message larger than the transmitter's `max_frame`:
     /// sending it would make libzmq drop the whole connection.
     pub(crate) fn check_size(&self, frames: &[Vec<u8>]) -> Result<(), Error> {
-        let size: usize = frames.iter().map(Vec::len).sum();
+        self.check_len(frames.iter().map(Vec::len).sum())
+    }
+
+    /// As [`Client::check_size`], for a message of `size` bytes.
+    fn check_len(&self, size: usize) -> Result<(), Error> {
         let max = self.inner.limits.max_frame;
         if size > max {
             return Err(Error::new(
@@ -620,7 +627,7 @@ impl Client {
         channel: &str,
         body: Body,
         confirm: Option<u64>,
-    ) -> Result<(Thid, Vec<Vec<u8>>), Error> {
+    ) -> Result<(Thid, Publish), Error> {
         check_channel(channel)?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let (json, binary) = body.parts();
@@ -633,9 +640,9 @@ impl Client {
             seq,
             confirm,
         );
-        let frames = body.frames(first);
-        self.check_size(&frames)?;
-        Ok((id, frames))
+        let event = body.event(first);
+        self.check_len(event.size())?;
+        Ok((id, event))
     }
 
     /// Waits for a request's answer within the request timeout.
@@ -677,11 +684,15 @@ impl Body {
         }
     }
 
-    /// The message: the command frame, then the binary frame if any.
-    pub(crate) fn frames(self, command: Vec<u8>) -> Vec<Vec<u8>> {
-        match self {
-            Body::Json(_) => vec![command],
-            Body::Binary(bytes) => vec![command, bytes],
+    /// The event whose command frame is `command`, and whose binary frame
+    /// is the bytes, if any.
+    pub(crate) fn event(self, command: Vec<u8>) -> Publish {
+        Publish {
+            command,
+            binary: match self {
+                Body::Json(_) => None,
+                Body::Binary(bytes) => Some(bytes),
+            },
         }
     }
 }

@@ -41,7 +41,7 @@ use thynapse_protocol::{Mode, Pattern, Thid, Verb};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, trace, warn};
 
-use crate::batch::{AckBatcher, EventBatcher, SeenSet};
+use crate::batch::{AckBatcher, EventBatcher, Publish, SeenSet};
 use crate::consts::{
     ACK_BATCH_MAX_DELAY, ACK_BATCH_MAX_IDS, CLOSE_TIMEOUT, DEDUP_CAPACITY, EVENT_BATCH_MAX_BYTES,
     EVENT_BATCH_MAX_EVENTS, PLAIN_USERNAME, READ_BURST, SOCKET_HWM, SOCKET_LINGER_MS,
@@ -879,12 +879,12 @@ impl Conn {
             let Ok(command) = self.rx.commands.try_recv() else {
                 break;
             };
-            if !matches!(command, Command::Publish { .. }) {
+            if !matches!(command, Command::Publish(_)) {
                 // Nothing overtakes the publishes before it.
                 self.flush_events();
             }
             match command {
-                Command::Publish { frames } => self.publish(frames),
+                Command::Publish(event) => self.publish(event),
                 Command::Send { frames, answer } => {
                     if let Some((reference, answer)) = answer {
                         self.pending.insert(
@@ -922,15 +922,15 @@ impl Conn {
 
     /// A publish without answer: held to join the publishes drained with
     /// it when the transmitter takes batches, else sent at once.
-    fn publish(&mut self, frames: Vec<Vec<u8>>) {
+    fn publish(&mut self, event: Publish) {
         if !self.takes_batches {
-            self.send(frames);
+            self.send(event.into_frames());
             return;
         }
-        if !self.events.fits(&frames) {
+        if !self.events.fits(&event) {
             self.flush_events();
         }
-        self.events.push(frames);
+        self.events.push(event);
     }
 
     /// Sends the publishes held, as one message.

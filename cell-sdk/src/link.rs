@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use thynapse_protocol::{Pattern, Thid};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch::Publish;
 use crate::error::Error;
 use crate::event::Event;
 use crate::membership::MembershipEvent;
@@ -117,10 +118,7 @@ pub(crate) enum Command {
     /// Publish an event that expects no answer: a `J EVNT {...}` frame
     /// and its binary frame, if any. Publishes drained together may share
     /// one batch (PROTOCOL.md §23).
-    Publish {
-        /// The event's frames (1 or 2).
-        frames: Vec<Vec<u8>>,
-    },
+    Publish(Publish),
     /// Listen to a pattern and route matching deliveries to `sink`.
     Listen {
         /// The new subscription's id.
