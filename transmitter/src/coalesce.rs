@@ -422,4 +422,28 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn a_packing_transmitter_gets_its_binaries_packed_too() {
+        let node = Thid::random();
+        let to_node = |frame: &str, b: &str| Output::ToNode {
+            node,
+            frame: frame.as_bytes().to_vec(),
+            binary: Some(Arc::from(b.as_bytes())),
+        };
+        let mut from = vec![
+            to_node(r#"J MDLV {"n":1}"#, "b1"),
+            to_node(r#"J MDLV {"n":2}"#, "b22"),
+        ];
+        let mut to = Vec::new();
+        coalesce(&mut from, &mut to, |_| Batching::Packed);
+        let [Output::NodeBatch { merged, .. }] = &to[..] else {
+            panic!("{to:?}");
+        };
+        assert!(merged.packed);
+        assert_eq!(
+            String::from_utf8_lossy(&merged.frame),
+            r#"J MDLV [{"n":1,"bin":2},{"n":2,"bin":3}]"#
+        );
+    }
 }
