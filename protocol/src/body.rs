@@ -149,17 +149,7 @@ impl<'a> Publish<'a> {
     /// the caller then reads it the general way, which gives the same
     /// events for what this accepts, and the errors for the rest.
     pub fn canonical_batch(body: &'a [u8]) -> Option<Vec<Publish<'a>>> {
-        let mut rest = body.strip_prefix(b"[")?;
-        let mut events = Vec::new();
-        loop {
-            let (event, after) = Publish::canonical(rest)?;
-            events.push(event);
-            match after {
-                [b',', more @ ..] => rest = more,
-                [b']'] => return Some(events),
-                _ => return None,
-            }
-        }
+        canonical_array(body, Publish::canonical)
     }
 
     /// One canonical element at the start of `s`, and what follows it.
@@ -169,13 +159,14 @@ impl<'a> Publish<'a> {
             .iter()
             .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
         let channel = std::str::from_utf8(&s[..end]).ok()?;
-        let mut s = s[end..].strip_prefix(b"\"")?;
+        let mut s = &s[end..];
         let mut id = None;
-        if let Some(after) = s.strip_prefix(br#","id":""#) {
-            let (hex, after) = after.split_at_checked(crate::thid::THID_LEN * 2)?;
-            id = Some(Thid::parse_hex(hex).ok()?);
-            s = after.strip_prefix(b"\"")?;
+        if let Some(after) = s.strip_prefix(br#"","id":""#) {
+            let (thid, after) = canonical_thid(after)?;
+            id = Some(thid);
+            s = after;
         }
+        let s = s.strip_prefix(b"\"")?;
         let (seq, s) = canonical_number(s, br#","seq":"#)?;
         let (bin, s) = canonical_number(s, br#","bin":"#)?;
         let s = s.strip_prefix(b"}")?;
@@ -189,6 +180,111 @@ impl<'a> Publish<'a> {
             bin,
         };
         Some((event, s))
+    }
+}
+
+/// The elements of a JSON array `body` read by `element` (which returns
+/// each element and what follows it), with no whitespace; `None` when
+/// `element` fails or the array is empty or malformed.
+fn canonical_array<'a, T>(
+    body: &'a [u8],
+    element: impl Fn(&'a [u8]) -> Option<(T, &'a [u8])>,
+) -> Option<Vec<T>> {
+    let mut rest = body.strip_prefix(b"[")?;
+    let mut items = Vec::new();
+    loop {
+        let (item, after) = element(rest)?;
+        items.push(item);
+        match after {
+            [b',', more @ ..] => rest = more,
+            [b']'] => return Some(items),
+            _ => return None,
+        }
+    }
+}
+
+/// 40 hex digits at the start of `s`, as a THID, and what follows.
+fn canonical_thid(s: &[u8]) -> Option<(Thid, &[u8])> {
+    let (hex, after) = s.split_at_checked(crate::thid::THID_LEN * 2)?;
+    Some((Thid::parse_hex(hex).ok()?, after))
+}
+
+/// A JSON string's text at the start of `s` (after its opening quote) with
+/// nothing to unescape, and what follows its closing quote.
+fn canonical_text(s: &[u8]) -> Option<(&str, &[u8])> {
+    let end = s
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    let text = std::str::from_utf8(&s[..end]).ok()?;
+    Some((text, s[end..].strip_prefix(b"\"")?))
+}
+
+/// `true` or `false` at the start of `s`, and what follows.
+fn canonical_bool(s: &[u8]) -> Option<(bool, &[u8])> {
+    match s.strip_prefix(b"true") {
+        Some(after) => Some((true, after)),
+        None => Some((false, s.strip_prefix(b"false")?)),
+    }
+}
+
+/// A mesh delivery of a batch as [`MeshDelivery::canonical_batch`] reads
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalMeshDelivery<'a> {
+    /// Its routing fields.
+    pub delivery: MeshDelivery,
+    /// Its body without `bin` and without the closing brace: what the
+    /// cell's `DLVR` (or `RQST`) carries, once closed.
+    pub head: &'a [u8],
+    /// Its `bin`, in a packed batch.
+    pub bin: Option<u64>,
+}
+
+impl MeshDelivery {
+    /// Reads a batch of `MDLV` bodies (PROTOCOL.md §19, §23) whose every
+    /// element has the shape transmitters write,
+    /// `{"id":"<hex>","channel":"<text>","from":"<hex>","attempt":<n>,"cell":"<hex>","origin":"<hex>","ack":<bool>,"request":<bool>[,"bin":<n>]}`
+    /// (no payload, no whitespace, nothing to unescape), without serde.
+    /// `None` when anything differs: the caller then reads it the general
+    /// way, which gives the same deliveries.
+    pub fn canonical_batch(body: &[u8]) -> Option<Vec<CanonicalMeshDelivery<'_>>> {
+        canonical_array(body, |element| {
+            let s = element.strip_prefix(br#"{"id":""#)?;
+            let (id, s) = canonical_thid(s)?;
+            let s = s.strip_prefix(br#"","channel":""#)?;
+            let (_, s) = canonical_text(s)?;
+            let s = s.strip_prefix(br#","from":""#)?;
+            let (_, s) = canonical_thid(s)?;
+            let s = s.strip_prefix(br#"","#)?;
+            let (attempt, s) = canonical_number::<u32>(s, br#""attempt":"#)?;
+            attempt?;
+            let s = s.strip_prefix(br#","cell":""#)?;
+            let (cell, s) = canonical_thid(s)?;
+            let s = s.strip_prefix(br#"","origin":""#)?;
+            let (origin, s) = canonical_thid(s)?;
+            let s = s.strip_prefix(br#"","ack":"#)?;
+            let (ack, s) = canonical_bool(s)?;
+            let s = s.strip_prefix(br#","request":"#)?;
+            let (request, s) = canonical_bool(s)?;
+            let head = &element[..element.len() - s.len()];
+            let (bin, s) = canonical_number(s, br#","bin":"#)?;
+            let s = s.strip_prefix(b"}")?;
+            let delivery = MeshDelivery {
+                id,
+                cell,
+                origin,
+                ack,
+                request,
+            };
+            Some((
+                CanonicalMeshDelivery {
+                    delivery,
+                    head,
+                    bin,
+                },
+                s,
+            ))
+        })
     }
 }
 
@@ -471,7 +567,7 @@ pub struct MeshAck {
 
 /// `MDLV`, transmitter → transmitter: the fields, beyond a DLVR's, that say
 /// which local cell gets the delivery and who awaits its ack.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshDelivery {
     /// The event's THID.
     pub id: Thid,
@@ -588,6 +684,64 @@ mod tests {
             "[{\"channel\":\"a\tb\"}]".to_owned(),
         ] {
             assert!(fast(body.as_bytes()).is_none(), "{body}");
+        }
+    }
+
+    /// An `MDLV` body as transmitters write it.
+    fn mdlv(channel: &str, attempt: u32, ack: bool, request: bool, bin: Option<u64>) -> String {
+        let (id, from, cell, origin) = (
+            Thid::random(),
+            Thid::random(),
+            Thid::random(),
+            Thid::random(),
+        );
+        let bin = bin.map_or(String::new(), |b| format!(r#","bin":{b}"#));
+        format!(
+            r#"{{"id":"{id}","channel":"{channel}","from":"{from}","attempt":{attempt},"cell":"{cell}","origin":"{origin}","ack":{ack},"request":{request}{bin}}}"#
+        )
+    }
+
+    #[test]
+    fn canonical_mesh_batches_read_as_serde_reads_them() {
+        let elements = [
+            mdlv("a::b", 1, true, false, None),
+            mdlv("é", 7, false, true, Some(0)),
+            mdlv("x", 4_000_000_000, false, false, Some(12)),
+        ];
+        let body = format!("[{}]", elements.join(","));
+        let read = MeshDelivery::canonical_batch(body.as_bytes()).expect("canonical");
+        let items: Vec<&RawValue> = serde_json::from_str(&body).unwrap();
+        for ((fast, item), text) in read.iter().zip(items).zip(&elements) {
+            let slow: MeshDelivery = serde_json::from_str(item.get()).unwrap();
+            assert_eq!(fast.delivery, slow);
+            let bin: Option<u64> =
+                serde_json::from_str::<Value>(item.get()).unwrap()["bin"].as_u64();
+            assert_eq!(fast.bin, bin);
+            let head = text.split(r#","bin":"#).next().unwrap();
+            let head = head.strip_suffix('}').unwrap_or(head);
+            assert_eq!(fast.head, head.as_bytes());
+        }
+        for bad in [
+            "[]".to_owned(),
+            format!(
+                "[{}]",
+                mdlv("a", 1, true, false, None).replace(r#""attempt":1"#, r#""attempt":-1"#)
+            ),
+            format!(
+                "[{}]",
+                mdlv("a", 1, true, false, None).replace(r#""ack":true"#, r#""ack":1"#)
+            ),
+            format!(
+                "[{}]",
+                mdlv("a", 1, true, false, None).replace(r#""from""#, r#""payload":1,"from""#)
+            ),
+            format!("[{}]", mdlv(r"a\u0041", 1, true, false, None)),
+            format!("[{} ]", mdlv("a", 1, true, false, None)),
+        ] {
+            assert!(
+                MeshDelivery::canonical_batch(bad.as_bytes()).is_none(),
+                "{bad}"
+            );
         }
     }
 

@@ -622,17 +622,21 @@ impl Router {
                 Ok(())
             }
             (Verb::GBYE, None) => Ok(()),
-            (Verb::MDLV | Verb::MEVT, None) if mesh_ok && batch => {
-                for (item, binary) in mesh_items(f.body, binaries)? {
-                    let handled = match f.verb {
-                        Verb::MDLV => self.mesh_deliver(&item, binary, out),
-                        _ => self.mesh_event(&item, binary, out),
-                    };
-                    if let Err(failure) = handled {
-                        self.fail(peer, failure, out);
-                    }
+            (Verb::MDLV, None) if mesh_ok && batch => {
+                // Most batches have the shape transmitters write: read them
+                // without serde (the general way gives the same).
+                let Some(items) = MeshDelivery::canonical_batch(f.body) else {
+                    return self.mesh_batch(peer, f.verb, f.body, binaries, out);
+                };
+                let bins: Vec<Option<Option<u64>>> = items.iter().map(|i| Some(i.bin)).collect();
+                for (item, binary) in items.into_iter().zip(batch_binaries(&bins, binaries)?) {
+                    Metrics::incr(&self.metrics.mesh_in);
+                    self.mesh_deliver_parsed(item.delivery, item.head, binary, out);
                 }
                 Ok(())
+            }
+            (Verb::MEVT, None) if mesh_ok && batch => {
+                self.mesh_batch(peer, f.verb, f.body, binaries, out)
             }
             (Verb::MDLV, None) if mesh_ok => self.mesh_deliver(f.body, binary, out),
             (Verb::MACK, None) if mesh_ok => self.mesh_ack(f.body, now, out),
@@ -1078,11 +1082,16 @@ impl Router {
                 // MDLV is the DLVR body plus who gets it and who awaits the ack.
                 self.scratch[2..6].copy_from_slice(Verb::MDLV.as_bytes());
                 self.scratch.pop();
-                let tail = format!(
-                    r#","cell":"{cell}","origin":"{}","ack":{ack},"request":{request}}}"#,
-                    self.id
-                );
-                self.scratch.extend_from_slice(tail.as_bytes());
+                self.scratch.extend_from_slice(br#","cell":""#);
+                self.scratch.extend_from_slice(&cell.hex());
+                self.scratch.extend_from_slice(br#"","origin":""#);
+                self.scratch.extend_from_slice(&self.id.hex());
+                self.scratch.extend_from_slice(br#"","ack":"#);
+                self.scratch
+                    .extend_from_slice(if ack { b"true" } else { b"false" });
+                self.scratch.extend_from_slice(br#","request":"#);
+                self.scratch
+                    .extend_from_slice(if request { b"true}" } else { b"false}" });
                 out.push(Output::ToNode {
                     node,
                     frame: self.scratch.clone(),
@@ -1176,6 +1185,28 @@ impl Router {
         }
     }
 
+    /// A batch of `MDLV`s or `MEVT`s from another transmitter, read the
+    /// general way: each element handled as if it came alone.
+    fn mesh_batch(
+        &mut self,
+        peer: &[u8],
+        verb: Verb,
+        body: &[u8],
+        binaries: &[&[u8]],
+        out: &mut Vec<Output>,
+    ) -> Handled {
+        for (item, binary) in mesh_items(body, binaries)? {
+            let handled = match verb {
+                Verb::MDLV => self.mesh_deliver(&item, binary, out),
+                _ => self.mesh_event(&item, binary, out),
+            };
+            if let Err(failure) = handled {
+                self.fail(peer, failure, out);
+            }
+        }
+        Ok(())
+    }
+
     /// `MDLV`: another transmitter chose one of our cells for an event.
     fn mesh_deliver(
         &mut self,
@@ -1185,6 +1216,21 @@ impl Router {
     ) -> Handled {
         Metrics::incr(&self.metrics.mesh_in);
         let d: MeshDelivery = parse(body)?;
+        let head = body.trim_ascii_end();
+        self.mesh_deliver_parsed(d, &head[..head.len() - 1], binary, out);
+        Ok(())
+    }
+
+    /// Delivers an `MDLV` to its cell: `head` is its body without the
+    /// closing brace, which the cell gets as the body of a `DLVR` (or
+    /// `RQST`).
+    fn mesh_deliver_parsed(
+        &mut self,
+        d: MeshDelivery,
+        head: &[u8],
+        binary: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) {
         let verb = if d.request { Verb::RQST } else { Verb::DLVR };
         let binary = binary.map(Arc::from);
         let key = (d.id, d.cell);
@@ -1192,15 +1238,17 @@ impl Router {
             // Recorded first, so the queued frame counts as live.
             self.proxied.insert(key, d.origin);
         }
-        if !self.send_to_cell(&d.cell, key, frame::encode(verb, body), binary, d.ack, out) {
+        let mut frame = Vec::with_capacity(head.len() + 8);
+        frame::encode_into(&mut frame, verb, head);
+        frame.push(b'}');
+        if !self.send_to_cell(&d.cell, key, frame, binary, d.ack, out) {
             self.proxied.remove(&key);
             // The cell left before the origin heard of it, or it is
             // swamped: hand it back.
             out.push(mesh_ack(d.origin, vec![d.id], d.cell, false));
-            return Ok(());
+            return;
         }
         Metrics::incr(&self.metrics.deliveries);
-        Ok(())
     }
 
     /// `MACK`: a cell of another transmitter answered a delivery we sent.
@@ -3291,12 +3339,14 @@ mod tests {
         let cell = h.join("c", "s");
         h.listen("c", "jobs::*", "any");
         let origin = Thid::random();
-        let mdlv = |id: Thid, bin: usize| {
+        // As transmitters write them (read without serde), and with the
+        // optional `request` left out (read the general way).
+        let canonical = |id: Thid, bin: usize| {
             format!(
-                r#"{{"id":"{id}","channel":"jobs::1","from":"{origin}","attempt":1,"cell":"{cell}","origin":"{origin}","ack":false,"bin":{bin}}}"#
+                r#"{{"id":"{id}","channel":"jobs::1","from":"{origin}","attempt":1,"cell":"{cell}","origin":"{origin}","ack":false,"request":false,"bin":{bin}}}"#
             )
         };
-        let (e1, e2) = (Thid::random(), Thid::random());
+        let general = |id: Thid, bin: usize| canonical(id, bin).replace(r#","request":false"#, "");
         let mut from_node = |batch: String| {
             h.router.handle(
                 b"node",
@@ -3307,23 +3357,32 @@ mod tests {
             );
             h.out.drain(..).collect::<Vec<Output>>()
         };
-        let out = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 2)));
-        for o in &out {
+        for mdlv in [&canonical as &dyn Fn(Thid, usize) -> String, &general] {
+            let (e1, e2) = (Thid::random(), Thid::random());
+            let out = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 2)));
+            for o in &out {
+                let frame = String::from_utf8_lossy(o.frame());
+                assert!(
+                    !frame.contains("bin"),
+                    "the bin stays between transmitters: {frame}"
+                );
+                assert!(
+                    frame.starts_with("J DLVR {") && frame.ends_with('}'),
+                    "{frame}"
+                );
+                assert!(frame.contains(&format!(r#""cell":"{cell}""#)), "{frame}");
+            }
+            assert_eq!(delivered_binaries(out), [b"a".to_vec(), b"bc".to_vec()]);
+
+            let refused = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 3)));
             assert!(
-                !String::from_utf8_lossy(o.frame()).contains("bin"),
-                "the bin stays between transmitters: {o:?}"
+                refused.len() == 1
+                    && refused[0]
+                        .frame()
+                        .starts_with(br#"J ERRR {"code":"bad_multipart""#),
+                "{refused:?}"
             );
         }
-        assert_eq!(delivered_binaries(out), [b"a".to_vec(), b"bc".to_vec()]);
-
-        let refused = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 3)));
-        assert!(
-            refused.len() == 1
-                && refused[0]
-                    .frame()
-                    .starts_with(br#"J ERRR {"code":"bad_multipart""#),
-            "{refused:?}"
-        );
         assert_eq!(
             trailing_bin(br#"{"a":1,"bin":12}"#),
             Some((&br#"{"a":1"#[..], 12))
