@@ -288,6 +288,39 @@ impl MeshDelivery {
     }
 }
 
+/// A mesh event (`MEVT`) of a batch as [`canonical_mesh_events`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalMeshEvent<'a> {
+    /// Its channel.
+    pub channel: &'a str,
+    /// Its body without `bin` and without the closing brace: what the
+    /// cells' multicatch `EVNT` carries, once closed.
+    pub head: &'a [u8],
+    /// Its `bin`, in a packed batch.
+    pub bin: Option<u64>,
+}
+
+/// Reads a batch of `MEVT` bodies (PROTOCOL.md §19, §23) whose every
+/// element has the shape transmitters write,
+/// `{"id":"<hex>","channel":"<text>","from":"<hex>"[,"bin":<n>]}` (no
+/// payload, no whitespace, nothing to unescape), without serde. `None`
+/// when anything differs: the caller then reads it the general way.
+pub fn canonical_mesh_events(body: &[u8]) -> Option<Vec<CanonicalMeshEvent<'_>>> {
+    canonical_array(body, |element| {
+        let s = element.strip_prefix(br#"{"id":""#)?;
+        let (_, s) = canonical_thid(s)?;
+        let s = s.strip_prefix(br#"","channel":""#)?;
+        let (channel, s) = canonical_text(s)?;
+        let s = s.strip_prefix(br#","from":""#)?;
+        let (_, s) = canonical_thid(s)?;
+        let s = s.strip_prefix(b"\"")?;
+        let head = &element[..element.len() - s.len()];
+        let (bin, s) = canonical_number(s, br#","bin":"#)?;
+        let s = s.strip_prefix(b"}")?;
+        Some((CanonicalMeshEvent { channel, head, bin }, s))
+    })
+}
+
 /// An optional `,"key":<n>` at the start of `s` (`key` given with its
 /// punctuation), and what follows; `None` when it is there but is not a
 /// plain JSON integer that fits `T`. For readers of the canonical shapes
@@ -742,6 +775,32 @@ mod tests {
                 MeshDelivery::canonical_batch(bad.as_bytes()).is_none(),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn canonical_mesh_events_read_as_serde_reads_them() {
+        let (id, from) = (Thid::random(), Thid::random());
+        let body = format!(
+            r#"[{{"id":"{id}","channel":"a::b","from":"{from}"}},{{"id":"{id}","channel":"é","from":"{from}","bin":3}}]"#
+        );
+        let read = canonical_mesh_events(body.as_bytes()).expect("canonical");
+        let items: Vec<Value> = serde_json::from_str(&body).unwrap();
+        for (fast, slow) in read.iter().zip(&items) {
+            assert_eq!(fast.channel, slow["channel"]);
+            assert_eq!(fast.bin, slow["bin"].as_u64());
+        }
+        assert_eq!(
+            read[1].head,
+            format!(r#"{{"id":"{id}","channel":"é","from":"{from}""#).as_bytes()
+        );
+        for bad in [
+            format!(r#"[{{"id":"{id}","channel":"a","payload":1,"from":"{from}"}}]"#),
+            format!(r#"[{{"id":"{id}","channel":"a\"b","from":"{from}"}}]"#),
+            format!(r#"[{{"id":"{id}","channel":"a","from":"{from}","bin":x}}]"#),
+            format!(r#"[{{"channel":"a","id":"{id}","from":"{from}"}}]"#),
+        ] {
+            assert!(canonical_mesh_events(bad.as_bytes()).is_none(), "{bad}");
         }
     }
 

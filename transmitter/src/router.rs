@@ -636,7 +636,17 @@ impl Router {
                 Ok(())
             }
             (Verb::MEVT, None) if mesh_ok && batch => {
-                self.mesh_batch(peer, f.verb, f.body, binaries, out)
+                let Some(items) = body::canonical_mesh_events(f.body) else {
+                    return self.mesh_batch(peer, f.verb, f.body, binaries, out);
+                };
+                let bins: Vec<Option<Option<u64>>> = items.iter().map(|i| Some(i.bin)).collect();
+                for (item, binary) in items.into_iter().zip(batch_binaries(&bins, binaries)?) {
+                    Metrics::incr(&self.metrics.mesh_in);
+                    if let Err(failure) = self.mesh_event_parsed(item.channel, item.head, binary, out) {
+                        self.fail(peer, failure, out);
+                    }
+                }
+                Ok(())
             }
             (Verb::MDLV, None) if mesh_ok => self.mesh_deliver(f.body, binary, out),
             (Verb::MACK, None) if mesh_ok => self.mesh_ack(f.body, now, out),
@@ -1273,11 +1283,31 @@ impl Router {
             channel: std::borrow::Cow<'a, str>,
         }
         let c: Channel<'_> = parse(body)?;
+        let head = body.trim_ascii_end();
+        self.mesh_event_parsed(&c.channel, &head[..head.len() - 1], binary, out)
+    }
+
+    /// Sends an `MEVT` on `channel` to the local multicatch cells: `head` is
+    /// its body without the closing brace, which they get as the body of
+    /// a `J EVNT`.
+    fn mesh_event_parsed(
+        &mut self,
+        channel: &str,
+        head: &[u8],
+        binary: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) -> Handled {
         let route = self
-            .checked_route(&c.channel)
+            .checked_route(channel)
             .map_err(|e| Failure::new(ErrorCode::BadPattern, e, None))?;
+        if route.multi.is_empty() {
+            return Ok(());
+        }
+        let mut frame = Vec::with_capacity(head.len() + 8);
+        frame::encode_into(&mut frame, Verb::EVNT, head);
+        frame.push(b'}');
         let binary = binary.map(Arc::from);
-        self.multicatch(&route.multi, body, binary.as_ref(), out);
+        self.multicatch_frame(&route.multi, Arc::from(frame), binary.as_ref(), out);
         Ok(())
     }
 
@@ -1293,7 +1323,22 @@ impl Router {
         if cells.is_empty() {
             return;
         }
-        let frame: Arc<[u8]> = Arc::from(frame::encode(Verb::EVNT, body));
+        self.multicatch_frame(
+            cells,
+            Arc::from(frame::encode(Verb::EVNT, body)),
+            binary,
+            out,
+        );
+    }
+
+    /// Sends one multicatch `J EVNT` frame to each of the local `cells`.
+    fn multicatch_frame(
+        &self,
+        cells: &[Thid],
+        frame: Arc<[u8]>,
+        binary: Option<&Arc<[u8]>>,
+        out: &mut Vec<Output>,
+    ) {
         for cell in cells.iter().filter_map(|c| self.cells.get(c)) {
             out.push(Output::Multicatch {
                 peer: cell.peer.clone(),
@@ -3382,6 +3427,51 @@ mod tests {
                         .starts_with(br#"J ERRR {"code":"bad_multipart""#),
                 "{refused:?}"
             );
+        }
+        // MEVTs the same way, to a multicatch cell.
+        h.join("m", "watchers");
+        h.listen("m", "news::*", "multi");
+        let mevt = |bin: usize| {
+            format!(
+                r#"{{"id":"{}","channel":"news::1","from":"{origin}","bin":{bin}}}"#,
+                Thid::random()
+            )
+        };
+        for batch in [
+            format!("J MEVT [{},{}]", mevt(1), mevt(2)),
+            format!("J MEVT [ {},{}]", mevt(1), mevt(2)),
+        ] {
+            h.router.handle(
+                b"node",
+                &[batch.as_bytes(), b"abc"],
+                true,
+                h.now,
+                &mut h.out,
+            );
+            let events: Vec<(String, Vec<u8>)> = h
+                .out
+                .drain(..)
+                .map(|o| match o {
+                    Output::Multicatch {
+                        frame,
+                        binary: Some(b),
+                        ..
+                    } => (String::from_utf8_lossy(&frame).into_owned(), b.to_vec()),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(events.len(), 2, "{batch}");
+            for ((frame, got), want) in events.iter().zip([&b"a"[..], b"bc"]) {
+                assert!(
+                    frame.starts_with("J EVNT {") && frame.ends_with('}'),
+                    "{frame}"
+                );
+                assert!(
+                    !frame.contains("bin") && frame.contains("news::1"),
+                    "{frame}"
+                );
+                assert_eq!(got, want);
+            }
         }
         assert_eq!(
             trailing_bin(br#"{"a":1,"bin":12}"#),
