@@ -3392,7 +3392,9 @@ mod tests {
             )
         };
         let general = |id: Thid, bin: usize| canonical(id, bin).replace(r#","request":false"#, "");
-        let mut from_node = |batch: String| {
+        /// What the router sends for a batch from another transmitter
+        /// with the packed frame `abc`.
+        fn from_node(h: &mut Harness, batch: String) -> Vec<Output> {
             h.router.handle(
                 b"node",
                 &[batch.as_bytes(), b"abc"],
@@ -3400,11 +3402,11 @@ mod tests {
                 h.now,
                 &mut h.out,
             );
-            h.out.drain(..).collect::<Vec<Output>>()
-        };
+            h.out.drain(..).collect()
+        }
         for mdlv in [&canonical as &dyn Fn(Thid, usize) -> String, &general] {
             let (e1, e2) = (Thid::random(), Thid::random());
-            let out = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 2)));
+            let out = from_node(&mut h, format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 2)));
             for o in &out {
                 let frame = String::from_utf8_lossy(o.frame());
                 assert!(
@@ -3419,7 +3421,7 @@ mod tests {
             }
             assert_eq!(delivered_binaries(out), [b"a".to_vec(), b"bc".to_vec()]);
 
-            let refused = from_node(format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 3)));
+            let refused = from_node(&mut h, format!("J MDLV [{},{}]", mdlv(e1, 1), mdlv(e2, 3)));
             assert!(
                 refused.len() == 1
                     && refused[0]
@@ -3441,16 +3443,8 @@ mod tests {
             format!("J MEVT [{},{}]", mevt(1), mevt(2)),
             format!("J MEVT [ {},{}]", mevt(1), mevt(2)),
         ] {
-            h.router.handle(
-                b"node",
-                &[batch.as_bytes(), b"abc"],
-                true,
-                h.now,
-                &mut h.out,
-            );
-            let events: Vec<(String, Vec<u8>)> = h
-                .out
-                .drain(..)
+            let events: Vec<(String, Vec<u8>)> = from_node(&mut h, batch.clone())
+                .into_iter()
                 .map(|o| match o {
                     Output::Multicatch {
                         frame,
