@@ -105,7 +105,13 @@ impl Output {
         }
     }
 
-    /// The binary frames that follow its command frame.
+    /// Whether its binary payloads go out in one frame (a packed batch).
+    pub fn packed(&self) -> bool {
+        matches!(self, Output::Batch { merged, .. } | Output::NodeBatch { merged, .. } if merged.packed)
+    }
+
+    /// The binary frames that follow its command frame (of a packed
+    /// batch, the payloads that go out as one).
     pub fn binaries(&self) -> &[Arc<[u8]>] {
         match self {
             Output::ToPeer { binary, .. }

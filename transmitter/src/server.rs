@@ -521,26 +521,20 @@ impl Switchboard {
             });
             for o in batch.drain(..) {
                 let (frame, binaries) = (o.frame(), o.binaries());
+                let packed = o.packed();
                 let (sent, peer) = match &o {
-                    Output::ToPeer { peer, .. } | Output::Multicatch { peer, .. } => (
-                        send(&self.commands, Some(peer), frame, binaries),
+                    Output::ToPeer { peer, .. }
+                    | Output::Multicatch { peer, .. }
+                    | Output::Batch { peer, .. } => (
+                        send(&self.commands, Some(peer), frame, binaries, packed),
                         Some(peer),
                     ),
-                    Output::Batch { peer, merged, .. } if merged.packed => (
-                        send_packed(&self.commands, Some(peer), frame, binaries),
-                        Some(peer),
-                    ),
-                    Output::Batch { peer, .. } => (
-                        send(&self.commands, Some(peer), frame, binaries),
-                        Some(peer),
-                    ),
-                    Output::Publish { .. } => (send(&self.events, None, frame, binaries), None),
+                    Output::Publish { .. } => {
+                        (send(&self.events, None, frame, binaries, false), None)
+                    }
                     Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => {
-                        let packed =
-                            matches!(&o, Output::NodeBatch { merged, .. } if merged.packed);
                         match self.nodes.get(node) {
-                            Some((_, s)) if packed => (send_packed(s, None, frame, binaries), None),
-                            Some((_, s)) => (send(s, None, frame, binaries), None),
+                            Some((_, s)) => (send(s, None, frame, binaries, packed), None),
                             None => {
                                 self.hold_for_unseen(*node, o);
                                 continue;
@@ -673,12 +667,14 @@ impl Inbox {
 }
 
 /// Sends one message: the routing id (on the ROUTER), the command frame,
-/// then its binary frames.
+/// then its binary frames, or, `packed`, their bytes in one frame
+/// (PROTOCOL.md §23).
 fn send(
     socket: &zmq::Socket,
     peer: Option<&[u8]>,
     frame: &[u8],
     binaries: &[Arc<[u8]>],
+    packed: bool,
 ) -> Result<(), zmq::Error> {
     if let Some(p) = peer {
         socket.send(p, zmq::SNDMORE | zmq::DONTWAIT)?;
@@ -690,30 +686,19 @@ fn send(
             zmq::SNDMORE | zmq::DONTWAIT
         }
     };
+    if packed {
+        let mut one = zmq::Message::with_size(binaries.iter().map(|b| b.len()).sum());
+        let mut at = 0;
+        for b in binaries {
+            one[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        socket.send(frame, more(false))?;
+        return socket.send(one, more(true));
+    }
     socket.send(frame, more(binaries.is_empty()))?;
     for (i, b) in binaries.iter().enumerate() {
         socket.send(&b[..], more(i + 1 == binaries.len()))?;
     }
     Ok(())
-}
-
-/// Sends a packed batch: the routing id (on the ROUTER), the command
-/// frame, then the binary payloads in one frame (PROTOCOL.md §23).
-fn send_packed(
-    socket: &zmq::Socket,
-    peer: Option<&[u8]>,
-    frame: &[u8],
-    binaries: &[Arc<[u8]>],
-) -> Result<(), zmq::Error> {
-    let mut packed = zmq::Message::with_size(binaries.iter().map(|b| b.len()).sum());
-    let mut at = 0;
-    for b in binaries {
-        packed[at..at + b.len()].copy_from_slice(b);
-        at += b.len();
-    }
-    if let Some(p) = peer {
-        socket.send(p, zmq::SNDMORE | zmq::DONTWAIT)?;
-    }
-    socket.send(frame, zmq::SNDMORE | zmq::DONTWAIT)?;
-    socket.send(packed, zmq::DONTWAIT)
 }
