@@ -155,18 +155,13 @@ impl<'a> Publish<'a> {
     /// One canonical element at the start of `s`, and what follows it.
     fn canonical(s: &'a [u8]) -> Option<(Publish<'a>, &'a [u8])> {
         let s = s.strip_prefix(br#"{"channel":""#)?;
-        let end = s
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-        let channel = std::str::from_utf8(&s[..end]).ok()?;
-        let mut s = &s[end..];
+        let (channel, mut s) = canonical_text(s)?;
         let mut id = None;
-        if let Some(after) = s.strip_prefix(br#"","id":""#) {
-            let (thid, after) = canonical_thid(after)?;
-            id = Some(thid);
+        if let Some(after) = s.strip_prefix(br#","id":""#) {
+            let (hex, after) = canonical_hex(after)?;
+            id = Some(Thid::parse_hex(hex).ok()?);
             s = after;
         }
-        let s = s.strip_prefix(b"\"")?;
         let (seq, s) = canonical_number(s, br#","seq":"#)?;
         let (bin, s) = canonical_number(s, br#","bin":"#)?;
         let s = s.strip_prefix(b"}")?;
@@ -203,10 +198,27 @@ fn canonical_array<'a, T>(
     }
 }
 
-/// 40 hex digits at the start of `s`, as a THID, and what follows.
-fn canonical_thid(s: &[u8]) -> Option<(Thid, &[u8])> {
+/// A THID's 40 hex digits and closing quote at the start of `s`: the
+/// digits (not parsed, for the callers that only need them well formed)
+/// and what follows the quote.
+fn canonical_hex(s: &[u8]) -> Option<(&[u8], &[u8])> {
     let (hex, after) = s.split_at_checked(crate::thid::THID_LEN * 2)?;
-    Some((Thid::parse_hex(hex).ok()?, after))
+    hex.iter()
+        .all(u8::is_ascii_hexdigit)
+        .then_some((hex, after.strip_prefix(b"\"")?))
+}
+
+/// What mesh deliveries and mesh events start with,
+/// `{"id":"<hex>","channel":"<text>","from":"<hex>"`: the id's digits, the
+/// channel, and what follows.
+fn canonical_delivery_start(element: &[u8]) -> Option<(&[u8], &str, &[u8])> {
+    let s = element.strip_prefix(br#"{"id":""#)?;
+    let (id, s) = canonical_hex(s)?;
+    let s = s.strip_prefix(br#","channel":""#)?;
+    let (channel, s) = canonical_text(s)?;
+    let s = s.strip_prefix(br#","from":""#)?;
+    let (_, s) = canonical_hex(s)?;
+    Some((id, channel, s))
 }
 
 /// A JSON string's text at the start of `s` (after its opening quote) with
@@ -249,20 +261,14 @@ impl MeshDelivery {
     /// way, which gives the same deliveries.
     pub fn canonical_batch(body: &[u8]) -> Option<Vec<CanonicalMeshDelivery<'_>>> {
         canonical_array(body, |element| {
-            let s = element.strip_prefix(br#"{"id":""#)?;
-            let (id, s) = canonical_thid(s)?;
-            let s = s.strip_prefix(br#"","channel":""#)?;
-            let (_, s) = canonical_text(s)?;
-            let s = s.strip_prefix(br#","from":""#)?;
-            let (_, s) = canonical_thid(s)?;
-            let s = s.strip_prefix(br#"","#)?;
-            let (attempt, s) = canonical_number::<u32>(s, br#""attempt":"#)?;
+            let (id, _, s) = canonical_delivery_start(element)?;
+            let (attempt, s) = canonical_number::<u32>(s, br#","attempt":"#)?;
             attempt?;
             let s = s.strip_prefix(br#","cell":""#)?;
-            let (cell, s) = canonical_thid(s)?;
-            let s = s.strip_prefix(br#"","origin":""#)?;
-            let (origin, s) = canonical_thid(s)?;
-            let s = s.strip_prefix(br#"","ack":"#)?;
+            let (cell, s) = canonical_hex(s)?;
+            let s = s.strip_prefix(br#","origin":""#)?;
+            let (origin, s) = canonical_hex(s)?;
+            let s = s.strip_prefix(br#","ack":"#)?;
             let (ack, s) = canonical_bool(s)?;
             let s = s.strip_prefix(br#","request":"#)?;
             let (request, s) = canonical_bool(s)?;
@@ -270,9 +276,9 @@ impl MeshDelivery {
             let (bin, s) = canonical_number(s, br#","bin":"#)?;
             let s = s.strip_prefix(b"}")?;
             let delivery = MeshDelivery {
-                id,
-                cell,
-                origin,
+                id: Thid::parse_hex(id).ok()?,
+                cell: Thid::parse_hex(cell).ok()?,
+                origin: Thid::parse_hex(origin).ok()?,
                 ack,
                 request,
             };
@@ -307,13 +313,7 @@ pub struct CanonicalMeshEvent<'a> {
 /// when anything differs: the caller then reads it the general way.
 pub fn canonical_mesh_events(body: &[u8]) -> Option<Vec<CanonicalMeshEvent<'_>>> {
     canonical_array(body, |element| {
-        let s = element.strip_prefix(br#"{"id":""#)?;
-        let (_, s) = canonical_thid(s)?;
-        let s = s.strip_prefix(br#"","channel":""#)?;
-        let (channel, s) = canonical_text(s)?;
-        let s = s.strip_prefix(br#","from":""#)?;
-        let (_, s) = canonical_thid(s)?;
-        let s = s.strip_prefix(b"\"")?;
+        let (_, channel, s) = canonical_delivery_start(element)?;
         let head = &element[..element.len() - s.len()];
         let (bin, s) = canonical_number(s, br#","bin":"#)?;
         let s = s.strip_prefix(b"}")?;
