@@ -235,6 +235,106 @@ pub const SYNC_TOPIC: &[u8] = b"SYNC ";
 /// `MEMB <service> {json}`.
 pub const MEMBERSHIP_TOPIC: &[u8] = b"MEMB ";
 
+/// How the binary frames after a batch's command frame (PROTOCOL.md §23)
+/// belong to its elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchFrames {
+    /// No binary frame, or one per element, in order.
+    OnePerElement,
+    /// Packed: one frame, element `k`'s payload being its `k`-th range.
+    Packed(Vec<std::ops::Range<usize>>),
+}
+
+/// Why a batch's binary frames do not fit its elements (answered with
+/// `bad_multipart`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BatchFramesError {
+    /// A later element has `bin` while the first has none.
+    #[error("an event has bin but the batch's first has none")]
+    LateBin,
+    /// Unpacked, and neither no binary frame nor one per element.
+    #[error("a batch of {elements} events has no binary frame or one per event, got {frames}")]
+    FrameCount {
+        /// Elements of the batch.
+        elements: usize,
+        /// Binary frames after it.
+        frames: usize,
+    },
+    /// Packed, and not exactly one binary frame.
+    #[error("a packed batch has one binary frame, got {frames}")]
+    PackedFrameCount {
+        /// Binary frames after it.
+        frames: usize,
+    },
+    /// Packed, and this element has no `bin`.
+    #[error("event {element} of a packed batch has no bin")]
+    MissingBin {
+        /// The element's index.
+        element: usize,
+    },
+    /// The `bin`s add up to more than the packed frame.
+    #[error("the bins of a packed batch add up to more than its {frame} bytes")]
+    PastFrame {
+        /// The packed frame's length.
+        frame: usize,
+    },
+    /// The `bin`s add up to less than the packed frame.
+    #[error("the bins of a packed batch add up to {used} of its {frame} bytes")]
+    ShortOfFrame {
+        /// What the `bin`s add up to.
+        used: usize,
+        /// The packed frame's length.
+        frame: usize,
+    },
+}
+
+/// Matches a batch's binary frames (their lengths, in order) to its
+/// elements (each one's `bin`, `None` without one), as PROTOCOL.md §23
+/// says: a batch whose first element has `bin` is packed, and its one frame
+/// is cut by the `bin`s; otherwise no element may have `bin`, and there is
+/// no frame or one per element.
+///
+/// # Errors
+/// [`BatchFramesError`] when the frames do not fit.
+pub fn batch_frames(
+    bins: &[Option<u64>],
+    frames: &[usize],
+) -> Result<BatchFrames, BatchFramesError> {
+    if bins.first().is_none_or(Option::is_none) {
+        if bins.iter().any(Option::is_some) {
+            return Err(BatchFramesError::LateBin);
+        }
+        if !frames.is_empty() && frames.len() != bins.len() {
+            return Err(BatchFramesError::FrameCount {
+                elements: bins.len(),
+                frames: frames.len(),
+            });
+        }
+        return Ok(BatchFrames::OnePerElement);
+    }
+    let &[frame] = frames else {
+        return Err(BatchFramesError::PackedFrameCount {
+            frames: frames.len(),
+        });
+    };
+    let mut ranges = Vec::with_capacity(bins.len());
+    let mut end = 0usize;
+    for (element, bin) in bins.iter().enumerate() {
+        let bin = bin.ok_or(BatchFramesError::MissingBin { element })?;
+        let start = end;
+        end = usize::try_from(bin)
+            .ok()
+            .and_then(|b| start.checked_add(b))
+            .filter(|&e| e <= frame)
+            .ok_or(BatchFramesError::PastFrame { frame })?;
+        ranges.push(start..end);
+    }
+    if end != frame {
+        return Err(BatchFramesError::ShortOfFrame { used: end, frame });
+    }
+    Ok(BatchFrames::Packed(ranges))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,5 +394,50 @@ mod tests {
             prop_assert_eq!(f.verb, verb);
             prop_assert_eq!(f.body, body.trim().as_bytes());
         }
+    }
+
+    #[test]
+    fn batch_frames_follow_section_23() {
+        use BatchFramesError as E;
+        assert_eq!(
+            batch_frames(&[None, None], &[]),
+            Ok(BatchFrames::OnePerElement)
+        );
+        assert_eq!(
+            batch_frames(&[None, None], &[3, 4]),
+            Ok(BatchFrames::OnePerElement)
+        );
+        assert_eq!(
+            batch_frames(&[Some(2), Some(0), Some(3)], &[5]),
+            Ok(BatchFrames::Packed(vec![0..2, 2..2, 2..5]))
+        );
+        assert_eq!(batch_frames(&[None, Some(1)], &[1]), Err(E::LateBin));
+        assert_eq!(
+            batch_frames(&[None, None], &[1]),
+            Err(E::FrameCount {
+                elements: 2,
+                frames: 1
+            })
+        );
+        assert_eq!(
+            batch_frames(&[Some(1), Some(1)], &[1, 1]),
+            Err(E::PackedFrameCount { frames: 2 })
+        );
+        assert_eq!(
+            batch_frames(&[Some(1), None], &[2]),
+            Err(E::MissingBin { element: 1 })
+        );
+        assert_eq!(
+            batch_frames(&[Some(2), Some(2)], &[3]),
+            Err(E::PastFrame { frame: 3 })
+        );
+        assert_eq!(
+            batch_frames(&[Some(u64::MAX), Some(2)], &[3]),
+            Err(E::PastFrame { frame: 3 })
+        );
+        assert_eq!(
+            batch_frames(&[Some(1), Some(1)], &[3]),
+            Err(E::ShortOfFrame { used: 2, frame: 3 })
+        );
     }
 }

@@ -18,6 +18,7 @@ use thynapse_protocol::body::{
     self, Ack, Confirm, Discover, ErrorReply, Goodbye, Hello, Limits, Listen, MeshAck,
     MeshDelivery, MetaUpdate, Publish, Ref, Reply, Request, Targeted, Unlisten, Welcome,
 };
+use thynapse_protocol::frame::BatchFrames;
 use thynapse_protocol::limits::{
     DEFAULT_CONCURRENCY, DEFAULT_REQUEST_TIMEOUT_MS, HEARTBEAT_MISSES, MAX_CONCURRENCY,
     MAX_LISTENS_PER_CELL, MAX_QUEUED_PER_CELL, MAX_SERVICE_LEN,
@@ -634,8 +635,7 @@ impl Router {
                 let Some(items) = MeshDelivery::canonical_batch(f.body) else {
                     return self.mesh_batch(peer, f.verb, f.body, binaries, out);
                 };
-                let bins: Vec<Option<Option<u64>>> = items.iter().map(|i| Some(i.bin)).collect();
-                for (item, binary) in items.into_iter().zip(batch_binaries(&bins, binaries)?) {
+                for (item, binary) in with_binaries(items, |i| i.bin, binaries)? {
                     Metrics::incr(&self.metrics.mesh_in);
                     self.mesh_deliver_parsed(item.delivery, item.head, binary, out);
                 }
@@ -645,8 +645,7 @@ impl Router {
                 let Some(items) = body::canonical_mesh_events(f.body) else {
                     return self.mesh_batch(peer, f.verb, f.body, binaries, out);
                 };
-                let bins: Vec<Option<Option<u64>>> = items.iter().map(|i| Some(i.bin)).collect();
-                for (item, binary) in items.into_iter().zip(batch_binaries(&bins, binaries)?) {
+                for (item, binary) in with_binaries(items, |i| i.bin, binaries)? {
                     Metrics::incr(&self.metrics.mesh_in);
                     if let Err(failure) = self.mesh_event_parsed(item.channel, item.head, binary, out) {
                         self.fail(peer, failure, out);
@@ -907,12 +906,8 @@ impl Router {
                 .map(|e| parse(e.get().as_bytes()))
                 .collect(),
         };
-        let bins: Vec<Option<Option<u64>>> = events
-            .iter()
-            .map(|e| e.as_ref().ok().map(|p| p.bin))
-            .collect();
-        let payloads = batch_binaries(&bins, binaries)?;
-        for (event, binary) in events.into_iter().zip(payloads) {
+        let bin = |e: &Result<Publish<'_>, Failure>| e.as_ref().ok().and_then(|p| p.bin);
+        for (event, binary) in with_binaries(events, bin, binaries)? {
             Metrics::incr(&self.metrics.events_in);
             let handled = event.and_then(|p| self.publish_event(peer, from, p, binary, now, out));
             if let Err(f) = handled {
@@ -2587,33 +2582,27 @@ fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Failure> {
 
 /// A message of a batch from another transmitter (its body, `bin` taken
 /// off) and its binary payload.
-type MeshItem<'a> = (Cow<'a, [u8]>, Option<&'a [u8]>);
+type MeshItem<'a> = WithBinary<'a, Cow<'a, [u8]>>;
 
 /// The messages of a batch of `MDLV`s or `MEVT`s from another
 /// transmitter, each with its binary payload. Packed, each message's
 /// `bin` is its last field (our own writer puts it there); it is taken off
 /// the body, which goes on to a cell.
 fn mesh_items<'a>(body: &'a [u8], binaries: &[&'a [u8]]) -> Result<Vec<MeshItem<'a>>, Failure> {
-    let items = batch_elements(body)?;
-    let mut bodies = Vec::with_capacity(items.len());
-    let mut bins = Vec::with_capacity(items.len());
-    for item in &items {
-        let item = item.get().as_bytes();
-        match trailing_bin(item) {
-            Some((head, n)) => {
-                let mut owned = head.to_vec();
-                owned.push(b'}');
-                bodies.push(Cow::Owned(owned));
-                bins.push(Some(Some(n)));
+    let items: Vec<(Cow<'a, [u8]>, Option<u64>)> = batch_elements(body)?
+        .into_iter()
+        .map(|item| {
+            let item = item.get().as_bytes();
+            match trailing_bin(item) {
+                Some((head, n)) => (Cow::Owned([head, b"}"].concat()), Some(n)),
+                None => (Cow::Borrowed(item), None),
             }
-            None => {
-                bodies.push(Cow::Borrowed(item));
-                bins.push(Some(None));
-            }
-        }
-    }
-    let payloads = batch_binaries(&bins, binaries)?;
-    Ok(bodies.into_iter().zip(payloads).collect())
+        })
+        .collect();
+    Ok(with_binaries(items, |(_, bin)| *bin, binaries)?
+        .into_iter()
+        .map(|((body, _), binary)| (body, binary))
+        .collect())
 }
 
 /// `{...,"bin":<n>}` as `{...` (without the bin and the closing brace)
@@ -2637,67 +2626,29 @@ fn batch_elements(body: &[u8]) -> Result<Vec<&serde_json::value::RawValue>, Fail
         .map_err(|e| Failure::new(ErrorCode::BadJson, format!("bad batch: {e}"), None))
 }
 
-/// A batch of `events` came with `frames` binary frames, neither none nor
-/// one per event.
-fn frames_per_element(events: usize, frames: usize) -> Failure {
-    Failure::new(
-        ErrorCode::BadMultipart,
-        format!("a batch of {events} events has no binary frame or one per event, got {frames}"),
-        None,
-    )
-}
+/// An element of a batch and its binary payload, if any.
+type WithBinary<'a, T> = (T, Option<&'a [u8]>);
 
-/// The binary payload of each event of a published batch (PROTOCOL.md
-/// §23), given each event's `bin` (`None` for an event that could not be
-/// read): one frame each, none, or, when the first event has `bin`, the
-/// one packed frame cut by the `bin`s.
-fn batch_binaries<'a>(
-    bins: &[Option<Option<u64>>],
+/// Each element of a batch with its binary payload (PROTOCOL.md §23, as
+/// [`frame::batch_frames`] matches them), given how to read an element's
+/// `bin` (`None` also for one that could not be read).
+fn with_binaries<'a, T>(
+    items: Vec<T>,
+    bin: impl Fn(&T) -> Option<u64>,
     binaries: &[&'a [u8]],
-) -> Result<Vec<Option<&'a [u8]>>, Failure> {
-    let refuse = |message: String| Err(Failure::new(ErrorCode::BadMultipart, message, None));
-    if !matches!(bins.first(), Some(Some(Some(_)))) {
-        if bins.iter().any(|b| matches!(b, Some(Some(_)))) {
-            return refuse("an event has bin but the batch's first has none".into());
+) -> Result<Vec<WithBinary<'a, T>>, Failure> {
+    let bins: Vec<Option<u64>> = items.iter().map(bin).collect();
+    let lengths: Vec<usize> = binaries.iter().map(|b| b.len()).collect();
+    let payloads: Vec<Option<&[u8]>> = match frame::batch_frames(&bins, &lengths) {
+        Ok(BatchFrames::OnePerElement) => {
+            (0..items.len()).map(|i| binaries.get(i).copied()).collect()
         }
-        return match binaries.len() {
-            0 => Ok(vec![None; bins.len()]),
-            n if n == bins.len() => Ok(binaries.iter().map(|b| Some(*b)).collect()),
-            n => Err(frames_per_element(bins.len(), n)),
-        };
-    }
-    let [packed] = binaries else {
-        return refuse(format!(
-            "a packed batch has one binary frame, got {}",
-            binaries.len()
-        ));
+        Ok(BatchFrames::Packed(ranges)) => {
+            ranges.into_iter().map(|r| Some(&binaries[0][r])).collect()
+        }
+        Err(e) => return Err(Failure::new(ErrorCode::BadMultipart, e.to_string(), None)),
     };
-    let mut rest: &[u8] = packed;
-    let mut payloads = Vec::with_capacity(bins.len());
-    for (i, bin) in bins.iter().enumerate() {
-        let Some(Some(n)) = bin else {
-            return refuse(format!("event {i} of a packed batch has no bin"));
-        };
-        let Some((payload, after)) = usize::try_from(*n)
-            .ok()
-            .and_then(|n| rest.split_at_checked(n))
-        else {
-            return refuse(format!(
-                "the bins of a packed batch add up to more than its {} bytes",
-                packed.len()
-            ));
-        };
-        payloads.push(Some(payload));
-        rest = after;
-    }
-    if !rest.is_empty() {
-        return refuse(format!(
-            "the bins of a packed batch add up to {} of its {} bytes",
-            packed.len() - rest.len(),
-            packed.len()
-        ));
-    }
-    Ok(payloads)
+    Ok(items.into_iter().zip(payloads).collect())
 }
 
 /// Whether a body is a JSON array (a batch).
