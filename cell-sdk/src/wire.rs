@@ -613,59 +613,23 @@ struct Shared<'a> {
 }
 
 /// Splits the binary frames of a batch among its elements, given each
-/// element's `bin`: one frame per element (or none at all) when no element
-/// has `bin`; one frame cut into the `bin`s, in order, when the first one
-/// has (a packed batch, PROTOCOL.md §23). The frames, one per element, or
-/// none.
+/// element's `bin`, as [`frame::batch_frames`] matches them (PROTOCOL.md
+/// §23): the frames, one per element, or none.
 fn element_binaries(
     bins: &[Option<u64>],
     binaries: Vec<zmq::Message>,
-) -> Result<Vec<Frame>, String> {
-    let n = bins.len();
-    if bins.first().is_none_or(Option::is_none) {
-        if bins.iter().any(Option::is_some) {
-            return Err(format!(
-                "a batch of {n} with `bin` on some elements but not the first"
-            ));
+) -> Result<Vec<Frame>, frame::BatchFramesError> {
+    let lengths: Vec<usize> = binaries.iter().map(|b| b.len()).collect();
+    Ok(match frame::batch_frames(bins, &lengths)? {
+        frame::BatchFrames::OnePerElement => binaries.into_iter().map(Frame::Whole).collect(),
+        frame::BatchFrames::Packed(ranges) => {
+            let joined = Arc::new(binaries.into_iter().next().expect("one packed frame"));
+            ranges
+                .into_iter()
+                .map(|r| Frame::Packed(Arc::clone(&joined), r))
+                .collect()
         }
-        if !binaries.is_empty() && binaries.len() != n {
-            return Err(format!(
-                "a batch of {n} with {} binary frames",
-                binaries.len()
-            ));
-        }
-        return Ok(binaries.into_iter().map(Frame::Whole).collect());
-    }
-    let [joined]: [zmq::Message; 1] = binaries
-        .try_into()
-        .map_err(|b: Vec<_>| format!("a packed batch of {n} with {} binary frames", b.len()))?;
-    let mut ranges = Vec::with_capacity(n);
-    let mut end = 0usize;
-    for bin in bins {
-        let start = end;
-        end = bin
-            .and_then(|b| usize::try_from(b).ok())
-            .and_then(|b| start.checked_add(b))
-            .filter(|&e| e <= joined.len())
-            .ok_or_else(|| {
-                format!(
-                    "a packed batch of {n} whose `bin`s do not cut its {}-byte frame",
-                    joined.len()
-                )
-            })?;
-        ranges.push(start..end);
-    }
-    if end != joined.len() {
-        return Err(format!(
-            "a packed batch of {n} whose `bin`s sum to {end}, not its frame's {}",
-            joined.len()
-        ));
-    }
-    let joined = Arc::new(joined);
-    Ok(ranges
-        .into_iter()
-        .map(|r| Frame::Packed(Arc::clone(&joined), r))
-        .collect())
+    })
 }
 
 /// Reads a THID from a JSON string without an intermediate `String`, one
