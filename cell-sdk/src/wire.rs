@@ -8,7 +8,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use thynapse_protocol::body::{canonical_number, Goodbye, Welcome};
+use thynapse_protocol::body::{canonical_array, canonical_number, Goodbye, Welcome};
 use thynapse_protocol::frame::{self, MEMBERSHIP_TOPIC, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
 
@@ -561,21 +561,10 @@ impl<'a> DeliveryIn<'a> {
     /// Reads a batch in the transmitter's own spelling: `[` canonical
     /// bodies separated by `,` `]`. `None` for any other spelling.
     fn parse_canonical_batch(body: &'a [u8]) -> Option<Vec<DeliveryIn<'a>>> {
-        let mut rest = body.strip_prefix(b"[")?;
-        let mut items = Vec::new();
-        if rest == b"]" {
-            return Some(items);
-        }
         let mut shared = Shared::default();
-        loop {
-            let (d, after) = DeliveryIn::parse_canonical_prefix(rest, &mut shared)?;
-            items.push(d);
-            match after.split_first()? {
-                (b',', next) => rest = next,
-                (b']', b"") => return Some(items),
-                _ => return None,
-            }
-        }
+        canonical_array(body, |rest| {
+            DeliveryIn::parse_canonical_prefix(rest, &mut shared)
+        })
     }
 
     /// Reads a batch body (a JSON array of delivery bodies): the

@@ -180,10 +180,12 @@ impl<'a> Publish<'a> {
 
 /// The elements of a JSON array `body` read by `element` (which returns
 /// each element and what follows it), with no whitespace; `None` when
-/// `element` fails or the array is empty or malformed.
-fn canonical_array<'a, T>(
+/// `element` fails or the array is empty or malformed. For readers of the
+/// canonical shapes (here and in the cell SDK) that fall back to serde on
+/// `None`.
+pub fn canonical_array<'a, T>(
     body: &'a [u8],
-    element: impl Fn(&'a [u8]) -> Option<(T, &'a [u8])>,
+    mut element: impl FnMut(&'a [u8]) -> Option<(T, &'a [u8])>,
 ) -> Option<Vec<T>> {
     let mut rest = body.strip_prefix(b"[")?;
     let mut items = Vec::new();
