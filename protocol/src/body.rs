@@ -158,8 +158,8 @@ impl<'a> Publish<'a> {
         let (channel, mut s) = canonical_text(s)?;
         let mut id = None;
         if let Some(after) = s.strip_prefix(br#","id":""#) {
-            let (hex, after) = canonical_hex(after)?;
-            id = Some(Thid::parse_hex(hex).ok()?);
+            let (thid, after) = canonical_thid(after)?;
+            id = Some(thid);
             s = after;
         }
         let (seq, s) = canonical_number(s, br#","seq":"#)?;
@@ -208,6 +208,12 @@ fn canonical_hex(s: &[u8]) -> Option<(&[u8], &[u8])> {
     hex.iter()
         .all(u8::is_ascii_hexdigit)
         .then_some((hex, after.strip_prefix(b"\"")?))
+}
+
+/// A THID and its closing quote at the start of `s`, and what follows.
+fn canonical_thid(s: &[u8]) -> Option<(Thid, &[u8])> {
+    let (hex, after) = s.split_at_checked(crate::thid::THID_LEN * 2)?;
+    Some((Thid::parse_hex(hex).ok()?, after.strip_prefix(b"\"")?))
 }
 
 /// What mesh deliveries and mesh events start with,
@@ -267,9 +273,9 @@ impl MeshDelivery {
             let (attempt, s) = canonical_number::<u32>(s, br#","attempt":"#)?;
             attempt?;
             let s = s.strip_prefix(br#","cell":""#)?;
-            let (cell, s) = canonical_hex(s)?;
+            let (cell, s) = canonical_thid(s)?;
             let s = s.strip_prefix(br#","origin":""#)?;
-            let (origin, s) = canonical_hex(s)?;
+            let (origin, s) = canonical_thid(s)?;
             let s = s.strip_prefix(br#","ack":"#)?;
             let (ack, s) = canonical_bool(s)?;
             let s = s.strip_prefix(br#","request":"#)?;
@@ -279,8 +285,8 @@ impl MeshDelivery {
             let s = s.strip_prefix(b"}")?;
             let delivery = MeshDelivery {
                 id: Thid::parse_hex(id).ok()?,
-                cell: Thid::parse_hex(cell).ok()?,
-                origin: Thid::parse_hex(origin).ok()?,
+                cell,
+                origin,
                 ack,
                 request,
             };
