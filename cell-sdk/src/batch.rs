@@ -1,5 +1,5 @@
 //! Ack batching, event batching and redelivery de-duplication: pure
-//! data structures the background thread drives, tested without sockets.
+//! data structures the connection task drives, tested without sockets.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -71,7 +71,7 @@ const EVENT_PREFIX: &[u8] = b"J EVNT ";
 const BIN_FIELD: &[u8] = b",\"bin\":";
 
 /// A publish that expects no answer, as the async side hands it to the
-/// background thread: its `J EVNT {...}` frame and its binary frame, if
+/// connection task: its `J EVNT {...}` frame and its binary frame, if
 /// any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Publish {

@@ -42,7 +42,7 @@ pub struct Confirm {
 /// A connection to a transmitter, as a cell of one service.
 ///
 /// `Client` is a cheap [`Clone`] handle: every clone talks to the same
-/// background thread, which owns the ZeroMQ sockets. The connection closes
+/// connection task, which owns the ZeroMQ sockets. The connection closes
 /// with [`Client::close`], when the last clone is dropped, or when the
 /// transmitter says `GBYE` and there is no failover endpoint
 /// ([`Options::endpoint`]); then every [`Subscription`] ends and further
@@ -54,7 +54,7 @@ pub struct Client {
 
 /// What the handles share.
 struct Inner {
-    /// To the background thread.
+    /// To the connection task.
     link: Arc<Link>,
     /// This cell's THID.
     id: Thid,
@@ -109,7 +109,7 @@ impl Client {
     /// - [`ErrorKind::Rejected`]: the transmitter answered ERRR (e.g.
     ///   `bad_service`); see [`Error::code`].
     /// - [`ErrorKind::Zmq`] / [`ErrorKind::Io`]: the endpoint is malformed,
-    ///   or sockets or the thread could not be created.
+    ///   or the sockets could not be created.
     ///
     /// # Cancel safety
     /// Dropping the future stops the connection attempt; a cell welcomed in
@@ -528,8 +528,8 @@ impl Client {
     }
 
     /// Closes the connection for every clone of this client: sends the
-    /// pending acks and GBYE, closes the sockets and stops the background
-    /// thread. Every [`Subscription`] ends; further calls fail with
+    /// pending acks and GBYE, closes the sockets and stops the connection
+    /// task. Every [`Subscription`] ends; further calls fail with
     /// [`ErrorKind::Disconnected`]. Events still being handled are
     /// redelivered elsewhere by the transmitter. Calling it twice is
     /// harmless.
@@ -540,7 +540,7 @@ impl Client {
             .link
             .control(Control::Close { reply: Some(reply) })
         {
-            // An error only means the thread is already gone.
+            // An error only means the task is already gone.
             let _ = done.await;
         }
     }

@@ -1,9 +1,18 @@
-//! The background thread: sole owner of the DEALER (command socket), a
+//! The connection task: sole owner of the DEALER (command socket), a
 //! monitor socket and, once the first membership stream asks for it, a SUB
-//! (event socket). It waits for them in `epoll`, edge-triggered on their
-//! `ZMQ_FD`s, together with the doorbell of the async side (see
-//! `Conn::poll`), and uses the wait's timeout as its clock (heartbeats,
-//! ack batches).
+//! (event socket). It registers their `ZMQ_FD`s, edge-triggered, in an
+//! `epoll` instance together with the doorbell of the async side, and the
+//! runtime's reactor watches that instance's own descriptor (see
+//! `Conn::poll`); the wait's deadline is its clock (heartbeats, ack
+//! batches).
+//!
+//! It is a task on the runtime `Client::connect` runs on, not a thread of
+//! its own: the handoffs between the application's tasks and the
+//! connection (a request and its reply, a delivery and its handler, the
+//! handler's reply) are then task wake-ups on the runtime's workers, not
+//! context switches between threads. What blocks stays off the workers:
+//! opening the sockets and the HELO/WLCM handshake run on the runtime's
+//! blocking pool, and so does `Conn::finish` (it waits for the last PONG).
 //!
 //! Everything a cell listens to arrives on the DEALER: anycatch `DLVR`s,
 //! `RQST`s, and multicatch events, each cell's own `J EVNT` copy
@@ -16,7 +25,7 @@
 //! subscription in place (§18), so a cell that never follows membership
 //! never opens a SUB.
 //!
-//! Publishes without answer that the thread drains from the command
+//! Publishes without answer that the task drains from the command
 //! queue in one pass go out as one `J EVNT [...]` batch (§23) when the
 //! `WLCM` said `"batch":true` (the `EventBatcher` of `batch` cuts them,
 //! and packs their binary frames into one when the `WLCM` said
@@ -28,16 +37,21 @@
 //! publish by its `ref`.
 //!
 //! libzmq sockets are not thread-safe: nothing outside this module touches
-//! them, and the sockets never leave this thread.
+//! them, and one owner at a time uses them (the blocking pool's thread,
+//! then the task, then the blocking pool again), each handover through the
+//! runtime, which orders memory as libzmq requires for moving a socket.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use thynapse_protocol::body::Welcome;
 use thynapse_protocol::{Mode, Pattern, Thid, Verb};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, trace, warn};
 
@@ -55,7 +69,7 @@ use crate::options::{ListenOptions, Options};
 use crate::serve::{Request, RequestGuard};
 use crate::wire::{self, Incoming, Published};
 
-/// What the thread needs to start.
+/// What the connection needs to start.
 pub(crate) struct Start {
     /// The command endpoint.
     pub(crate) endpoint: String,
@@ -69,15 +83,28 @@ pub(crate) struct Start {
     pub(crate) rx: LinkReceiver,
 }
 
-/// Starts the thread; the receiver gets the `WLCM` or the reason there was
+/// Starts the connection; the receiver gets the `WLCM` or the reason there was
 /// none.
 ///
 /// # Errors
-/// [`ErrorKind::Io`] when the thread cannot be spawned.
-pub(crate) fn spawn(start: Start) -> Result<oneshot::Receiver<Result<Welcome, Error>>, Error> {
+/// [`ErrorKind::Io`] when there is no tokio runtime to run it on.
+///
+/// # Panics
+/// When the runtime has no I/O driver (as tokio's own sockets do).
+pub(crate) fn spawn(mut start: Start) -> Result<oneshot::Receiver<Result<Welcome, Error>>, Error> {
     let (tx, rx) = oneshot::channel();
-    let name = format!("thynapse-cell-{}", &start.id.to_hex()[..8]);
-    std::thread::Builder::new().name(name).spawn(move || {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("a Thynapse client needs a tokio runtime: {e}"),
+        )
+    })?;
+    let spawner = runtime.clone();
+    // Fails here, in `connect`, on a runtime without an I/O driver.
+    drop(watch(start.rx.bell.poll_mut())?);
+    // Opening and the HELO/WLCM handshake wait in `zmq_poll`: off the
+    // runtime's workers.
+    runtime.spawn_blocking(move || {
         let connect_timeout = start.options.connect_timeout;
         match Conn::open(start) {
             Ok(mut conn) => match conn.handshake(connect_timeout, &tx) {
@@ -86,10 +113,11 @@ pub(crate) fn spawn(start: Start) -> Result<oneshot::Receiver<Result<Welcome, Er
                         // `connect` was cancelled: leave politely.
                         conn.stop = Some(Stop::Closed);
                     }
-                    conn.run();
+                    spawner.spawn(conn.run());
                 }
                 Err(e) => {
-                    unmonitor(&conn.dealer, conn.id);
+                    // Nobody welcomed us: nobody to say goodbye to.
+                    conn.left = true;
                     let _ = tx.send(Err(e));
                 }
             },
@@ -97,8 +125,20 @@ pub(crate) fn spawn(start: Start) -> Result<oneshot::Receiver<Result<Welcome, Er
                 let _ = tx.send(Err(e));
             }
         }
-    })?;
+    });
     Ok(rx)
+}
+
+/// Watches a poller from the runtime: its `epoll` file descriptor is
+/// readable while any source registered in it has an event to report.
+///
+/// tokio deprecates this constructor because it cannot know that the
+/// descriptor stays open as long as the `AsyncFd`; here it does, as
+/// `AsyncFd::register_with_interest` requires: the connection owns the
+/// poller, and drops the `AsyncFd` first (`Conn::waiter`).
+fn watch(poll: &mio::Poll) -> io::Result<AsyncFd<RawFd>> {
+    #[allow(deprecated)]
+    AsyncFd::with_interest(poll.as_raw_fd(), Interest::READABLE)
 }
 
 /// Why the loop stops.
@@ -191,10 +231,13 @@ struct WireListen {
     waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
 }
 
-/// The thread's state.
+/// The connection's state.
 struct Conn {
+    /// The runtime's watch on the poller of `rx`, once the task runs;
+    /// dropped first (in `Drop`), while the poller's descriptor is open.
+    waiter: Option<AsyncFd<RawFd>>,
     /// The shared libzmq context, for a SUB created later; the place is
-    /// given back when the thread ends.
+    /// given back when the connection ends.
     ctx: ContextLease,
     /// Command socket.
     dealer: zmq::Socket,
@@ -291,6 +334,10 @@ struct Conn {
     close_replies: Vec<oneshot::Sender<()>>,
     /// Set when the loop must end.
     stop: Option<Stop>,
+    /// Set once there is nothing more to tell the transmitter: `finish`
+    /// said goodbye, or the handshake failed. A connection dropped
+    /// without it (its runtime shut down) says goodbye on drop.
+    left: bool,
 }
 
 fn ceil_ms(d: Duration) -> i64 {
@@ -391,6 +438,7 @@ impl Conn {
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
         Ok(Conn {
+            waiter: None,
             ctx,
             dealer,
             frame: zmq::Message::new(),
@@ -448,6 +496,7 @@ impl Conn {
             silence_reported: false,
             close_replies: Vec::new(),
             stop: None,
+            left: false,
         })
     }
 
@@ -623,7 +672,7 @@ impl Conn {
     /// wait, and when it is ready there is no wait. The DEALER's state is
     /// known after a receive that found nothing; the SUB, rare, is always
     /// asked.
-    fn poll(&mut self, timeout: i64) -> Result<[bool; 4], Error> {
+    async fn poll(&mut self, timeout: i64) -> Result<[bool; 4], Error> {
         let dealer = self.dealer_ready()?;
         let sub = match &self.sub {
             Some(sub) => sub.get_events()?.contains(zmq::POLLIN),
@@ -633,11 +682,37 @@ impl Conn {
             // Edges not taken stay queued in the poller for the next wait.
             return Ok([dealer, false, false, sub]);
         }
-        let timeout = u64::try_from(timeout).ok().map(Duration::from_millis);
-        match self.rx.bell.poll_mut().poll(&mut self.ready, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 4]),
-            Err(e) => return Err(e.into()),
+        let deadline = u64::try_from(timeout)
+            .ok()
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        loop {
+            match self
+                .rx
+                .bell
+                .poll_mut()
+                .poll(&mut self.ready, Some(Duration::ZERO))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 4]),
+                Err(e) => return Err(e.into()),
+            }
+            if !self.ready.is_empty() {
+                break;
+            }
+            let Some(waiter) = &self.waiter else {
+                return Err(Error::new(ErrorKind::Io, "the poller is not watched"));
+            };
+            let readable = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, waiter.readable()).await.ok(),
+                    None => Some(waiter.readable().await),
+                }
+            };
+            match readable.await {
+                Some(Ok(mut guard)) => guard.clear_ready(),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok([false; 4]),
+            }
         }
         let mut ready = [false; 4];
         for event in &self.ready {
@@ -664,9 +739,20 @@ impl Conn {
         Ok(ready)
     }
 
-    /// The main loop.
-    fn run(mut self) {
+    /// The main loop, a task on the runtime; the wait for the sockets is
+    /// the wait for the poller's own file descriptor.
+    async fn run(mut self) {
+        match watch(self.rx.bell.poll_mut()) {
+            Ok(w) => self.waiter = Some(w),
+            Err(e) => {
+                error!(error = %e, "cannot watch the poller; closing the connection");
+                self.stop = Some(Stop::Failed(e.to_string()));
+                tokio::task::spawn_blocking(move || self.finish());
+                return;
+            }
+        }
         loop {
+            tokio::task::consume_budget().await;
             let now = Instant::now();
             self.drain_control(now);
             if self.stop.is_some() {
@@ -683,7 +769,7 @@ impl Conn {
             }
 
             let timeout = self.poll_timeout(Instant::now());
-            let [dealer, monitor, bell, sub] = match self.poll(timeout) {
+            let [dealer, monitor, bell, sub] = match self.poll(timeout).await {
                 Ok(ready) => ready,
                 Err(e) => {
                     error!(error = %e, "polling the sockets failed; closing the connection");
@@ -729,7 +815,9 @@ impl Conn {
                 }
             }
         }
-        self.finish();
+        self.waiter = None;
+        // Waits for the last PONG in `zmq_poll`: off the runtime's workers.
+        tokio::task::spawn_blocking(move || self.finish());
     }
 
     /// The poll timeout: until the next heartbeat, ack flush or re-HELO.
@@ -1726,20 +1814,25 @@ impl Conn {
                 debug!("no PONG before closing: the last acks and GBYE may be lost");
             }
         }
+        self.left = true;
+        debug!("connection stopped");
+    }
+}
+
+impl Drop for Conn {
+    /// Whether or not `finish` ran (a task dropped with its runtime does
+    /// not): says goodbye if nobody did, at the latest moment libzmq can
+    /// still send it (its linger), stops the DEALER's monitor before the
+    /// sockets close (see [`unmonitor`]), and answers `close()`.
+    fn drop(&mut self) {
+        self.waiter = None;
+        if !self.left {
+            self.flush_acks();
+            self.send(vec![wire::goodbye("close")]);
+        }
         unmonitor(&self.dealer, self.id);
-        let Conn {
-            dealer,
-            sub,
-            monitor,
-            close_replies,
-            ..
-        } = self;
-        drop(monitor);
-        drop(sub);
-        drop(dealer);
-        for reply in close_replies {
+        for reply in self.close_replies.drain(..) {
             let _ = reply.send(());
         }
-        debug!("connection thread stopped");
     }
 }

@@ -54,7 +54,7 @@ pub const PLAIN_USERNAME: &str = "cell";
 /// An ack batch is flushed once it holds this many ids...
 pub const ACK_BATCH_MAX_IDS: usize = 64;
 
-/// ...or once its oldest id has waited this long. The background thread's
+/// ...or once its oldest id has waited this long. The connection task's
 /// poll clock ticks in milliseconds, so on an otherwise idle connection a
 /// batch leaves within about 1 ms; under load, within this delay.
 pub const ACK_BATCH_MAX_DELAY: Duration = Duration::from_micros(500);
@@ -73,11 +73,11 @@ pub const EVENT_BATCH_MAX_BYTES: usize = 64 * 1024;
 /// redelivery of an event it already processed.
 pub const DEDUP_CAPACITY: usize = 100_000;
 
-/// Commands from the async side that may wait for the background thread
+/// Commands from the async side that may wait for the connection task
 /// before `publish` and friends start to wait (backpressure).
 pub const COMMAND_QUEUE_CAPACITY: usize = 1024;
 
-/// Most messages read from one socket before the background thread looks
+/// Most messages read from one socket before the connection task looks
 /// at its other sockets and its clock again (fairness).
 pub const READ_BURST: usize = 512;
 

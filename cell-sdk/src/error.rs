@@ -55,7 +55,7 @@ pub enum ErrorKind {
     Serialize,
     /// A received payload does not deserialize into the type asked for.
     Deserialize,
-    /// An operating-system I/O error (starting the background thread or
+    /// An operating-system I/O error (starting the connection task or
     /// its doorbell).
     Io,
     /// A libzmq error (creating, configuring or connecting a socket).

@@ -6,21 +6,22 @@
 //! `PROTOCOL.md`) over ZeroMQ through libzmq.
 //!
 //! A [`Client`] is a cheap, cloneable handle in the async-nats shape. One
-//! background thread per connection owns the ZeroMQ sockets (a DEALER on
-//! the transmitter's command socket, which carries every delivery,
-//! multicatch events included; a SUB on its event socket only once
-//! [`Client::membership`] asks for one), since libzmq sockets are not
-//! thread-safe; the handles talk to it over channels and wake it through
-//! a doorbell it polls beside the sockets. The clients of a process share
-//! libzmq contexts, hence libzmq I/O threads (one per hundred clients).
-//! That thread sends heartbeats, batches acks, drops redeliveries of
-//! events already processed, joins again when the transmitter has expired
-//! the cell or the connection was re-established, and fails over to
-//! another transmitter ([`Options::endpoint`]) when its own goes away.
+//! connection task per client, on the tokio runtime that connected it,
+//! owns the ZeroMQ sockets (a DEALER on the transmitter's command socket,
+//! which carries every delivery, multicatch events included; a SUB on its
+//! event socket only once [`Client::membership`] asks for one), since
+//! libzmq sockets are not thread-safe; the handles talk to it over
+//! channels and wake it through a doorbell it polls beside the sockets.
+//! The clients of a process share libzmq contexts, hence libzmq I/O
+//! threads (one per hundred clients). That task sends heartbeats, batches
+//! acks, drops redeliveries of events already processed, joins again when
+//! the transmitter has expired the cell or the connection was
+//! re-established, and fails over to another transmitter
+//! ([`Options::endpoint`]) when its own goes away.
 //!
 //! libzmq's cost is per message, so the SDK batches both ways (PROTOCOL.md
 //! §23) when the transmitter takes batches: publishes that reach the
-//! thread together (a publisher faster than the socket) leave as one
+//! connection together (a publisher faster than the socket) leave as one
 //! message of at most [`consts::EVENT_BATCH_MAX_EVENTS`] events and about
 //! [`consts::EVENT_BATCH_MAX_BYTES`], in publish order, and the cell takes
 //! the deliveries the transmitter has ready at once in one message. Either
@@ -28,7 +29,7 @@
 //! travel alone.
 //!
 //! The allocator matters: libzmq allocates each message on one thread and
-//! frees it on another (the client's thread and libzmq's I/O thread), where
+//! frees it on another (a runtime worker and libzmq's I/O thread), where
 //! glibc's arenas contend. A worker that moves many events can link
 //! `mimalloc` with its `override` feature (which takes libzmq's `malloc`
 //! too) and declare it the `#[global_allocator]`; the `thynapse` binary and
@@ -107,7 +108,7 @@
 //!   its idle cells (the transmitter counts a cell's limit as the sum over
 //!   its acked anycatch listens: requests beyond the responder's own
 //!   concurrency that a cell with other listens is sent wait in the SDK);
-//! - publishing waits when the background thread cannot keep up (a
+//! - publishing waits when the connection task cannot keep up (a
 //!   bounded command queue, [`consts::COMMAND_QUEUE_CAPACITY`]) or libzmq
 //!   pushes back.
 //!
@@ -135,7 +136,7 @@
 //! - [`options`]: [`Options`] (how to join) and [`ListenOptions`].
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 //! - [`consts`]: every default and limit of the SDK.
-//! - internal: `conn` (the background thread), `context` (the libzmq
+//! - internal: `conn` (the connection task), `context` (the libzmq
 //!   contexts clients share), `link` (channels and doorbell), `wire`
 //!   (frames), `batch` (ack and event batching, dedup set).
 //!
@@ -164,10 +165,14 @@
 //! # }
 //! ```
 //!
-//! The async API needs a tokio runtime with its time driver enabled
-//! (`#[tokio::main]` has it): request timeouts use `tokio::time`.
-//! The background thread waits in `epoll` on the sockets' `ZMQ_FD`s and
-//! an eventfd doorbell, so the SDK builds on Linux only.
+//! The async API needs a tokio runtime with its I/O and time drivers
+//! enabled (`#[tokio::main]` and `#[tokio::test]` have both): the
+//! connection task waits through the runtime's reactor, and request
+//! timeouts use `tokio::time`. Like any task, it runs only while the
+//! runtime runs: a client whose runtime shuts down says `GBYE` as it is
+//! dropped, without waiting for the transmitter's answer. The connection
+//! waits in `epoll` on the sockets' `ZMQ_FD`s and an eventfd doorbell, so
+//! the SDK builds on Linux only.
 
 pub mod client;
 pub mod consts;

@@ -1,10 +1,10 @@
 //! The channels between the async side (every [`Client`](crate::Client)
 //! clone, [`Subscription`](crate::Subscription) and
-//! [`Event`]) and the background thread that owns the
-//! sockets, and the doorbell that wakes that thread out of its `epoll` wait.
+//! [`Event`]) and the connection task that owns the
+//! sockets, and the doorbell that wakes that task out of its `epoll` wait.
 //!
 //! Two queues: `commands` is bounded and awaited (publish, listen, flush,
-//! requests), so a fast publisher waits when the thread cannot keep up;
+//! requests), so a fast publisher waits when the task cannot keep up;
 //! `control` is unbounded and synchronous, for what `Drop` impls must send
 //! without an executor (acks, nacks, replies, unlisten, close). Replies go
 //! there too: there are at most as many as handlers running at once.
@@ -25,7 +25,7 @@ use crate::options::ListenOptions;
 use crate::request::Reply;
 use crate::serve::Request;
 
-/// Synchronous messages to the background thread.
+/// Synchronous messages to the connection task.
 #[derive(Debug)]
 pub(crate) enum Control {
     /// The handler is done with an anycatch delivery: queue an `ACKN`.
@@ -52,7 +52,7 @@ pub(crate) enum Control {
     },
     /// Flush acks, say `GBYE` and stop; answer when the sockets are closed.
     Close {
-        /// Told when the thread has closed its sockets.
+        /// Told when the task has closed its sockets.
         reply: Option<oneshot::Sender<()>>,
     },
 }
@@ -105,7 +105,7 @@ impl Answer {
     }
 }
 
-/// Asynchronous requests to the background thread.
+/// Asynchronous requests to the connection task.
 #[derive(Debug)]
 pub(crate) enum Command {
     /// Send a message; with `answer`, the reply carrying `ref` goes there.
@@ -159,13 +159,13 @@ pub(crate) struct Link {
     control: std::sync::mpsc::Sender<Control>,
     /// Asynchronous requests.
     commands: mpsc::Sender<Command>,
-    /// Wakes the thread.
+    /// Wakes the task.
     bell: Doorbell,
     /// Source of the numeric `ref`s of requests.
     refs: AtomicU64,
 }
 
-/// The thread's half of the link.
+/// The task's half of the link.
 #[derive(Debug)]
 pub(crate) struct LinkReceiver {
     /// Synchronous messages.
@@ -198,7 +198,7 @@ impl Link {
         ))
     }
 
-    /// Sends a control message; false when the thread is gone.
+    /// Sends a control message; false when the task is gone.
     pub(crate) fn control(&self, message: Control) -> bool {
         let sent = self.control.send(message).is_ok();
         if sent {
@@ -221,7 +221,7 @@ impl Link {
         Ok(())
     }
 
-    /// Whether the thread has stopped.
+    /// Whether the task has stopped.
     pub(crate) fn is_closed(&self) -> bool {
         self.commands.is_closed()
     }
@@ -232,18 +232,18 @@ impl Link {
     }
 }
 
-/// The token of the doorbell in the thread's [`mio::Poll`].
+/// The token of the doorbell in the task's [`mio::Poll`].
 pub(crate) const BELL: mio::Token = mio::Token(0);
 
-/// Wakes the background thread: a [`mio::Waker`] (an eventfd) registered
-/// in the `epoll` instance the thread waits on beside the sockets' file
-/// descriptors. Rings are coalesced: only the first ring after the thread
+/// Wakes the connection task: a [`mio::Waker`] (an eventfd) registered
+/// in the `epoll` instance the task waits on beside the sockets' file
+/// descriptors. Rings are coalesced: only the first ring after the task
 /// last took the wake-up writes to the eventfd.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     /// The writing end.
     waker: mio::Waker,
-    /// Set by a ring, cleared by the thread when it takes the wake-up.
+    /// Set by a ring, cleared by the task when it takes the wake-up.
     rung: Arc<AtomicBool>,
 }
 
@@ -251,7 +251,7 @@ pub(crate) struct Doorbell {
 /// thread waits on, the doorbell registered in it as [`BELL`].
 #[derive(Debug)]
 pub(crate) struct BellReceiver {
-    /// The thread's poller; the thread registers its sockets' file
+    /// The task's poller; the task registers its sockets' file
     /// descriptors in it too.
     poll: mio::Poll,
     /// Shared with [`Doorbell`].
@@ -272,12 +272,12 @@ fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
 }
 
 impl Doorbell {
-    /// Wakes the thread, unless a wake-up is already pending. Call after
-    /// queueing the message: the thread clears the flag before it drains
+    /// Wakes the task, unless a wake-up is already pending. Call after
+    /// queueing the message: the task clears the flag before it drains
     /// the queues, so no message is left behind.
     pub(crate) fn ring(&self) {
         if !self.rung.swap(true, Ordering::AcqRel) {
-            // Writing to an eventfd the thread no longer polls is harmless;
+            // Writing to an eventfd the task no longer polls is harmless;
             // a failed write leaves nothing to handle either.
             let _ = self.waker.wake();
         }
@@ -328,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn ringing_a_bell_whose_thread_is_gone_is_harmless() {
+    fn ringing_a_bell_whose_task_is_gone_is_harmless() {
         let (bell, rx) = doorbell().unwrap();
         drop(rx);
         bell.ring();

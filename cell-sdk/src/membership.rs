@@ -50,7 +50,7 @@ pub struct MembershipEvent {
 /// socket, at most once (a subscriber that falls behind loses them
 /// silently); a client's first stream connects it to that socket.
 pub struct MembershipStream {
-    /// Identifies it to the background thread.
+    /// Identifies it to the connection task.
     id: u64,
     /// The events.
     events: mpsc::UnboundedReceiver<MembershipEvent>,

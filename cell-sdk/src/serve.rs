@@ -118,7 +118,7 @@ impl Drop for RequestGuard {
 struct ListenGuard {
     /// The subscription's id.
     sub: u64,
-    /// To the background thread.
+    /// To the connection task.
     link: Arc<Link>,
 }
 
@@ -282,7 +282,7 @@ impl fmt::Debug for Responder {
 
 /// The loop of one responder.
 struct Serving<F> {
-    /// Requests the background thread routes to this responder.
+    /// Requests the connection task routes to this responder.
     requests: mpsc::UnboundedReceiver<Request>,
     /// Unlistens when the loop ends.
     listen: ListenGuard,

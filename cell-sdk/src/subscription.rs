@@ -24,13 +24,13 @@ use crate::options::ListenOptions;
 /// anycatch deliveries still queued in it, never handed out, are handed back
 /// to the transmitter (`NACK`) for redelivery.
 pub struct Subscription {
-    /// Identifies it to the background thread.
+    /// Identifies it to the connection task.
     pub(crate) id: u64,
     /// The pattern, as given.
     pub(crate) pattern: String,
     /// Mode and ack.
     pub(crate) options: ListenOptions,
-    /// Events routed to it by the background thread, in batches.
+    /// Events routed to it by the connection task, in batches.
     pub(crate) events: mpsc::UnboundedReceiver<Vec<Event>>,
     /// The rest of the batch being read.
     pub(crate) ready: std::vec::IntoIter<Event>,

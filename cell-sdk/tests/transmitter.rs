@@ -447,6 +447,35 @@ async fn dropping_the_last_handle_leaves_the_transmitter() {
     .await;
 }
 
+/// The connection is a task on the runtime that connected it: when that
+/// runtime shuts down under a live client, the cell still says goodbye
+/// instead of leaving the transmitter to expire it for missing heartbeats.
+#[test]
+fn a_client_whose_runtime_shuts_down_says_goodbye() {
+    let t = start(config());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = runtime.block_on(async {
+        let c = client(&t, "svc").await;
+        eventually("the cell is counted", || metric(&t, "cells") == 1).await;
+        c
+    });
+    drop(runtime);
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&t, "cells") != 0 {
+        assert!(Instant::now() < deadline, "the cell never left");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        metric(&t, "expired_cells"),
+        0,
+        "it left by GBYE, not expiry"
+    );
+    drop(c);
+}
+
 #[tokio::test]
 async fn a_transmitter_shutdown_ends_subscriptions_with_disconnected() {
     watchdog(async {
