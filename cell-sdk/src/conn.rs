@@ -43,15 +43,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use thynapse_protocol::body::Welcome;
 use thynapse_protocol::{Mode, Pattern, Thid, Verb};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, trace, warn};
 
@@ -100,8 +97,8 @@ pub(crate) fn spawn(mut start: Start) -> Result<oneshot::Receiver<Result<Welcome
         )
     })?;
     let spawner = runtime.clone();
-    // Fails here, in `connect`, on a runtime without an I/O driver.
-    drop(watch(start.rx.bell.poll_mut())?);
+    // Here, in `connect`: fails on a runtime without an I/O driver.
+    start.rx.bell.watch()?;
     // Opening and the HELO/WLCM handshake wait in `zmq_poll`: off the
     // runtime's workers.
     runtime.spawn_blocking(move || {
@@ -127,18 +124,6 @@ pub(crate) fn spawn(mut start: Start) -> Result<oneshot::Receiver<Result<Welcome
         }
     });
     Ok(rx)
-}
-
-/// Watches a poller from the runtime: its `epoll` file descriptor is
-/// readable while any source registered in it has an event to report.
-///
-/// tokio deprecates this constructor because it cannot know that the
-/// descriptor stays open as long as the `AsyncFd`; here it does, as
-/// `AsyncFd::register_with_interest` requires: the connection owns the
-/// poller, and drops the `AsyncFd` first (`Conn::waiter`).
-fn watch(poll: &mio::Poll) -> io::Result<AsyncFd<RawFd>> {
-    #[allow(deprecated)]
-    AsyncFd::with_interest(poll.as_raw_fd(), Interest::READABLE)
 }
 
 /// Why the loop stops.
@@ -233,9 +218,6 @@ struct WireListen {
 
 /// The connection's state.
 struct Conn {
-    /// The runtime's watch on the poller of `rx`, once the task runs;
-    /// dropped first (in `Drop`), while the poller's descriptor is open.
-    waiter: Option<AsyncFd<RawFd>>,
     /// The shared libzmq context, for a SUB created later; the place is
     /// given back when the connection ends.
     ctx: ContextLease,
@@ -438,7 +420,6 @@ impl Conn {
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
         Ok(Conn {
-            waiter: None,
             ctx,
             dealer,
             frame: zmq::Message::new(),
@@ -685,34 +666,10 @@ impl Conn {
         let deadline = u64::try_from(timeout)
             .ok()
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-        loop {
-            match self
-                .rx
-                .bell
-                .poll_mut()
-                .poll(&mut self.ready, Some(Duration::ZERO))
-            {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 4]),
-                Err(e) => return Err(e.into()),
-            }
-            if !self.ready.is_empty() {
-                break;
-            }
-            let Some(waiter) = &self.waiter else {
-                return Err(Error::new(ErrorKind::Io, "the poller is not watched"));
-            };
-            let readable = async {
-                match deadline {
-                    Some(d) => tokio::time::timeout_at(d, waiter.readable()).await.ok(),
-                    None => Some(waiter.readable().await),
-                }
-            };
-            match readable.await {
-                Some(Ok(mut guard)) => guard.clear_ready(),
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok([false; 4]),
-            }
+        match self.rx.bell.wait(&mut self.ready, deadline).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 4]),
+            Err(e) => return Err(e.into()),
         }
         let mut ready = [false; 4];
         for event in &self.ready {
@@ -742,15 +699,6 @@ impl Conn {
     /// The main loop, a task on the runtime; the wait for the sockets is
     /// the wait for the poller's own file descriptor.
     async fn run(mut self) {
-        match watch(self.rx.bell.poll_mut()) {
-            Ok(w) => self.waiter = Some(w),
-            Err(e) => {
-                error!(error = %e, "cannot watch the poller; closing the connection");
-                self.stop = Some(Stop::Failed(e.to_string()));
-                tokio::task::spawn_blocking(move || self.finish());
-                return;
-            }
-        }
         loop {
             tokio::task::consume_budget().await;
             let now = Instant::now();
@@ -815,7 +763,6 @@ impl Conn {
                 }
             }
         }
-        self.waiter = None;
         // Waits for the last PONG in `zmq_poll`: off the runtime's workers.
         tokio::task::spawn_blocking(move || self.finish());
     }
@@ -1759,15 +1706,20 @@ impl Conn {
         Some((zmq::SocketEvent::from_raw(event), value))
     }
 
+    /// Queues what a closing cell says last: its batched acks, then GBYE.
+    fn say_goodbye(&mut self) {
+        self.flush_acks();
+        self.send(vec![wire::goodbye("close")]);
+    }
+
     /// Leaves: the last acks, GBYE and a PING if we are the ones closing,
     /// fail what waits, wait (at most [`CLOSE_TIMEOUT`]) for the PING's
-    /// PONG, which proves the transmitter read the rest, close the
-    /// sockets, answer `close()`.
+    /// PONG, which proves the transmitter read the rest; dropping the
+    /// connection then closes the sockets and answers `close()`.
     fn finish(mut self) {
         let stop = self.stop.take().unwrap_or(Stop::Closed);
         let last_ping = matches!(stop, Stop::Closed).then(|| {
-            self.flush_acks();
-            self.send(vec![wire::goodbye("close")]);
+            self.say_goodbye();
             let reference = self.link.next_ref();
             self.send(vec![wire::ping(Some(reference))]);
             self.flush_outbox();
@@ -1825,10 +1777,9 @@ impl Drop for Conn {
     /// still send it (its linger), stops the DEALER's monitor before the
     /// sockets close (see [`unmonitor`]), and answers `close()`.
     fn drop(&mut self) {
-        self.waiter = None;
         if !self.left {
-            self.flush_acks();
-            self.send(vec![wire::goodbye("close")]);
+            self.say_goodbye();
+            self.flush_outbox();
         }
         unmonitor(&self.dealer, self.id);
         for reply in self.close_replies.drain(..) {

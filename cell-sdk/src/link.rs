@@ -10,11 +10,15 @@
 //! there too: there are at most as many as handlers running at once.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 use thynapse_protocol::{Pattern, Thid};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::Publish;
@@ -247,10 +251,14 @@ pub(crate) struct Doorbell {
     rung: Arc<AtomicBool>,
 }
 
-/// The doorbell's receiving end: the `epoll` instance the background
-/// thread waits on, the doorbell registered in it as [`BELL`].
+/// The doorbell's receiving end: the `epoll` instance the connection
+/// task waits on, the doorbell registered in it as [`BELL`].
 #[derive(Debug)]
 pub(crate) struct BellReceiver {
+    /// The runtime's watch on `poll`'s own descriptor, once
+    /// [`BellReceiver::watch`] set it. Declared before `poll`, so dropped
+    /// first, while that descriptor is open.
+    watch: Option<AsyncFd<RawFd>>,
     /// The task's poller; the task registers its sockets' file
     /// descriptors in it too.
     poll: mio::Poll,
@@ -267,7 +275,11 @@ fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
             waker,
             rung: rung.clone(),
         },
-        BellReceiver { poll, rung },
+        BellReceiver {
+            watch: None,
+            poll,
+            rung,
+        },
     ))
 }
 
@@ -288,6 +300,58 @@ impl BellReceiver {
     /// The poller, to register file descriptors in and to wait on.
     pub(crate) fn poll_mut(&mut self) -> &mut mio::Poll {
         &mut self.poll
+    }
+
+    /// Lets the runtime's reactor watch the poller: its `epoll` descriptor
+    /// is readable while a source registered in it has an event to
+    /// report. Call within the runtime the task will run on.
+    ///
+    /// tokio deprecates this constructor because it cannot know that the
+    /// descriptor stays open as long as the `AsyncFd`, as
+    /// `AsyncFd::register_with_interest` requires; here it does: this
+    /// struct owns the poller and drops the watch first.
+    ///
+    /// # Errors
+    /// When the reactor refuses the descriptor.
+    ///
+    /// # Panics
+    /// When the runtime has no I/O driver (as tokio's own sockets do).
+    pub(crate) fn watch(&mut self) -> io::Result<()> {
+        #[allow(deprecated)]
+        let watch = AsyncFd::with_interest(self.poll.as_raw_fd(), Interest::READABLE)?;
+        self.watch = Some(watch);
+        Ok(())
+    }
+
+    /// Reads the poller's events into `events`, waiting until there are
+    /// some or `deadline` passes (`None`: no limit); `events` is empty
+    /// after the deadline.
+    ///
+    /// # Errors
+    /// The poller's or the reactor's, or [`BellReceiver::watch`] was never
+    /// called.
+    pub(crate) async fn wait(
+        &mut self,
+        events: &mut mio::Events,
+        deadline: Option<tokio::time::Instant>,
+    ) -> io::Result<()> {
+        loop {
+            self.poll.poll(events, Some(Duration::ZERO))?;
+            if !events.is_empty() {
+                return Ok(());
+            }
+            let Some(watch) = &self.watch else {
+                return Err(io::Error::other("the poller is not watched"));
+            };
+            let readable = match deadline {
+                Some(d) => tokio::time::timeout_at(d, watch.readable()).await.ok(),
+                None => Some(watch.readable().await),
+            };
+            match readable {
+                Some(guard) => guard?.clear_ready(),
+                None => return Ok(()),
+            }
+        }
     }
 
     /// Re-arms the bell after the poller reported it. The caller then
