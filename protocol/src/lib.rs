@@ -12,6 +12,7 @@
 //! - [`query`]: metadata queries (JSON and selector strings) and the choice
 //!   of a cell.
 //! - [`limits`]: every default and limit, named.
+//! - [`zmtp`]: ZMTP 3 greetings, frames and handshake commands.
 //!
 //! ## Example
 //! ```
@@ -28,6 +29,7 @@ pub mod limits;
 pub mod pattern;
 pub mod query;
 pub mod thid;
+pub mod zmtp;
 
 pub use body::{ErrorCode, Mode};
 pub use frame::{Frame, FrameError, Verb};

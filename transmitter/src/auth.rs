@@ -73,6 +73,54 @@ struct Failures {
     last: Instant,
 }
 
+/// Judges PLAIN credentials and remembers, per source address, how often
+/// they failed: the ZAP handler (event socket) and the command socket
+/// each keep one.
+pub struct Gate {
+    token: String,
+    mesh_secret: Option<String>,
+    failures: HashMap<String, Failures>,
+}
+
+impl Gate {
+    /// A gate for `token` and, for transmitters, `mesh_secret`.
+    pub fn new(token: String, mesh_secret: Option<String>) -> Gate {
+        Gate {
+            token,
+            mesh_secret,
+            failures: HashMap::new(),
+        }
+    }
+
+    /// Who the PLAIN `credentials` (username, password) from `address`
+    /// are; none (another mechanism) is nobody. `Err` holds how long to
+    /// hold back the denial.
+    pub fn judge(
+        &mut self,
+        address: &str,
+        credentials: Option<(&[u8], &[u8])>,
+        now: Instant,
+    ) -> Result<&'static str, Duration> {
+        let user = credentials.and_then(|(username, password)| {
+            identify(username, password, &self.token, self.mesh_secret.as_deref())
+        });
+        self.failures
+            .retain(|_, f| now.duration_since(f.last) < FAILURE_MEMORY);
+        if let Some(user) = user {
+            self.failures.remove(address);
+            return Ok(user);
+        }
+        let f = self.failures.entry(address.to_owned()).or_insert(Failures {
+            count: 0,
+            last: now,
+        });
+        f.count += 1;
+        f.last = now;
+        tracing::warn!(%address, failures = f.count, "authentication failed");
+        Err(denial_delay(f.count))
+    }
+}
+
 /// Who a PLAIN username and password are: a transmitter of the mesh
 /// (username `mesh` and the mesh secret, or the token when no secret is
 /// set), a cell (the token), or nobody.
@@ -91,7 +139,7 @@ pub fn identify(
 }
 
 fn serve(socket: zmq::Socket, token: String, mesh_secret: Option<String>, stop: Arc<AtomicBool>) {
-    let mut failures: HashMap<String, Failures> = HashMap::new();
+    let mut gate = Gate::new(token, mesh_secret);
     let mut delayed: Vec<(Instant, Vec<Vec<u8>>)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -127,16 +175,12 @@ fn serve(socket: zmq::Socket, token: String, mesh_secret: Option<String>, stop: 
                 continue;
             }
             let address = String::from_utf8_lossy(&request[5]).into_owned();
-            let user = if request[7] == b"PLAIN" && request.len() >= 10 {
-                identify(&request[8], &request[9], &token, mesh_secret.as_deref())
-            } else {
-                None
-            };
-            let allowed = user.is_some();
-            let (status, text) = if allowed {
-                ("200", "OK")
-            } else {
-                ("400", "bad credentials")
+            let credentials = (request[7] == b"PLAIN" && request.len() >= 10)
+                .then(|| (&request[8][..], &request[9][..]));
+            let verdict = gate.judge(&address, credentials, now);
+            let (status, text, user) = match verdict {
+                Ok(user) => ("200", "OK", user),
+                Err(_) => ("400", "bad credentials", ""),
             };
             let reply = vec![
                 request[0].clone(),
@@ -145,27 +189,14 @@ fn serve(socket: zmq::Socket, token: String, mesh_secret: Option<String>, stop: 
                 request[3].clone(),
                 status.as_bytes().to_vec(),
                 text.as_bytes().to_vec(),
-                user.unwrap_or_default().as_bytes().to_vec(),
+                user.as_bytes().to_vec(),
                 Vec::new(),
             ];
-            failures.retain(|_, f| now.duration_since(f.last) < FAILURE_MEMORY);
-            if allowed {
-                failures.remove(&address);
-                let _ = socket.send_multipart(&reply, 0);
-                continue;
-            }
-            let f = failures.entry(address.clone()).or_insert(Failures {
-                count: 0,
-                last: now,
-            });
-            f.count += 1;
-            f.last = now;
-            tracing::warn!(%address, failures = f.count, "authentication failed");
-            let delay = denial_delay(f.count);
-            if delay.is_zero() {
-                let _ = socket.send_multipart(&reply, 0);
-            } else {
-                delayed.push((now + delay, reply));
+            match verdict {
+                Err(delay) if !delay.is_zero() => delayed.push((now + delay, reply)),
+                _ => {
+                    let _ = socket.send_multipart(&reply, 0);
+                }
             }
         }
     }

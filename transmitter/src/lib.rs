@@ -7,11 +7,14 @@
 //! - [`config`]: settings, defaults and limits.
 //! - [`router`]: the routing state machine (cells, listens, deliveries,
 //!   acks), free of I/O.
-//! - [`server`]: the router thread that owns the ROUTER and XPUB sockets.
+//! - [`server`]: the router thread that owns the command and event sockets.
+//! - [`command_socket`]: the ROUTER command socket, ZMTP 3 read and written
+//!   on the router thread.
 //! - [`coalesce`]: merges deliveries to a cell into batch frames.
 //! - [`discovery`]: answers about services, instances, hosts, regions.
 //! - [`mesh`]: gossip membership and the view of other transmitters' cells.
-//! - [`auth`]: the ZAP handler that checks the token at every handshake.
+//! - [`auth`]: the token check at every handshake (the command socket's
+//!   PLAIN, and the ZAP handler for the event socket).
 //! - [`metrics`]: lock-free counters.
 //!
 //! ## Example
@@ -25,6 +28,7 @@
 
 pub mod auth;
 pub mod coalesce;
+pub mod command_socket;
 pub mod config;
 pub mod discovery;
 pub mod mesh;

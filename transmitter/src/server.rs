@@ -1,9 +1,9 @@
 //! The router thread: owns the sockets, feeds the [`Router`], sends what it
 //! produces.
 //!
-//! libzmq sockets are not thread-safe and their API blocks, so one thread
-//! owns the ROUTER command socket and the XPUB event socket, polls both with
-//! the poll timeout as its clock, and runs the state machine synchronously.
+//! One thread owns the command socket (a ZMTP ROUTER of our own,
+//! [`CommandSocket`]) and libzmq's XPUB event socket, polls both with the
+//! poll timeout as its clock, and runs the state machine synchronously.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,8 +16,9 @@ use thynapse_protocol::Thid;
 
 use std::collections::HashMap;
 
-use crate::auth::{self, MESH_USER};
+use crate::auth::{self, Gate, MESH_USER};
 use crate::coalesce::coalesce;
+use crate::command_socket::{self, CommandSocket, SendError};
 use crate::config::{Config, DEFAULT_HWM, LINGER, MESH_HWM, TICK};
 use crate::mesh::{self, MeshError, MeshSettings, NodeRecord};
 use crate::metrics::Metrics;
@@ -40,6 +41,14 @@ pub enum StartError {
         endpoint: String,
         /// libzmq's error.
         source: zmq::Error,
+    },
+    /// The command socket could not listen.
+    #[error("cannot listen on {endpoint}: {source}")]
+    Listen {
+        /// The endpoint concerned.
+        endpoint: String,
+        /// The operating system's error.
+        source: std::io::Error,
     },
     /// The mesh could not start.
     #[error(transparent)]
@@ -149,9 +158,24 @@ impl Transmitter {
             ),
             None => None,
         };
-        let commands = ctx
-            .socket(zmq::ROUTER)
-            .map_err(socket_err("create", &config.command))?;
+        let listen_err = |source| StartError::Listen {
+            endpoint: config.command.clone(),
+            source,
+        };
+        let commands = CommandSocket::bind(
+            &config.command,
+            command_socket::Settings {
+                max_frame: config.max_frame,
+                hwm: DEFAULT_HWM as usize,
+                gate: config
+                    .token
+                    .clone()
+                    .map(|t| Gate::new(t, config.mesh_secret.clone())),
+            },
+            MAX_FRAMES,
+        )
+        .map_err(listen_err)?;
+        let command_endpoint = commands.endpoint().map_err(listen_err)?;
         let events = ctx
             .socket(zmq::XPUB)
             .map_err(socket_err("create", &config.event))?;
@@ -170,15 +194,10 @@ impl Transmitter {
             })();
             result.map_err(e)
         };
-        setup(&commands, &config.command)?;
         setup(&events, &config.event)?;
-        commands
-            .set_router_mandatory(true)
-            .map_err(socket_err("configure", &config.command))?;
         events
             .set_xpub_verbose(true)
             .map_err(socket_err("configure", &config.event))?;
-        let command_endpoint = bind(&commands, &config.command)?;
         let event_endpoint = bind(&events, &config.event)?;
         let id = Thid::random();
         let metrics = Arc::new(Metrics::default());
@@ -316,7 +335,7 @@ enum MeshPolicy {
 struct Switchboard {
     router: Router,
     /// The ROUTER command socket.
-    commands: zmq::Socket,
+    commands: CommandSocket,
     /// The XPUB event socket.
     events: zmq::Socket,
     /// The PAIR socket to the mesh thread, when gossip runs.
@@ -345,14 +364,17 @@ struct Switchboard {
 impl Switchboard {
     /// The router thread's loop.
     fn run(mut self, stop: &AtomicBool) {
-        let mut inbox = Inbox::default();
         let mut next_tick = Instant::now() + TICK;
         while !stop.load(Ordering::Relaxed) {
-            let timeout = next_tick
-                .saturating_duration_since(Instant::now())
-                .as_millis() as i64;
+            let timeout = if self.commands.has_input() {
+                0
+            } else {
+                next_tick
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as i64
+            };
             let mut items = vec![
-                self.commands.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(self.commands.fd(), zmq::POLLIN),
                 self.events.as_poll_item(zmq::POLLIN),
             ];
             if let Some(m) = &self.mesh {
@@ -364,16 +386,18 @@ impl Switchboard {
             // What is ready is handled first and sent together (up to
             // FLUSH_AT outputs), so that deliveries to one cell can share
             // a frame.
+            self.commands.io();
             for _ in 0..BATCH {
-                let now = Instant::now();
-                match inbox.recv(&self.commands) {
-                    Ok(()) => inbox.handle(&mut self.router, self.mesh_policy, now, &mut self.out),
-                    Err(zmq::Error::EAGAIN) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "command socket receive failed");
-                        break;
-                    }
-                }
+                let Some(message) = self.commands.recv() else {
+                    break;
+                };
+                handle(
+                    &mut self.router,
+                    &message,
+                    self.mesh_policy,
+                    Instant::now(),
+                    &mut self.out,
+                );
                 if self.out.len() >= FLUSH_AT {
                     self.flush();
                 }
@@ -390,6 +414,7 @@ impl Switchboard {
             if now >= next_tick {
                 self.router.tick(now, &mut self.out);
                 self.flush();
+                self.commands.tick(now);
                 self.expire_unseen(now);
                 if let (Some(m), Some(view)) = (&self.mesh, self.router.take_local_view()) {
                     let _ = m.send(view.as_bytes(), zmq::DONTWAIT);
@@ -399,6 +424,7 @@ impl Switchboard {
         }
         self.router.shutdown(&mut self.out);
         self.flush();
+        self.commands.linger(Instant::now() + LINGER);
         tracing::info!(
             cells = self.router.cell_count(),
             in_flight = self.router.in_flight_count(),
@@ -520,39 +546,41 @@ impl Switchboard {
                 Err(node) => router.node_batching(node),
             });
             for o in batch.drain(..) {
-                let (frame, binaries) = (o.frame(), o.binaries());
-                let packed = o.packed();
-                let (sent, peer) = match &o {
+                let (frame, binaries, packed) = (o.frame(), o.binaries(), o.packed());
+                let peer = match &o {
                     Output::ToPeer { peer, .. }
                     | Output::Multicatch { peer, .. }
-                    | Output::Batch { peer, .. } => (
-                        send(&self.commands, Some(peer), frame, binaries, packed),
-                        Some(peer),
-                    ),
+                    | Output::Batch { peer, .. } => peer,
                     Output::Publish { .. } => {
-                        (send(&self.events, None, frame, binaries, false), None)
+                        if send(&self.events, frame, binaries, false).is_err() {
+                            Metrics::incr(&self.router.metrics().dropped_hwm);
+                        }
+                        continue;
                     }
                     Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => {
                         match self.nodes.get(node) {
-                            Some((_, s)) => (send(s, None, frame, binaries, packed), None),
-                            None => {
-                                self.hold_for_unseen(*node, o);
-                                continue;
+                            Some((_, s)) => {
+                                if send(s, frame, binaries, packed).is_err() {
+                                    Metrics::incr(&self.router.metrics().dropped_hwm);
+                                }
                             }
+                            None => self.hold_for_unseen(*node, o),
                         }
+                        continue;
                     }
                 };
-                let metrics = self.router.metrics();
-                match (sent, peer) {
-                    (Ok(()), Some(peer)) if !self.stuck.is_empty() => {
-                        self.stuck.remove(&peer[..]);
+                match self.commands.send(peer, frame, binaries, packed) {
+                    Ok(()) => {
+                        if !self.stuck.is_empty() {
+                            self.stuck.remove(&peer[..]);
+                        }
                     }
-                    (Ok(()), _) => {}
-                    (Err(zmq::Error::EHOSTUNREACH), Some(peer)) => {
+                    Err(SendError::Unreachable) => {
                         self.router
                             .peer_unreachable(peer, Instant::now(), &mut self.out);
                     }
-                    (Err(_), Some(peer)) => {
+                    Err(SendError::Full) => {
+                        let metrics = self.router.metrics();
                         Metrics::incr(&metrics.dropped_hwm);
                         match &o {
                             Output::Multicatch { .. } => Metrics::incr(&metrics.dropped_multicatch),
@@ -570,115 +598,58 @@ impl Switchboard {
                             self.router.slow_consumer(peer, now, &mut self.out);
                         }
                     }
-                    (Err(_), None) => Metrics::incr(&metrics.dropped_hwm),
                 }
             }
             self.sending = batch;
         }
+        self.commands.write_all();
     }
 }
 
-/// Reusable buffers for one incoming message: the routing id, the command
-/// frame, its binary frames (one, or one per event of a batch), and a
-/// count of all frames, those past [`MAX_FRAMES`] not kept (they make the
-/// message malformed). Receiving allocates nothing once the buffers have
-/// grown to the largest message seen.
-struct Inbox {
-    parts: Vec<zmq::Message>,
-    count: usize,
-}
+/// Most frames of one incoming message kept: the command and a binary
+/// frame for each event of the largest batch.
+const MAX_FRAMES: usize = 1 + crate::coalesce::MAX_ITEMS as usize;
 
-/// Most frames of one incoming message kept: the routing id, the command
-/// and a binary frame for each event of the largest batch.
-const MAX_FRAMES: usize = 2 + crate::coalesce::MAX_ITEMS as usize;
-
-impl Default for Inbox {
-    fn default() -> Self {
-        Inbox {
-            parts: (0..3).map(|_| zmq::Message::new()).collect(),
-            count: 0,
+/// Hands a message to the router, saying whether the peer may send mesh
+/// verbs under `mesh_policy`.
+fn handle(
+    router: &mut Router,
+    message: &command_socket::Message<'_>,
+    mesh_policy: MeshPolicy,
+    now: Instant,
+    out: &mut Vec<Output>,
+) {
+    let mesh_ok = match mesh_policy {
+        MeshPolicy::Off => false,
+        MeshPolicy::Open => true,
+        MeshPolicy::Authenticated => message.user == Some(MESH_USER),
+    };
+    let command = message.frame(0);
+    if command.starts_with(b"J HELO") || command.starts_with(b"HELO") {
+        // The cell's `host` metadata: where its connection comes from.
+        router.note_address(message.peer, message.address);
+    }
+    let peer = message.peer;
+    match message.count {
+        1 => router.handle(peer, &[command], mesh_ok, now, out),
+        2 => router.handle(peer, &[command, message.frame(1)], mesh_ok, now, out),
+        n => {
+            // Frames past MAX_FRAMES were not kept: empty stand-ins, so the
+            // router refuses the message by its count.
+            let all: Vec<&[u8]> = (0..n).map(|i| message.frame(i)).collect();
+            router.handle(peer, &all, mesh_ok, now, out)
         }
     }
 }
 
-impl Inbox {
-    /// Receives one whole message without blocking.
-    fn recv(&mut self, socket: &zmq::Socket) -> Result<(), zmq::Error> {
-        socket.recv(&mut self.parts[0], zmq::DONTWAIT)?;
-        self.count = 1;
-        let mut more = self.parts[0].get_more();
-        while more {
-            if self.count == self.parts.len() && self.count < MAX_FRAMES {
-                self.parts.push(zmq::Message::new());
-            }
-            if self.count < self.parts.len() {
-                socket.recv(&mut self.parts[self.count], 0)?;
-                more = self.parts[self.count].get_more();
-            } else {
-                let mut extra = zmq::Message::new();
-                socket.recv(&mut extra, 0)?;
-                more = extra.get_more();
-            }
-            self.count += 1;
-        }
-        Ok(())
-    }
-
-    /// Hands the message to the router, saying whether the peer may send
-    /// mesh verbs under `mesh_policy`.
-    fn handle(
-        &mut self,
-        router: &mut Router,
-        mesh_policy: MeshPolicy,
-        now: Instant,
-        out: &mut Vec<Output>,
-    ) {
-        let mesh_ok = match mesh_policy {
-            MeshPolicy::Off => false,
-            MeshPolicy::Open => true,
-            MeshPolicy::Authenticated => self.parts[1].gets("User-Id") == Some(MESH_USER),
-        };
-        let hello = self.parts[1].starts_with(b"J HELO") || self.parts[1].starts_with(b"HELO");
-        if hello {
-            // The cell's `host` metadata: where its connection comes from.
-            if let Some(address) = self.parts[1].gets("Peer-Address") {
-                let address = address.to_owned();
-                router.note_address(&self.parts[0], &address);
-            }
-        }
-        let (peer, frames) = (&self.parts[0], &self.parts[1..]);
-        match self.count {
-            1 => router.handle(peer, &[], mesh_ok, now, out),
-            2 => router.handle(peer, &[&frames[0]], mesh_ok, now, out),
-            3 => router.handle(peer, &[&frames[0], &frames[1]], mesh_ok, now, out),
-            n if n <= MAX_FRAMES => {
-                let all: Vec<&[u8]> = frames[..n - 1].iter().map(|m| &m[..]).collect();
-                router.handle(peer, &all, mesh_ok, now, out)
-            }
-            n => {
-                // The frames past MAX_FRAMES were not kept: the command and
-                // empty stand-ins, so the router refuses it by its count.
-                let mut all: Vec<&[u8]> = vec![&[][..]; n - 1];
-                all[0] = &frames[0];
-                router.handle(peer, &all, mesh_ok, now, out)
-            }
-        }
-    }
-}
-
-/// Sends one message: the routing id (on the ROUTER), the command frame,
-/// then its binary frames, or, `packed`, their bytes in one frame
-/// (PROTOCOL.md §23).
+/// Sends one message on a libzmq socket: the command frame, then its
+/// binary frames, or, `packed`, their bytes in one frame (PROTOCOL.md §23).
 fn send(
     socket: &zmq::Socket,
-    peer: Option<&[u8]>,
     frame: &[u8],
     binaries: &[Arc<[u8]>],
     packed: bool,
 ) -> Result<(), zmq::Error> {
-    if let Some(p) = peer {
-        socket.send(p, zmq::SNDMORE | zmq::DONTWAIT)?;
-    }
     let more = |last: bool| {
         if last {
             zmq::DONTWAIT
