@@ -731,16 +731,19 @@ impl CommandSocket {
         }
     }
 
-    /// Housekeeping on the router's tick: idle connections give their read
-    /// buffer back, denials that are due go out, handshakes (and closings)
+    /// Housekeeping on the router's tick: idle connections give their
+    /// buffers back, denials that are due go out, handshakes (and closings)
     /// that took too long are cut off.
     pub fn tick(&mut self, now: Instant) {
         let mut late = Vec::new();
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c else { continue };
             if !c.queued && c.pos == c.filled && !c.input.is_empty() {
-                // Idle: its read buffer goes back until it sends again.
+                // Idle: its buffers go back until it sends or is sent to.
                 (c.input, c.pos, c.filled) = (Vec::new(), 0, 0);
+            }
+            if c.output.is_empty() && c.output.capacity() > 0 {
+                c.output = Vec::new();
             }
             match c.stage {
                 Stage::Denied(due) if due <= now => {
