@@ -91,18 +91,22 @@ pub struct Greeting {
     pub as_server: bool,
 }
 
-/// Checks the first 10 bytes of a greeting (the signature), as soon as
-/// they arrive: a peer speaking something else is cut off early.
+/// Checks the start of a greeting (the signature, then the major version)
+/// as soon as its bytes arrive: a peer speaking something else, or ZMTP 1
+/// or 2 (whose peers wait for an answer after byte 11), is cut off at once.
 ///
 /// # Errors
-/// [`ZmtpError::Signature`] when they are not a ZMTP signature.
-pub fn check_signature(head: &[u8]) -> Result<(), ZmtpError> {
+/// [`ZmtpError::Signature`] when they are not a ZMTP signature,
+/// [`ZmtpError::Version`] for a major version below 3.
+pub fn check_greeting_head(head: &[u8]) -> Result<(), ZmtpError> {
     let ok = !matches!(head.first(), Some(b) if *b != 0xFF)
         && !matches!(head.get(9), Some(b) if *b != 0x7F);
-    if ok {
-        Ok(())
-    } else {
-        Err(ZmtpError::Signature)
+    if !ok {
+        return Err(ZmtpError::Signature);
+    }
+    match head.get(10) {
+        Some(&major) if major < 3 => Err(ZmtpError::Version(major)),
+        _ => Ok(()),
     }
 }
 
@@ -111,10 +115,7 @@ pub fn check_signature(head: &[u8]) -> Result<(), ZmtpError> {
 /// # Errors
 /// A bad signature or a version below 3.
 pub fn parse_greeting(g: &[u8; GREETING_LEN]) -> Result<Greeting, ZmtpError> {
-    check_signature(g)?;
-    if g[10] < 3 {
-        return Err(ZmtpError::Version(g[10]));
-    }
+    check_greeting_head(g)?;
     let mech = &g[12..32];
     let end = mech.iter().position(|b| *b == 0).unwrap_or(mech.len());
     Ok(Greeting {
@@ -313,8 +314,13 @@ mod tests {
         let mut old = g;
         old[10] = 2;
         assert_eq!(parse_greeting(&old), Err(ZmtpError::Version(2)));
-        assert_eq!(check_signature(b"GET / HTTP"), Err(ZmtpError::Signature));
-        assert_eq!(check_signature(b"\xFF\0\0"), Ok(()));
+        assert_eq!(
+            check_greeting_head(b"GET / HTTP"),
+            Err(ZmtpError::Signature)
+        );
+        assert_eq!(check_greeting_head(b"\xFF\0\0"), Ok(()));
+        assert_eq!(check_greeting_head(&g[..10]), Ok(()));
+        assert_eq!(check_greeting_head(&old[..11]), Err(ZmtpError::Version(2)));
     }
 
     #[test]

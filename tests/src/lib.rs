@@ -59,6 +59,7 @@ use serde_json::{json, Value};
 use thynapse_protocol::{frame, Thid};
 
 pub mod cells;
+pub mod zmtp;
 
 pub use nix::sys::signal::Signal;
 

@@ -11,43 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::json;
 use thynapse_tests::{
-    binary_watchdog, wait_until, BackgroundProbe, FlowProbe, RawCell, Signal, TransmitterProcess,
-    REPLY_TIMEOUT,
+    binary_watchdog, wait_until, zmtp, BackgroundProbe, FlowProbe, RawCell, Signal,
+    TransmitterProcess, REPLY_TIMEOUT,
 };
 
 /// Pause between two background probe events.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 
-/// The 64-byte ZMTP 3.0 greeting of a client with the NULL mechanism.
-fn zmtp_greeting(mechanism: &[u8]) -> Vec<u8> {
-    let mut g = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
-    let mut mech = [0u8; 20];
-    mech[..mechanism.len()].copy_from_slice(mechanism);
-    g.extend_from_slice(&mech);
-    g.push(0); // as-server
-    g.extend_from_slice(&[0u8; 31]);
-    assert_eq!(g.len(), 64);
-    g
-}
-
-/// A ZMTP READY command saying we are a `socket_type` (short command
-/// frame).
-fn zmtp_ready(socket_type: &str) -> Vec<u8> {
-    let mut body = vec![5];
-    body.extend_from_slice(b"READY");
-    body.push(11);
-    body.extend_from_slice(b"Socket-Type");
-    let len = u32::try_from(socket_type.len()).expect("short socket type");
-    body.extend_from_slice(&len.to_be_bytes());
-    body.extend_from_slice(socket_type.as_bytes());
-    let mut frame = vec![0x04, u8::try_from(body.len()).expect("short command")];
-    frame.extend_from_slice(&body);
-    frame
-}
-
 /// A ZMTP long message frame header announcing `len` bytes.
 fn long_frame_header(len: u64) -> Vec<u8> {
-    let mut h = vec![0x02];
+    let mut h = vec![zmtp::LONG];
     h.extend_from_slice(&len.to_be_bytes());
     h
 }
@@ -133,15 +106,15 @@ fn a_frame_header_claiming_a_terabyte_is_cut_off_while_events_keep_flowing() -> 
 
         // After a complete handshake: greeting, READY, then the header.
         let mut s = tcp(t.command_endpoint())?;
-        s.write_all(&zmtp_greeting(b"NULL"))?;
-        s.write_all(&zmtp_ready("DEALER"))?;
+        s.write_all(&zmtp::greeting(3, b"NULL"))?;
+        s.write_all(&zmtp::ready("DEALER"))?;
         s.write_all(&terabyte)?;
         let _ = s.write_all(&[b'J'; 1024]);
         expect_hang_up(&mut s, REPLY_TIMEOUT, "a 1 TiB frame header after READY")?;
 
         // In place of the READY command.
         let mut s = tcp(t.command_endpoint())?;
-        s.write_all(&zmtp_greeting(b"NULL"))?;
+        s.write_all(&zmtp::greeting(3, b"NULL"))?;
         s.write_all(&terabyte)?;
         expect_hang_up(
             &mut s,
@@ -151,8 +124,8 @@ fn a_frame_header_claiming_a_terabyte_is_cut_off_while_events_keep_flowing() -> 
 
         // A 1 TiB *command* frame (flags 0x06) after READY.
         let mut s = tcp(t.command_endpoint())?;
-        s.write_all(&zmtp_greeting(b"NULL"))?;
-        s.write_all(&zmtp_ready("DEALER"))?;
+        s.write_all(&zmtp::greeting(3, b"NULL"))?;
+        s.write_all(&zmtp::ready("DEALER"))?;
         let mut command = terabyte.clone();
         command[0] = 0x06;
         s.write_all(&command)?;
@@ -160,8 +133,8 @@ fn a_frame_header_claiming_a_terabyte_is_cut_off_while_events_keep_flowing() -> 
 
         // The same on the event socket, as a SUB would connect.
         let mut s = tcp(t.event_endpoint())?;
-        s.write_all(&zmtp_greeting(b"NULL"))?;
-        let ready = zmtp_ready("SUB");
+        s.write_all(&zmtp::greeting(3, b"NULL"))?;
+        let ready = zmtp::ready("SUB");
         s.write_all(&ready)?;
         s.write_all(&terabyte)?;
         expect_hang_up(
@@ -210,7 +183,7 @@ fn garbage_bytes_do_not_disturb_the_transmitter_and_a_bad_mechanism_is_cut_off(
         // a protocol error: the connection is closed.
         for mechanism in [&b"BOGUS"[..], b"CURVE", b"PLAIN"] {
             let mut s = tcp(t.command_endpoint())?;
-            s.write_all(&zmtp_greeting(mechanism))?;
+            s.write_all(&zmtp::greeting(3, mechanism))?;
             expect_hang_up(
                 &mut s,
                 REPLY_TIMEOUT,
@@ -222,7 +195,7 @@ fn garbage_bytes_do_not_disturb_the_transmitter_and_a_bad_mechanism_is_cut_off(
         }
         // A valid greeting of a future major version, then garbage.
         let mut s = tcp(t.command_endpoint())?;
-        let mut g = zmtp_greeting(b"NULL");
+        let mut g = zmtp::greeting(3, b"NULL");
         g[10] = 9;
         let _ = s.write_all(&g);
         let _ = s.write_all(&garbage[..4096]);

@@ -8,8 +8,9 @@
 //! thread, and the answers to one connection leave in one `write`.
 //!
 //! It keeps what the transmitter relied on in libzmq's ROUTER:
-//! - routing ids: five bytes drawn from a counter, or the peer's own
-//!   `Identity` when it sets one that is free;
+//! - routing ids: five bytes from a counter, never one a closed connection
+//!   had (the router may still hold that connection's cell until it
+//!   expires), so a peer's own `Identity` is not used;
 //! - "mandatory" routing: sending to a connection that is gone fails
 //!   ([`SendError::Unreachable`]);
 //! - a high-water mark per connection, in messages ([`SendError::Full`]);
@@ -219,6 +220,8 @@ pub struct CommandSocket {
     ready: VecDeque<usize>,
     /// Connections with output to write.
     dirty: Vec<usize>,
+    /// Readiness taken from the poller: slot, readable, writable.
+    touched: Vec<(usize, bool, bool)>,
     /// Frames of the message being returned.
     frames: Vec<(usize, usize)>,
     /// Most frames of one message kept.
@@ -277,6 +280,7 @@ impl CommandSocket {
             next_id: rand::random(),
             ready: VecDeque::new(),
             dirty: Vec::new(),
+            touched: Vec::new(),
             frames: Vec::new(),
             max_frames,
         })
@@ -316,7 +320,7 @@ impl CommandSocket {
             return;
         }
         let mut accept = false;
-        let mut touched = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
         for event in self.events.iter() {
             if event.token() == LISTENER {
                 accept = true;
@@ -328,7 +332,7 @@ impl CommandSocket {
                 event.is_writable(),
             ));
         }
-        for (slot, readable, writable) in touched {
+        for &(slot, readable, writable) in &touched {
             if readable {
                 self.mark_readable(slot);
             }
@@ -336,6 +340,8 @@ impl CommandSocket {
                 self.write_slot(slot);
             }
         }
+        touched.clear();
+        self.touched = touched;
         if accept {
             self.accept();
         }
@@ -576,7 +582,7 @@ impl CommandSocket {
         let bytes = &c.input[c.pos..c.filled];
         match c.stage {
             Stage::Greeting => {
-                if let Err(e) = zmtp::check_signature(bytes) {
+                if let Err(e) = zmtp::check_greeting_head(bytes) {
                     return Step::Close(e);
                 }
                 let Some(g) = bytes.get(..GREETING_LEN) else {
@@ -652,11 +658,10 @@ impl CommandSocket {
                     self.mark_dirty(slot);
                     return Ok(());
                 }
-                let identity = zmtp::property(&props, "Identity").unwrap_or_default();
                 if c.stage == Stage::Initiate {
                     c.command("READY", &ready_metadata());
                 }
-                let peer = self.routing_id(identity);
+                let peer = self.routing_id();
                 let c = self.conns[slot]
                     .as_mut()
                     .expect("the connection being read");
@@ -674,12 +679,9 @@ impl CommandSocket {
         Ok(())
     }
 
-    /// The peer's own routing id when it set a free one, else a new one.
-    fn routing_id(&mut self, identity: &[u8]) -> PeerId {
-        let own = !identity.is_empty() && identity[0] != 0 && identity.len() <= 255;
-        if own && !self.by_peer.contains_key(identity) {
-            return Arc::from(identity);
-        }
+    /// A new routing id. A peer's own `Identity` is not used: a new
+    /// connection that took a closed one's id would inherit its session.
+    fn routing_id(&mut self) -> PeerId {
         loop {
             self.next_id = self.next_id.wrapping_add(1);
             let mut id = [0u8; 5];
