@@ -40,8 +40,11 @@ use crate::router::PeerId;
 
 /// The listener's token; connections use their slot's index.
 const LISTENER: Token = Token(usize::MAX);
-/// Bytes read from one connection before the others get a turn.
+/// Most bytes read from one connection before the others get a turn.
 const READ_CHUNK: usize = 64 * 1024;
+/// A connection's first read buffer; it doubles, up to [`READ_CHUNK`],
+/// while reads fill it, so a quiet cell never holds a large one.
+const FIRST_READ: usize = 2048;
 /// Longest frame accepted before the handshake is done.
 const HANDSHAKE_MAX: usize = 4096;
 /// How long a connection may take over its handshake (libzmq's default).
@@ -110,6 +113,8 @@ struct Conn {
     need: usize,
     /// The socket may hold more bytes than were read.
     readable: bool,
+    /// The last read filled the buffer.
+    full: bool,
     /// In the ready queue.
     queued: bool,
     /// The peer closed its side.
@@ -395,6 +400,7 @@ impl CommandSocket {
                 filled: 0,
                 need: 0,
                 readable: true,
+                full: false,
                 queued: false,
                 eof: false,
                 output: self.hello.clone(),
@@ -556,7 +562,12 @@ impl CommandSocket {
             c.input.copy_within(c.pos..c.filled, 0);
             (c.filled, c.pos) = (c.filled - c.pos, 0);
         }
-        let want = (c.filled + READ_CHUNK).max(c.need);
+        let size = if c.full {
+            (c.input.len() * 2).min(READ_CHUNK)
+        } else {
+            c.input.len()
+        };
+        let want = size.max(c.filled + FIRST_READ).max(c.need);
         if c.input.len() < want {
             c.input.resize(want, 0);
         }
@@ -566,6 +577,7 @@ impl CommandSocket {
             Ok(n) => {
                 c.filled += n;
                 c.readable = n == space;
+                c.full = c.readable;
                 return true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
