@@ -1,10 +1,11 @@
-//! The connection task: sole owner of the DEALER (command socket), a
-//! monitor socket and, once the first membership stream asks for it, a SUB
-//! (event socket). It registers their `ZMQ_FD`s, edge-triggered, in an
-//! `epoll` instance together with the doorbell of the async side, and the
+//! The connection task: sole owner of the DEALER (command socket, our own
+//! ZMTP over a `mio` socket, see `dealer`) and, once the first membership
+//! stream asks for it, a libzmq SUB (event socket). The DEALER's TCP socket
+//! and the SUB's `ZMQ_FD` are registered, edge-triggered, in an `epoll`
+//! instance together with the doorbell of the async side, and the
 //! runtime's reactor watches that instance's own descriptor (see
 //! `Conn::poll`); the wait's deadline is its clock (heartbeats, ack
-//! batches).
+//! batches, reconnects).
 //!
 //! It is a task on the runtime `Client::connect` runs on, not a thread of
 //! its own: the handoffs between the application's tasks and the
@@ -37,9 +38,10 @@
 //! publish by its `ref`.
 //!
 //! libzmq sockets are not thread-safe: nothing outside this module touches
-//! them, and one owner at a time uses them (the blocking pool's thread,
-//! then the task, then the blocking pool again), each handover through the
-//! runtime, which orders memory as libzmq requires for moving a socket.
+//! the SUB, and one owner at a time uses the sockets (the blocking pool's
+//! thread, then the task, then the blocking pool again), each handover
+//! through the runtime, which orders memory as libzmq requires for moving a
+//! socket.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
@@ -58,6 +60,7 @@ use crate::consts::{
     EVENT_BATCH_MAX_EVENTS, PLAIN_USERNAME, READ_BURST, SOCKET_HWM, SOCKET_LINGER_MS,
 };
 use crate::context::ContextLease;
+use crate::dealer::{Dealer, Happened};
 use crate::error::{Error, ErrorKind};
 use crate::event::{AckGuard, Delivered, Event};
 use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink, BELL};
@@ -222,22 +225,14 @@ struct Conn {
     /// given back when the connection ends.
     ctx: ContextLease,
     /// Command socket.
-    dealer: zmq::Socket,
-    /// Receives the first frame of each command-socket message, reused.
-    frame: zmq::Message,
+    dealer: Dealer,
     /// Event socket, for membership streams only: created and connected
     /// by the first one, then kept (and moved along on failover).
     sub: Option<zmq::Socket>,
     /// The token, for the credentials of a SUB created later.
     token: Option<String>,
-    /// Monitor of the DEALER: reports failed PLAIN handshakes.
-    monitor: zmq::Socket,
     /// What the poller reported, reused.
     ready: mio::Events,
-    /// Whether the DEALER's state is known without asking libzmq: a
-    /// receive found nothing (libzmq processed its commands, so the next
-    /// one signals its `ZMQ_FD` again) and nothing touched it since.
-    dealer_settled: bool,
     /// Messages from the async side.
     rx: LinkReceiver,
     /// For the ack guards of deliveries.
@@ -299,7 +294,7 @@ struct Conn {
     events: EventBatcher,
     /// Deliveries handed out, not yet acked or nacked.
     in_flight: HashSet<Thid>,
-    /// Messages libzmq refused for now (high-water mark).
+    /// Messages the DEALER refused for now (too much unwritten).
     outbox: VecDeque<Vec<Vec<u8>>>,
     /// When the re-HELO after `not_welcomed` was sent, if one is under way.
     rewelcome: Option<Instant>,
@@ -346,18 +341,8 @@ fn new_socket(
     Ok(s)
 }
 
-/// Sends one message without waiting. Each frame is copied straight into
-/// a libzmq message (one allocation, none for small frames), where
-/// `send_multipart(&frames)` would clone each `Vec` first; the frames stay
-/// ours, to queue when libzmq pushes back.
-fn send_frames(socket: &zmq::Socket, frames: &[Vec<u8>]) -> Result<(), zmq::Error> {
-    socket.send_multipart(frames.iter().map(Vec::as_slice), zmq::DONTWAIT)
-}
-
 /// The DEALER's token in the poller.
 const DEALER: mio::Token = mio::Token(1);
-/// The monitor's token in the poller.
-const MONITOR: mio::Token = mio::Token(2);
 /// The SUB's token in the poller.
 const SUB: mio::Token = mio::Token(3);
 
@@ -373,61 +358,24 @@ fn register(poll: &mio::Poll, socket: &zmq::Socket, token: mio::Token) -> Result
     Ok(())
 }
 
-/// Stops the DEALER's monitor: re-points it, with no events, to an
-/// endpoint nobody reads. libzmq sends monitor events blocking, so an
-/// event for a monitor socket already closed would stall the I/O thread
-/// every client of the context shares.
-fn unmonitor(dealer: &zmq::Socket, id: Thid) {
-    if let Err(e) = dealer.monitor(&format!("inproc://thynapse-cell-unmonitored-{id}"), 0) {
-        warn!(error = %e, "cannot stop the socket monitor");
-    }
-}
-
 impl Conn {
-    /// Creates the DEALER and its monitor, and connects the DEALER.
-    fn open(mut start: Start) -> Result<Conn, Error> {
+    /// Creates the DEALER and starts connecting it.
+    fn open(start: Start) -> Result<Conn, Error> {
         let ctx = ContextLease::acquire();
-        let dealer = new_socket(ctx.context(), zmq::DEALER, start.options.token.as_deref())?;
-        let monitor = ctx
-            .context()
-            .socket(zmq::PAIR)
-            .map_err(|e| Error::zmq("PAIR", e))?;
-        let monitor_endpoint = format!("inproc://thynapse-cell-monitor-{}", start.id);
-        let events = zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
-            | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
-            | zmq::SocketEvent::HANDSHAKE_SUCCEEDED as i32
-            | zmq::SocketEvent::DISCONNECTED as i32;
-        dealer
-            .monitor(&monitor_endpoint, events)
-            .map_err(|e| Error::zmq("monitor", e))?;
-        if let Err(e) = monitor.connect(&monitor_endpoint) {
-            unmonitor(&dealer, start.id);
-            return Err(Error::zmq("monitor connect", e));
-        }
-        if let Err(e) = dealer.connect(&start.endpoint) {
-            unmonitor(&dealer, start.id);
-            return Err(Error::zmq(&format!("connect {}", start.endpoint), e));
-        }
-        let poll = start.rx.bell.poll_mut();
-        if let Err(e) =
-            register(poll, &dealer, DEALER).and_then(|()| register(poll, &monitor, MONITOR))
-        {
-            unmonitor(&dealer, start.id);
-            return Err(e);
-        }
+        let mut dealer = Dealer::new(&start.endpoint, start.options.token.clone(), DEALER)
+            .map_err(|e| {
+                Error::new(ErrorKind::Io, format!("connect {}: {e}", start.endpoint)).with_source(e)
+            })?;
+        dealer.timers(start.rx.bell.registry(), Instant::now());
         let heartbeat = start.options.heartbeat.unwrap_or(Duration::from_millis(
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
         Ok(Conn {
             ctx,
             dealer,
-            frame: zmq::Message::new(),
             sub: None,
             token: start.options.token,
-            monitor,
             ready: mio::Events::with_capacity(8),
-            dealer_settled: false,
             rx: start.rx,
             link: start.link,
             id: start.id,
@@ -512,45 +460,33 @@ impl Conn {
                 return Err(Error::disconnected());
             }
             // Wake at least every 50 ms to notice a cancelled `connect`.
-            let wait = ceil_ms(deadline - now).min(50);
-            let mut items = [
-                self.dealer.as_poll_item(zmq::POLLIN),
-                self.monitor.as_poll_item(zmq::POLLIN),
-            ];
-            match zmq::poll(&mut items, wait) {
-                Ok(_) | Err(zmq::Error::EINTR) => {}
-                Err(e) => return Err(Error::zmq("poll", e)),
-            }
-            let (dealer_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
-            if monitor_ready {
-                while let Some((event, value)) = self.read_monitor() {
-                    match event {
-                        zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => {
-                            return Err(Error::new(
-                                ErrorKind::Unauthorized,
-                                format!(
-                                    "{} refused the PLAIN handshake (ZAP status {value}): {}",
-                                    self.endpoint,
-                                    if self.has_token() {
-                                        "wrong token"
-                                    } else {
-                                        "it requires a token"
-                                    }
-                                ),
-                            ));
-                        }
-                        zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL
-                        | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL => {
-                            handshake_failure = Some(format!(
-                                "ZMTP handshake failed ({value}); a token set on one side only?"
-                            ));
-                        }
-                        _ => {}
+            self.wait_blocking((deadline - now).min(Duration::from_millis(50)))?;
+            while let Some(happened) = self.dealer.happened() {
+                match happened {
+                    Happened::Refused(status) => {
+                        return Err(Error::new(
+                            ErrorKind::Unauthorized,
+                            format!(
+                                "{} refused the PLAIN handshake (ZAP status {status}): {}",
+                                self.endpoint,
+                                if self.has_token() {
+                                    "wrong token"
+                                } else {
+                                    "it requires a token"
+                                }
+                            ),
+                        ));
                     }
+                    Happened::HandshakeFailed(why) => {
+                        handshake_failure = Some(format!(
+                            "ZMTP handshake failed ({why}); a token set on one side only?"
+                        ));
+                    }
+                    Happened::Unreachable(why) => {
+                        handshake_failure = Some(format!("cannot connect: {why}"));
+                    }
+                    Happened::Connected | Happened::Disconnected => {}
                 }
-            }
-            if !dealer_ready {
-                continue;
             }
             while let Some(message) = self.recv() {
                 match message {
@@ -580,10 +516,31 @@ impl Conn {
     }
 
     fn has_token(&self) -> bool {
-        // Credentials are set on both sockets or neither.
-        self.dealer
-            .get_mechanism()
-            .is_ok_and(|m| m == zmq::Mechanism::ZMQ_PLAIN)
+        self.dealer.has_token()
+    }
+
+    /// Waits, on a blocking thread, at most `timeout` for the DEALER: flushes
+    /// it, starts a due reconnect, then takes its readiness.
+    fn wait_blocking(&mut self, timeout: Duration) -> Result<(), Error> {
+        let now = Instant::now();
+        self.dealer.timers(self.rx.bell.registry(), now);
+        self.dealer.flush(self.rx.bell.registry());
+        if self.dealer.readable() {
+            return Ok(());
+        }
+        let timeout = match self.dealer.deadline() {
+            Some(at) => timeout.min(at.saturating_duration_since(now)),
+            None => timeout,
+        };
+        match self.rx.bell.poll_mut().poll(&mut self.ready, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        if self.ready.iter().any(|e| e.token() == DEALER) {
+            self.dealer.ready(self.rx.bell.registry());
+        }
+        Ok(())
     }
 
     /// Applies a WLCM: heartbeat, event endpoint (a SUB, if there is
@@ -643,56 +600,45 @@ impl Conn {
     }
 
     /// Waits for the sockets and the doorbell: whether the DEALER, the
-    /// monitor, the doorbell and the SUB are ready, in that order.
+    /// doorbell and the SUB are ready, in that order. Writes what the
+    /// DEALER holds first.
     ///
-    /// The poller is edge-triggered on each socket's `ZMQ_FD`, which
-    /// signals commands for libzmq to process, not messages, and any
-    /// libzmq call may process them and swallow the edge. So a socket
-    /// whose state is not known is asked for its `ZMQ_EVENTS` (which
-    /// processes its commands: the next one signals again) before the
-    /// wait, and when it is ready there is no wait. The DEALER's state is
-    /// known after a receive that found nothing; the SUB, rare, is always
-    /// asked.
-    async fn poll(&mut self, timeout: i64) -> Result<[bool; 4], Error> {
-        let dealer = self.dealer_ready()?;
+    /// The poller is edge-triggered. The DEALER is ready while it holds
+    /// bytes not handled or was not read since its last edge. The SUB's
+    /// `ZMQ_FD` signals commands for libzmq to process, not messages, and
+    /// any libzmq call may process them and swallow the edge, so the SUB
+    /// (rare) is asked for its `ZMQ_EVENTS` before each wait.
+    async fn poll(&mut self, timeout: i64) -> Result<[bool; 3], Error> {
+        self.dealer.flush(self.rx.bell.registry());
+        let dealer = self.dealer.readable();
         let sub = match &self.sub {
             Some(sub) => sub.get_events()?.contains(zmq::POLLIN),
             None => false,
         };
         if dealer || sub {
             // Edges not taken stay queued in the poller for the next wait.
-            return Ok([dealer, false, false, sub]);
+            return Ok([dealer, false, sub]);
         }
         let deadline = u64::try_from(timeout)
             .ok()
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
         match self.rx.bell.wait(&mut self.ready, deadline).await {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 4]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 3]),
             Err(e) => return Err(e.into()),
         }
-        let mut ready = [false; 4];
+        let mut ready = [false; 3];
         for event in &self.ready {
             match event.token() {
                 DEALER => ready[0] = true,
-                MONITOR => ready[1] = true,
-                BELL => ready[2] = true,
-                SUB => ready[3] = true,
+                BELL => ready[1] = true,
+                SUB => ready[2] = true,
                 _ => {}
             }
         }
-        Ok(ready)
-    }
-
-    /// Whether the DEALER has a message to read, or room for the outbox.
-    fn dealer_ready(&mut self) -> Result<bool, Error> {
-        if self.dealer_settled && self.outbox.is_empty() {
-            return Ok(false);
+        if ready[0] {
+            self.dealer.ready(self.rx.bell.registry());
         }
-        let events = self.dealer.get_events()?;
-        let ready = events.contains(zmq::POLLIN)
-            || (!self.outbox.is_empty() && events.contains(zmq::POLLOUT));
-        self.dealer_settled = !events.contains(zmq::POLLIN);
         Ok(ready)
     }
 
@@ -717,7 +663,7 @@ impl Conn {
             }
 
             let timeout = self.poll_timeout(Instant::now());
-            let [dealer, monitor, bell, sub] = match self.poll(timeout).await {
+            let [dealer, bell, sub] = match self.poll(timeout).await {
                 Ok(ready) => ready,
                 Err(e) => {
                     error!(error = %e, "polling the sockets failed; closing the connection");
@@ -734,40 +680,41 @@ impl Conn {
             if sub {
                 self.read_events();
             }
-            if monitor {
-                // Processes the monitor's pending commands, which clears
-                // its file descriptor (receiving alone may defer them).
-                let _ = self.monitor.get_events();
-                while let Some((event, value)) = self.read_monitor() {
-                    match event {
-                        zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => warn!(
-                            endpoint = %self.endpoint,
-                            status = value,
-                            "the transmitter refused our token on reconnect"
-                        ),
-                        zmq::SocketEvent::DISCONNECTED => {
-                            info!(endpoint = %self.endpoint, "disconnected; libzmq reconnects");
-                            self.reconnecting = true;
-                        }
-                        zmq::SocketEvent::HANDSHAKE_SUCCEEDED if self.reconnecting => {
-                            self.reconnecting = false;
-                            // A new connection is a new peer to the
-                            // transmitter (it may have restarted): it knows
-                            // nothing of us, and would answer our PINGs all
-                            // the same. Join again.
-                            info!(endpoint = %self.endpoint, "reconnected; joining again");
-                            self.start_rewelcome(true);
-                        }
-                        _ => trace!(?event, value, "socket event"),
-                    }
-                }
-            }
+            self.on_happened();
         }
-        // Waits for the last PONG in `zmq_poll`: off the runtime's workers.
+        // Waits for the last PONG: off the runtime's workers.
         tokio::task::spawn_blocking(move || self.finish());
     }
 
-    /// The poll timeout: until the next heartbeat, ack flush or re-HELO.
+    /// What the DEALER reports: a lost connection, a new one (join
+    /// again), a refused token.
+    fn on_happened(&mut self) {
+        while let Some(happened) = self.dealer.happened() {
+            match happened {
+                Happened::Refused(status) => warn!(
+                    endpoint = %self.endpoint,
+                    status,
+                    "the transmitter refused our token on reconnect"
+                ),
+                Happened::Disconnected => {
+                    info!(endpoint = %self.endpoint, "disconnected; reconnecting");
+                    self.reconnecting = true;
+                }
+                Happened::Connected if self.reconnecting => {
+                    self.reconnecting = false;
+                    // A new connection is a new peer to the transmitter (it
+                    // may have restarted): it knows nothing of us, and would
+                    // answer our PINGs all the same. Join again.
+                    info!(endpoint = %self.endpoint, "reconnected; joining again");
+                    self.start_rewelcome(true);
+                }
+                other => trace!(?other, "command connection"),
+            }
+        }
+    }
+
+    /// The poll timeout: until the next heartbeat, ack flush, re-HELO or
+    /// reconnect.
     fn poll_timeout(&self, now: Instant) -> i64 {
         let mut deadline = (self.last_sent + self.heartbeat)
             .min((self.last_received.max(self.last_ping)) + self.heartbeat);
@@ -779,6 +726,9 @@ impl Conn {
         }
         if let Some(t) = self.rewelcome {
             deadline = deadline.min(t + self.hello_retry());
+        }
+        if let Some(t) = self.dealer.deadline() {
+            deadline = deadline.min(t);
         }
         if deadline <= now {
             0
@@ -793,8 +743,10 @@ impl Conn {
         (self.heartbeat / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
     }
 
-    /// Timers: heartbeat PING, re-HELO retry, sweeping abandoned requests.
+    /// Timers: reconnect, heartbeat PING, re-HELO retry, sweeping abandoned
+    /// requests.
     fn tick(&mut self, now: Instant) {
+        self.dealer.timers(self.rx.bell.registry(), now);
         if let Some(t) = self.rewelcome {
             if now >= t + self.hello_retry() {
                 // No WLCM yet: the HELO was lost with a connection, or the
@@ -815,8 +767,8 @@ impl Conn {
             if self.endpoints.len() > 1 {
                 self.fail_over(now);
             }
-            // With one endpoint, libzmq keeps reconnecting to it, and the
-            // monitor's HANDSHAKE_SUCCEEDED makes us join again.
+            // With one endpoint, the DEALER keeps reconnecting to it, and
+            // its `Connected` makes us join again.
         }
         // PING when we sent nothing for a heartbeat (liveness for the
         // transmitter), and when we heard nothing for one (a probe: its PONG
@@ -833,15 +785,12 @@ impl Conn {
     /// Moves to the next command endpoint: HELO there with the same THID,
     /// then (on WLCM) follow its event endpoint and LSTN everything again.
     /// Requests awaiting an answer are sent again; fire-and-forget messages
-    /// libzmq still held for the dead transmitter are lost with it.
+    /// not yet written to the dead transmitter are lost with it.
     fn fail_over(&mut self, now: Instant) {
         let next = (self.current + 1) % self.endpoints.len();
         let to = self.endpoints[next].clone();
         warn!(from = %self.endpoint, to = %to, "failing over");
-        // Both process the DEALER's commands.
-        self.dealer_settled = false;
-        let _ = self.dealer.disconnect(&self.endpoint);
-        if let Err(e) = self.dealer.connect(&to) {
+        if let Err(e) = self.dealer.reconnect_to(self.rx.bell.registry(), &to) {
             error!(endpoint = %to, error = %e, "cannot connect; trying the next endpoint later");
         }
         self.current = next;
@@ -1590,34 +1539,29 @@ impl Conn {
 
     // ---- sockets ----------------------------------------------------------
 
-    /// Sends a message now, or queues it while libzmq pushes back.
+    /// Sends a message now, or queues it while the DEALER pushes back.
     fn send(&mut self, frames: Vec<Vec<u8>>) {
         if !self.outbox.is_empty() {
             self.outbox.push_back(frames);
             return;
         }
-        self.dealer_settled = false;
-        match send_frames(&self.dealer, &frames) {
+        match self.dealer.send(&frames) {
             Ok(()) => self.last_sent = Instant::now(),
-            Err(zmq::Error::EAGAIN) => self.outbox.push_back(frames),
-            Err(e) => warn!(error = %e, "command socket send failed; message dropped"),
+            Err(_) => self.outbox.push_back(frames),
         }
     }
 
     fn flush_outbox(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        self.dealer.flush(self.rx.bell.registry());
         while let Some(frames) = self.outbox.front() {
-            self.dealer_settled = false;
-            match send_frames(&self.dealer, frames) {
-                Ok(()) => {
-                    self.last_sent = Instant::now();
-                    self.outbox.pop_front();
-                }
-                Err(zmq::Error::EAGAIN) => return,
-                Err(e) => {
-                    warn!(error = %e, "command socket send failed; message dropped");
-                    self.outbox.pop_front();
-                }
+            if self.dealer.send(frames).is_err() {
+                return;
             }
+            self.last_sent = Instant::now();
+            self.outbox.pop_front();
         }
     }
 
@@ -1629,34 +1573,13 @@ impl Conn {
     }
 
     /// Receives and decodes one command-socket message, without waiting;
-    /// `None` when none is queued. The first frame lands in the reused
-    /// `frame` and is decoded in place; binary frames, which go to the
-    /// user, stay in their libzmq messages (one per element of a batch,
-    /// or one shared by the elements of a packed batch), uncopied.
+    /// `None` when none is read. The first frame is decoded where it was
+    /// read; binary frames, which go to the user, are copied into their
+    /// own messages (one per element of a batch, or one shared by the
+    /// elements of a packed batch).
     fn recv(&mut self) -> Option<Result<Incoming, String>> {
-        match self.dealer.recv(&mut self.frame, zmq::DONTWAIT) {
-            Ok(()) => self.dealer_settled = false,
-            Err(zmq::Error::EAGAIN) => {
-                self.dealer_settled = true;
-                return None;
-            }
-            Err(e) => {
-                warn!(error = %e, "command socket receive failed");
-                return None;
-            }
-        }
-        let mut binaries = Vec::new();
-        if self.frame.get_more() {
-            // libzmq hands over whole messages: the other frames are there.
-            while let Ok(part) = self.dealer.recv_msg(zmq::DONTWAIT) {
-                let more = part.get_more();
-                binaries.push(part);
-                if !more {
-                    break;
-                }
-            }
-        }
-        Some(wire::decode_command(&self.frame, binaries))
+        let (first, binaries) = self.dealer.recv(self.rx.bell.registry())?;
+        Some(wire::decode_command(first, binaries))
     }
 
     /// Waits, at most `timeout`, for the `PONG` answering the `PING` of
@@ -1681,29 +1604,10 @@ impl Conn {
             if now >= deadline {
                 return false;
             }
-            let events = if self.outbox.is_empty() {
-                zmq::POLLIN
-            } else {
-                zmq::POLLIN | zmq::POLLOUT
-            };
-            let mut items = [self.dealer.as_poll_item(events)];
-            match zmq::poll(&mut items, ceil_ms(deadline - now)) {
-                Ok(_) | Err(zmq::Error::EINTR) => {}
-                Err(_) => return false,
+            if self.wait_blocking(deadline - now).is_err() {
+                return false;
             }
         }
-    }
-
-    /// One monitor event: its kind and value.
-    fn read_monitor(&mut self) -> Option<(zmq::SocketEvent, u32)> {
-        let frames = self.monitor.recv_multipart(zmq::DONTWAIT).ok()?;
-        let head = frames.first()?;
-        if head.len() < 6 {
-            return None;
-        }
-        let event = u16::from_le_bytes([head[0], head[1]]);
-        let value = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
-        Some((zmq::SocketEvent::from_raw(event), value))
     }
 
     /// Queues what a closing cell says last: its batched acks, then GBYE.
@@ -1773,15 +1677,16 @@ impl Conn {
 
 impl Drop for Conn {
     /// Whether or not `finish` ran (a task dropped with its runtime does
-    /// not): says goodbye if nobody did, at the latest moment libzmq can
-    /// still send it (its linger), stops the DEALER's monitor before the
-    /// sockets close (see [`unmonitor`]), and answers `close()`.
+    /// not): says goodbye if nobody did, writing it at once (what the
+    /// socket takes without waiting), closes the DEALER, and answers
+    /// `close()`.
     fn drop(&mut self) {
         if !self.left {
             self.say_goodbye();
             self.flush_outbox();
+            self.dealer.flush(self.rx.bell.registry());
         }
-        unmonitor(&self.dealer, self.id);
+        self.dealer.close(self.rx.bell.registry());
         for reply in self.close_replies.drain(..) {
             let _ = reply.send(());
         }

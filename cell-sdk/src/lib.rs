@@ -189,6 +189,7 @@ pub mod targeted;
 mod batch;
 mod conn;
 mod context;
+mod dealer;
 mod link;
 mod wire;
 

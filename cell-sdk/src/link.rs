@@ -297,7 +297,12 @@ impl Doorbell {
 }
 
 impl BellReceiver {
-    /// The poller, to register file descriptors in and to wait on.
+    /// Where sockets register in the poller.
+    pub(crate) fn registry(&self) -> &mio::Registry {
+        self.poll.registry()
+    }
+
+    /// The poller, to wait on it from a blocking thread.
     pub(crate) fn poll_mut(&mut self) -> &mut mio::Poll {
         &mut self.poll
     }
