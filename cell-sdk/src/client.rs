@@ -604,7 +604,7 @@ impl Client {
     }
 
     /// Refuses a message larger than the transmitter's `max_frame`:
-    /// sending it would make libzmq drop the whole connection.
+    /// sending it would make the transmitter drop the whole connection.
     pub(crate) fn check_size(&self, frames: &[Vec<u8>]) -> Result<(), Error> {
         self.check_len(frames.iter().map(Vec::len).sum())
     }

@@ -31,16 +31,16 @@ pub const REPLY_TIMEOUT_GRACE: Duration = Duration::from_millis(500);
 /// cells) rather than queueing them in this process.
 pub const DEFAULT_SERVE_CONCURRENCY: u32 = 5;
 
-/// Receive and send high-water mark of the SDK's sockets, in messages.
+/// Receive and send high-water mark of the SDK's libzmq SUB, in messages.
 /// libzmq's default (1000) drops or blocks on ordinary bursts.
 pub const SOCKET_HWM: i32 = 100_000;
 
-/// How long closing sockets keep trying to deliver what is queued, in ms
-/// (the final acks and `GBYE`).
+/// How long a closing SUB keeps trying to deliver what it queued (its
+/// unsubscriptions), in ms.
 pub const SOCKET_LINGER_MS: i32 = 1_000;
 
 /// Most clients of a process that share one libzmq context (and its I/O
-/// thread); a context holds at most 1023 sockets, a client up to four.
+/// thread) for their SUBs; a context holds at most 1023 sockets.
 pub const CLIENTS_PER_CONTEXT: usize = 100;
 
 /// How long closing a client waits for the transmitter to confirm (the

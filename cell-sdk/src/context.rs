@@ -1,12 +1,12 @@
-//! The libzmq contexts the clients of a process share.
+//! The libzmq contexts the clients of a process share, for their SUBs (the
+//! command socket's DEALER is the SDK's own, see `dealer`).
 //!
-//! Every context runs its own libzmq I/O thread (and reaper thread), so
-//! one per client costs two threads and their wake-ups per client. Clients
-//! share a few instead: each context serves at most
-//! [`CLIENTS_PER_CONTEXT`] clients, since libzmq caps the sockets of one
-//! context (1023 by default) and a client holds up to four (DEALER, the
-//! two ends of its monitor, SUB), plus those of clients that closed and
-//! whose sockets still linger. Contexts are never terminated: a closing
+//! Every context runs its own libzmq I/O thread (and reaper thread) once
+//! it has a socket, so one per client would cost two threads and their
+//! wake-ups per client. Clients share a few instead: each context serves
+//! at most [`CLIENTS_PER_CONTEXT`] clients, well under libzmq's cap on the
+//! sockets of one context (1023 by default), counting those of clients
+//! that closed and whose sockets still linger. Contexts are never terminated: a closing
 //! client waits for the transmitter to confirm its last frames instead
 //! (`Conn::finish`).
 

@@ -3,23 +3,24 @@
 //! The Thynapse cell SDK: the library a worker ("cell") links to join a
 //! transmitter as a member of a service, listen to channel patterns,
 //! publish events and acknowledge deliveries. It speaks protocol v1 (see
-//! `PROTOCOL.md`) over ZeroMQ through libzmq.
+//! `PROTOCOL.md`) over ZeroMQ's ZMTP 3: its own DEALER on the
+//! transmitter's command socket, libzmq's SUB on its event socket.
 //!
 //! A [`Client`] is a cheap, cloneable handle in the async-nats shape. One
 //! connection task per client, on the tokio runtime that connected it,
-//! owns the ZeroMQ sockets (a DEALER on the transmitter's command socket,
-//! which carries every delivery, multicatch events included; a SUB on its
-//! event socket only once [`Client::membership`] asks for one), since
-//! libzmq sockets are not thread-safe; the handles talk to it over
+//! owns the sockets (a DEALER on the transmitter's command socket, which
+//! carries every delivery, multicatch events included, read and written
+//! by the task itself; a libzmq SUB on its event socket only once
+//! [`Client::membership`] asks for one); the handles talk to it over
 //! channels and wake it through a doorbell it polls beside the sockets.
-//! The clients of a process share libzmq contexts, hence libzmq I/O
-//! threads (one per hundred clients). That task sends heartbeats, batches
+//! Clients that follow membership share libzmq contexts for their SUBs,
+//! hence libzmq I/O threads (one per hundred clients). That task sends heartbeats, batches
 //! acks, drops redeliveries of events already processed, joins again when
 //! the transmitter has expired the cell or the connection was
 //! re-established, and fails over to another transmitter
 //! ([`Options::endpoint`]) when its own goes away.
 //!
-//! libzmq's cost is per message, so the SDK batches both ways (PROTOCOL.md
+//! Every message has a fixed cost, so the SDK batches both ways (PROTOCOL.md
 //! §23) when the transmitter takes batches: publishes that reach the
 //! connection together (a publisher faster than the socket) leave as one
 //! message of at most [`consts::EVENT_BATCH_MAX_EVENTS`] events and about
@@ -28,8 +29,8 @@
 //! way each event is handled as if it travelled alone. Confirmed publishes
 //! travel alone.
 //!
-//! The allocator matters: libzmq allocates each message on one thread and
-//! frees it on another (a runtime worker and libzmq's I/O thread), where
+//! The allocator matters: an event's payload is allocated on the
+//! connection task and freed wherever the application drops it, where
 //! glibc's arenas contend. A worker that moves many events can link
 //! `mimalloc` with its `override` feature (which takes libzmq's `malloc`
 //! too) and declare it the `#[global_allocator]`; the `thynapse` binary and
@@ -109,8 +110,8 @@
 //!   its acked anycatch listens: requests beyond the responder's own
 //!   concurrency that a cell with other listens is sent wait in the SDK);
 //! - publishing waits when the connection task cannot keep up (a
-//!   bounded command queue, [`consts::COMMAND_QUEUE_CAPACITY`]) or libzmq
-//!   pushes back.
+//!   bounded command queue, [`consts::COMMAND_QUEUE_CAPACITY`]) or the
+//!   transmitter reads slower than the cell writes.
 //!
 //! ## Metadata, targeted sends, discovery, membership
 //! A cell's metadata ([`Options::metadata`], changed with
@@ -136,8 +137,9 @@
 //! - [`options`]: [`Options`] (how to join) and [`ListenOptions`].
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 //! - [`consts`]: every default and limit of the SDK.
-//! - internal: `conn` (the connection task), `context` (the libzmq
-//!   contexts clients share), `link` (channels and doorbell), `wire`
+//! - internal: `conn` (the connection task), `dealer` (the command
+//!   socket's ZMTP), `context` (the libzmq contexts the SUBs share), `link`
+//!   (channels and doorbell), `wire`
 //!   (frames), `batch` (ack and event batching, dedup set).
 //!
 //! ## Quick start

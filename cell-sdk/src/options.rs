@@ -110,8 +110,8 @@ impl Options {
     /// `GBYE` or answers nothing for 3 heartbeats, the client moves to the
     /// next endpoint (round robin), says `HELO` there with the same THID
     /// and listens again; requests awaiting an answer are sent again.
-    /// Without failover endpoints, libzmq keeps reconnecting to the one
-    /// endpoint, and a `GBYE` closes the client.
+    /// Without failover endpoints, the client keeps reconnecting to the one
+    /// endpoint (every 100 ms), and a `GBYE` closes the client.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Options {
         self.endpoints.push(endpoint.into());
         self
