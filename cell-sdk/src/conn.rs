@@ -438,9 +438,12 @@ impl Conn {
     ) -> Result<Welcome, Error> {
         let reference = self.link.next_ref();
         let hello = wire::hello(self.id, &self.service, &self.metadata, reference);
-        self.send(vec![hello]);
+        self.send(vec![hello.clone()]);
         let deadline = Instant::now() + timeout;
         let mut handshake_failure: Option<String> = None;
+        // A connection lost after our HELO was written took it along: the
+        // next one says it again.
+        let mut lost = false;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -485,7 +488,15 @@ impl Conn {
                     Happened::Unreachable(why) => {
                         handshake_failure = Some(format!("cannot connect: {why}"));
                     }
-                    Happened::Connected | Happened::Disconnected => {}
+                    Happened::Disconnected => {
+                        lost = true;
+                        handshake_failure = Some("the connection was lost".to_owned());
+                    }
+                    Happened::Connected if lost => {
+                        lost = false;
+                        self.send(vec![hello.clone()]);
+                    }
+                    Happened::Connected => {}
                 }
             }
             while let Some(message) = self.recv() {

@@ -346,7 +346,10 @@ impl Dealer {
             }
             Ok(n) => {
                 self.filled += n;
-                self.more = self.filled == self.input.len();
+                // Read until the socket says it is empty: the poller is
+                // edge-triggered, and a close that came with the data
+                // brings no further edge.
+                self.more = true;
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

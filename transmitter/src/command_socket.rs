@@ -576,8 +576,10 @@ impl CommandSocket {
             Ok(0) => c.eof = true,
             Ok(n) => {
                 c.filled += n;
-                c.readable = n == space;
-                c.full = c.readable;
+                // Readable until the socket says it is empty: the poller is
+                // edge-triggered, and a close that came with the data
+                // brings no further edge.
+                c.full = n == space;
                 return true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
