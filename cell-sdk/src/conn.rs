@@ -2,8 +2,8 @@
 //! ZMTP over a `mio` socket, see `dealer`) and, once the first membership
 //! stream asks for it, a libzmq SUB (event socket). The DEALER's TCP socket
 //! and the SUB's `ZMQ_FD` are registered, edge-triggered, in an `epoll`
-//! instance together with the doorbell of the async side, and the
-//! runtime's reactor watches that instance's own descriptor (see
+//! instance whose own descriptor the runtime's reactor watches, and the
+//! task awaits that beside the doorbell of the async side (a `Notify`, see
 //! `Conn::poll`); the wait's deadline is its clock (heartbeats, ack
 //! batches, reconnects).
 //!
@@ -63,7 +63,7 @@ use crate::context::ContextLease;
 use crate::dealer::{Dealer, Happened};
 use crate::error::{Error, ErrorKind};
 use crate::event::{AckGuard, Delivered, Event};
-use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink, BELL};
+use crate::link::{Answer, Command, Control, Link, LinkReceiver, Sink};
 use crate::membership::MembershipEvent;
 use crate::options::{ListenOptions, Options};
 use crate::serve::{Request, RequestGuard};
@@ -633,16 +633,15 @@ impl Conn {
         let deadline = u64::try_from(timeout)
             .ok()
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-        match self.rx.bell.wait(&mut self.ready, deadline).await {
-            Ok(()) => {}
+        let rang = match self.rx.bell.wait(&mut self.ready, deadline).await {
+            Ok(rang) => rang,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 3]),
             Err(e) => return Err(e.into()),
-        }
-        let mut ready = [false; 3];
+        };
+        let mut ready = [false, rang, false];
         for event in &self.ready {
             match event.token() {
                 DEALER => ready[0] = true,
-                BELL => ready[1] = true,
                 SUB => ready[2] = true,
                 _ => {}
             }

@@ -173,8 +173,7 @@
 //! timeouts use `tokio::time`. Like any task, it runs only while the
 //! runtime runs: a client whose runtime shuts down says `GBYE` as it is
 //! dropped, without waiting for the transmitter's answer. The connection
-//! waits in `epoll` on the sockets' `ZMQ_FD`s and an eventfd doorbell, so
-//! the SDK builds on Linux only.
+//! waits in `epoll` on its sockets, so the SDK builds on Linux only.
 
 pub mod client;
 pub mod consts;

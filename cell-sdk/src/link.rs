@@ -1,7 +1,7 @@
 //! The channels between the async side (every [`Client`](crate::Client)
 //! clone, [`Subscription`](crate::Subscription) and
 //! [`Event`]) and the connection task that owns the
-//! sockets, and the doorbell that wakes that task out of its `epoll` wait.
+//! sockets, and the doorbell that wakes that task out of its wait.
 //!
 //! Two queues: `commands` is bounded and awaited (publish, listen, flush,
 //! requests), so a fast publisher waits when the task cannot keep up;
@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use thynapse_protocol::{Pattern, Thid};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::batch::Publish;
 use crate::error::Error;
@@ -236,23 +236,21 @@ impl Link {
     }
 }
 
-/// The token of the doorbell in the task's [`mio::Poll`].
-pub(crate) const BELL: mio::Token = mio::Token(0);
-
-/// Wakes the connection task: a [`mio::Waker`] (an eventfd) registered
-/// in the `epoll` instance the task waits on beside the sockets' file
-/// descriptors. Rings are coalesced: only the first ring after the task
-/// last took the wake-up writes to the eventfd.
+/// Wakes the connection task: a [`Notify`] the task awaits beside the
+/// runtime's watch on its poller. Rings are coalesced: only the first ring
+/// after the task last took the wake-up notifies. A ring from any thread,
+/// with or without a runtime (a `Drop` impl), costs no system call: the
+/// runtime schedules the task.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
-    /// The writing end.
-    waker: mio::Waker,
+    /// The task's wake-up.
+    notify: Arc<Notify>,
     /// Set by a ring, cleared by the task when it takes the wake-up.
     rung: Arc<AtomicBool>,
 }
 
-/// The doorbell's receiving end: the `epoll` instance the connection
-/// task waits on, the doorbell registered in it as [`BELL`].
+/// The doorbell's receiving end, and the `epoll` instance the connection
+/// task waits on for its sockets.
 #[derive(Debug)]
 pub(crate) struct BellReceiver {
     /// The runtime's watch on `poll`'s own descriptor, once
@@ -260,24 +258,27 @@ pub(crate) struct BellReceiver {
     /// first, while that descriptor is open.
     watch: Option<AsyncFd<RawFd>>,
     /// The task's poller; the task registers its sockets' file
-    /// descriptors in it too.
+    /// descriptors in it.
     poll: mio::Poll,
+    /// Shared with [`Doorbell`].
+    notify: Arc<Notify>,
     /// Shared with [`Doorbell`].
     rung: Arc<AtomicBool>,
 }
 
 fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
     let poll = mio::Poll::new()?;
-    let waker = mio::Waker::new(poll.registry(), BELL)?;
+    let notify = Arc::new(Notify::new());
     let rung = Arc::new(AtomicBool::new(false));
     Ok((
         Doorbell {
-            waker,
+            notify: notify.clone(),
             rung: rung.clone(),
         },
         BellReceiver {
             watch: None,
             poll,
+            notify,
             rung,
         },
     ))
@@ -286,12 +287,11 @@ fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
 impl Doorbell {
     /// Wakes the task, unless a wake-up is already pending. Call after
     /// queueing the message: the task clears the flag before it drains
-    /// the queues, so no message is left behind.
+    /// the queues, so no message is left behind (a ring while the task is
+    /// not waiting leaves a permit its next wait takes at once).
     pub(crate) fn ring(&self) {
         if !self.rung.swap(true, Ordering::AcqRel) {
-            // Writing to an eventfd the task no longer polls is harmless;
-            // a failed write leaves nothing to handle either.
-            let _ = self.waker.wake();
+            self.notify.notify_one();
         }
     }
 }
@@ -329,8 +329,9 @@ impl BellReceiver {
     }
 
     /// Reads the poller's events into `events`, waiting until there are
-    /// some or `deadline` passes (`None`: no limit); `events` is empty
-    /// after the deadline.
+    /// some, the bell rings, or `deadline` passes (`None`: no limit);
+    /// returns whether the bell rang. `events` is empty after the deadline
+    /// or a ring.
     ///
     /// # Errors
     /// The poller's or the reactor's, or [`BellReceiver::watch`] was never
@@ -339,29 +340,26 @@ impl BellReceiver {
         &mut self,
         events: &mut mio::Events,
         deadline: Option<tokio::time::Instant>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         loop {
             self.poll.poll(events, Some(Duration::ZERO))?;
             if !events.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let Some(watch) = &self.watch else {
                 return Err(io::Error::other("the poller is not watched"));
             };
-            let readable = match deadline {
-                Some(d) => tokio::time::timeout_at(d, watch.readable()).await.ok(),
-                None => Some(watch.readable().await),
-            };
-            match readable {
-                Some(guard) => guard?.clear_ready(),
-                None => return Ok(()),
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+            tokio::select! {
+                biased;
+                () = self.notify.notified() => return Ok(true),
+                guard = watch.readable() => guard?.clear_ready(),
+                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => return Ok(false),
             }
         }
     }
 
-    /// Re-arms the bell after the poller reported it. The caller then
-    /// drains its queues. The eventfd needs no read: the poller is
-    /// edge-triggered, and each later ring writes to it again.
+    /// Re-arms the bell after it rang. The caller then drains its queues.
     pub(crate) fn drain(&self) {
         self.rung.store(false, Ordering::Release);
     }
@@ -373,27 +371,28 @@ mod tests {
 
     use std::time::Duration;
 
-    fn bell_events(rx: &mut BellReceiver) -> usize {
-        let mut events = mio::Events::with_capacity(4);
-        rx.poll_mut()
-            .poll(&mut events, Some(Duration::ZERO))
-            .unwrap();
-        events.iter().filter(|e| e.token() == BELL).count()
-    }
-
-    #[test]
-    fn rings_are_coalesced_until_the_bell_is_drained() {
+    #[tokio::test]
+    async fn rings_are_coalesced_until_the_bell_is_drained() {
         let (bell, mut rx) = doorbell().unwrap();
+        rx.watch().unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        let soon = || Some(tokio::time::Instant::now() + Duration::from_millis(20));
         bell.ring();
         bell.ring();
         bell.ring();
-        assert_eq!(bell_events(&mut rx), 1, "one wake-up for three rings");
-        assert_eq!(bell_events(&mut rx), 0, "edge-triggered: reported once");
+        assert!(rx.wait(&mut events, soon()).await.unwrap(), "rung");
+        assert!(
+            !rx.wait(&mut events, soon()).await.unwrap(),
+            "one wake-up for three rings"
+        );
         bell.ring();
-        assert_eq!(bell_events(&mut rx), 0, "no new wake-up before drain");
+        assert!(
+            !rx.wait(&mut events, soon()).await.unwrap(),
+            "no new wake-up before drain"
+        );
         rx.drain();
         bell.ring();
-        assert_eq!(bell_events(&mut rx), 1, "re-armed after drain");
+        assert!(rx.wait(&mut events, soon()).await.unwrap(), "re-armed");
     }
 
     #[test]
