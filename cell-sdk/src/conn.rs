@@ -867,7 +867,7 @@ impl Conn {
     /// Handles the commands queued by the async side; the publishes among
     /// them go out in batches.
     fn drain_commands(&mut self) {
-        // While libzmq refuses messages, leave commands queued: the bounded
+        // While the DEALER refuses messages, leave commands queued: the bounded
         // queue then makes publishers wait.
         while self.outbox.is_empty() {
             let Ok(command) = self.rx.commands.try_recv() else {

@@ -30,7 +30,7 @@ use crate::consts::PLAIN_USERNAME;
 pub(crate) const RECONNECT_IVL: Duration = Duration::from_millis(100);
 /// Bytes waiting to be written above which `send` refuses (the caller
 /// keeps the message and tries again once some are written).
-pub(crate) const OUT_LIMIT: usize = 16 * 1024 * 1024;
+pub(crate) const OUT_LIMIT: usize = 1024 * 1024;
 /// Largest frame taken from a transmitter (its own limit on what it sends
 /// is the batch size, far below).
 const MAX_FRAME: usize = 256 * 1024 * 1024;
