@@ -548,8 +548,14 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
-        if self.ready.iter().any(|e| e.token() == DEALER) {
-            self.dealer.ready(self.rx.bell.registry());
+        let mut dealer = None;
+        for e in &self.ready {
+            if e.token() == DEALER {
+                dealer = Some(dealer.unwrap_or(false) | e.is_read_closed() | e.is_error());
+            }
+        }
+        if let Some(closed) = dealer {
+            self.dealer.ready(self.rx.bell.registry(), closed);
         }
         Ok(())
     }
@@ -639,15 +645,19 @@ impl Conn {
             Err(e) => return Err(e.into()),
         };
         let mut ready = [false, rang, false];
+        let mut closed = false;
         for event in &self.ready {
             match event.token() {
-                DEALER => ready[0] = true,
+                DEALER => {
+                    ready[0] = true;
+                    closed |= event.is_read_closed() || event.is_error();
+                }
                 SUB => ready[2] = true,
                 _ => {}
             }
         }
         if ready[0] {
-            self.dealer.ready(self.rx.bell.registry());
+            self.dealer.ready(self.rx.bell.registry(), closed);
         }
         Ok(ready)
     }

@@ -89,6 +89,8 @@ pub(crate) struct Dealer {
     more: bool,
     /// The last `recv` returned a message: more may be buffered.
     buffered: bool,
+    /// The poller said the peer closed its side: read until the end.
+    closing: bool,
     /// Bytes for the connection, written up to `written`.
     output: Vec<u8>,
     written: usize,
@@ -144,6 +146,7 @@ impl Dealer {
             filled: 0,
             more: false,
             buffered: false,
+            closing: false,
             output: Vec::new(),
             written: 0,
             waiting: Vec::new(),
@@ -218,7 +221,7 @@ impl Dealer {
             let _ = registry.deregister(&mut s);
         }
         (self.pos, self.filled, self.written) = (0, 0, 0);
-        (self.more, self.buffered) = (false, false);
+        (self.more, self.buffered, self.closing) = (false, false, false);
         self.output.clear();
         self.input = Vec::new();
     }
@@ -305,10 +308,11 @@ impl Dealer {
         }
     }
 
-    /// Takes the poller's word that the socket is ready: reads what came,
-    /// writes what waits.
-    pub(crate) fn ready(&mut self, registry: &Registry) {
+    /// Takes the poller's word that the socket is ready (`closed`: and
+    /// that the peer closed its side): reads what came, writes what waits.
+    pub(crate) fn ready(&mut self, registry: &Registry, closed: bool) {
         self.more = true;
+        self.closing |= closed;
         self.flush(registry);
     }
 
@@ -346,10 +350,9 @@ impl Dealer {
             }
             Ok(n) => {
                 self.filled += n;
-                // Read until the socket says it is empty: the poller is
-                // edge-triggered, and a close that came with the data
-                // brings no further edge.
-                self.more = true;
+                // A short read emptied the socket, unless the peer closed
+                // it: the close came with this edge, and brings no other.
+                self.more = self.filled == self.input.len() || self.closing;
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -20,7 +20,7 @@
 //!   order, and a DEALER is answered promptly while another floods.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -406,6 +406,28 @@ fn a_zmtp_ping_is_answered_with_a_pong_echoing_its_context() -> anyhow::Result<(
                 f.flags == 0 && m.verb == "PONG" && m.body["ref"] == reference,
                 "expected J PONG {reference}: {replies:?}"
             );
+        }
+        Ok(())
+    })
+}
+
+/// A peer that writes a message and its end of the stream in one go: the
+/// close comes with the data's readiness and brings no other, and the
+/// transmitter must still see it and hang up (a connection left open for
+/// good otherwise: nothing is ever sent to a cell that said GBYE).
+#[test]
+fn a_peer_that_sends_and_closes_at_once_is_hung_up_on() -> anyhow::Result<()> {
+    watchdog("send_and_close", TEST_DEADLINE, || {
+        let t = start()?;
+        for last in [&br#"J PING {"ref":"last"}"#[..], br#"J GBYE {}"#] {
+            let mut peer = RawPeer::connect(t.command_endpoint())?;
+            peer.handshake("DEALER")?;
+            peer.send(&message(&[last]))?;
+            peer.stream.shutdown(Shutdown::Write)?;
+            peer.expect_hang_up(&format!(
+                "{} and the end of our stream",
+                String::from_utf8_lossy(last)
+            ))?;
         }
         Ok(())
     })

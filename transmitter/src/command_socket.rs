@@ -115,6 +115,8 @@ struct Conn {
     readable: bool,
     /// The last read filled the buffer.
     full: bool,
+    /// The poller said the peer closed its side: read until the end.
+    closing: bool,
     /// In the ready queue.
     queued: bool,
     /// The peer closed its side.
@@ -225,8 +227,9 @@ pub struct CommandSocket {
     ready: VecDeque<usize>,
     /// Connections with output to write.
     dirty: Vec<usize>,
-    /// Readiness taken from the poller: slot, readable, writable.
-    touched: Vec<(usize, bool, bool)>,
+    /// Readiness taken from the poller: slot, readable, closed by the
+    /// peer, writable.
+    touched: Vec<(usize, bool, bool, bool)>,
     /// Frames of the message being returned.
     frames: Vec<(usize, usize)>,
     /// Most frames of one message kept.
@@ -331,15 +334,17 @@ impl CommandSocket {
                 accept = true;
                 continue;
             }
+            let closed = event.is_read_closed() || event.is_error();
             touched.push((
                 event.token().0,
-                event.is_readable() || event.is_read_closed() || event.is_error(),
+                event.is_readable() || closed,
+                closed,
                 event.is_writable(),
             ));
         }
-        for &(slot, readable, writable) in &touched {
+        for &(slot, readable, closed, writable) in &touched {
             if readable {
-                self.mark_readable(slot);
+                self.mark_readable(slot, closed);
             }
             if writable {
                 self.write_slot(slot);
@@ -352,9 +357,10 @@ impl CommandSocket {
         }
     }
 
-    fn mark_readable(&mut self, slot: usize) {
+    fn mark_readable(&mut self, slot: usize, closed: bool) {
         if let Some(Some(c)) = self.conns.get_mut(slot) {
             c.readable = true;
+            c.closing |= closed;
             if !c.queued {
                 c.queued = true;
                 self.ready.push_back(slot);
@@ -401,6 +407,7 @@ impl CommandSocket {
                 need: 0,
                 readable: true,
                 full: false,
+                closing: false,
                 queued: false,
                 eof: false,
                 output: self.hello.clone(),
@@ -409,7 +416,7 @@ impl CommandSocket {
                 ends: VecDeque::new(),
                 dirty: false,
             });
-            self.mark_readable(slot);
+            self.mark_readable(slot, false);
             self.mark_dirty(slot);
         }
     }
@@ -576,10 +583,10 @@ impl CommandSocket {
             Ok(0) => c.eof = true,
             Ok(n) => {
                 c.filled += n;
-                // Readable until the socket says it is empty: the poller is
-                // edge-triggered, and a close that came with the data
-                // brings no further edge.
+                // A short read emptied the socket, unless the peer closed
+                // it: the close came with this edge, and brings no other.
                 c.full = n == space;
+                c.readable = c.full || c.closing;
                 return true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
