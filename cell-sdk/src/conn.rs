@@ -626,7 +626,20 @@ impl Conn {
     /// any libzmq call may process them and swallow the edge, so the SUB
     /// (rare) is asked for its `ZMQ_EVENTS` before each wait.
     async fn poll(&mut self, timeout: i64) -> Result<[bool; 3], Error> {
+        let held = !self.outbox.is_empty();
         self.dealer.flush(self.rx.bell.registry());
+        // Messages the DEALER refused move in as the socket takes bytes;
+        // only a socket that refused bytes itself promises a writable
+        // edge to wait for.
+        while !self.outbox.is_empty() && !self.dealer.has_output() {
+            self.flush_outbox();
+            self.dealer.flush(self.rx.bell.registry());
+        }
+        if held && self.outbox.is_empty() {
+            // Room again: no wait, the loop drains the commands it left
+            // queued (their senders may wait on the full queue, not ring).
+            return Ok([false, true, false]);
+        }
         let dealer = self.dealer.readable();
         let sub = match &self.sub {
             Some(sub) => sub.get_events()?.contains(zmq::POLLIN),

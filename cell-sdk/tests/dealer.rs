@@ -1055,3 +1055,51 @@ async fn a_connection_lost_before_the_welcome_does_not_fail_connect() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------
+// 11. More than the DEALER holds unwritten.
+
+/// A publisher that outruns the socket: the DEALER refuses what exceeds
+/// the bytes it holds unwritten, the connection keeps the rest, and moves
+/// it on as the socket takes bytes, without waiting for a writable edge
+/// that a socket that took everything never gives. With a 60 s heartbeat
+/// a connection that waited for one would stall far past the deadline.
+#[tokio::test]
+async fn publishes_beyond_what_the_dealer_holds_flow_without_waiting_for_a_timer() {
+    watchdog(async {
+        let mut cfg = config();
+        cfg.heartbeat = Duration::from_secs(60);
+        let t = start(cfg);
+        let publisher = client(&t, "bulk").await;
+        let listener = client(&t, "sink").await;
+        let mut sub = listener.listen("bulk::*", Mode::Multi).await.unwrap();
+        const EVENTS: usize = 48;
+        let started = Instant::now();
+        for n in 0..EVENTS {
+            publisher
+                .publish_bytes("bulk::x", vec![u8::try_from(n).unwrap(); 512 * 1024])
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(PATIENCE, publisher.flush())
+            .await
+            .expect("the 24 MiB left the publisher within the deadline")
+            .unwrap();
+        for n in 0..EVENTS {
+            let event = tokio::time::timeout(PATIENCE, next(&mut sub))
+                .await
+                .expect("every event arrives within the deadline");
+            assert_eq!(
+                event.binary().map(|b| (b.len(), b[0])),
+                Some((512 * 1024, n as u8))
+            );
+        }
+        eprintln!(
+            "{EVENTS} events of 512 KiB through in {:?}",
+            started.elapsed()
+        );
+        listener.close().await;
+        publisher.close().await;
+    })
+    .await;
+}
