@@ -51,8 +51,8 @@ const HANDSHAKE_MAX: usize = 4096;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket types that may talk to a ROUTER.
 const PEER_TYPES: [&[u8]; 3] = [b"DEALER", b"REQ", b"ROUTER"];
-/// A connection's unwritten output above which its buffer is given back
-/// once written (idle connections keep little).
+/// Capacity of a connection's output buffer above which it is given back
+/// once all is written, rather than kept for the next messages.
 const KEEP_OUTPUT: usize = 64 * 1024;
 
 /// Why a message was not queued.
