@@ -543,6 +543,11 @@ impl<'a> DeliveryIn<'a> {
         };
         let rest = rest[40..].strip_prefix(b"\"")?;
         let (attempt, rest) = canonical_number(rest, b",\"attempt\":")?;
+        let rest = if rest.starts_with(b",\"cell\":") {
+            skip_mesh_fields(rest)?
+        } else {
+            rest
+        };
         let (bin, rest) = canonical_number(rest, b",\"bin\":")?;
         let rest = rest.strip_prefix(b"}")?;
         Some((
@@ -640,6 +645,24 @@ fn thid<'de, D: Deserializer<'de>>(d: D) -> Result<Thid, D::Error> {
 }
 
 /// 40 hex characters (either case) as a THID.
+/// Skips what a transmitter adds to a delivery handed over by another one
+/// of the mesh (`MDLV`, PROTOCOL.md §19), in the order it writes them:
+/// `,"cell":"<THID>","origin":"<THID>","ack":<bool>,"request":<bool>`.
+/// The cell needs none of it; any other shape is left to serde_json.
+fn skip_mesh_fields(rest: &[u8]) -> Option<&[u8]> {
+    fn thid(r: &[u8]) -> Option<&[u8]> {
+        let (hex, rest) = r.split_at_checked(40)?;
+        hex.iter().all(u8::is_ascii_hexdigit).then_some(rest)
+    }
+    fn boolean(r: &[u8]) -> Option<&[u8]> {
+        r.strip_prefix(b"true").or_else(|| r.strip_prefix(b"false"))
+    }
+    let rest = thid(rest.strip_prefix(b",\"cell\":\"")?)?;
+    let rest = thid(rest.strip_prefix(b"\",\"origin\":\"")?)?;
+    let rest = boolean(rest.strip_prefix(b"\",\"ack\":")?)?;
+    boolean(rest.strip_prefix(b",\"request\":")?)
+}
+
 pub(crate) fn parse_thid(hex: &[u8]) -> Option<Thid> {
     Thid::parse_hex(hex).ok()
 }
@@ -1051,8 +1074,26 @@ mod tests {
         }
         let mut body = Vec::new();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", Some(b"2"), &from, Some(1));
-        // A mesh hand-over carries more fields: read by serde_json.
-        let mut mesh = body[..body.len() - 1].to_vec();
+        // A mesh hand-over carries more fields: in the transmitter's shape
+        // (with or without a packed batch's `bin`) they are skipped, in any
+        // other shape the body is read by serde_json.
+        let head = &body[..body.len() - 1];
+        let tail = format!(
+            r#","cell":"{}","origin":"{}","ack":true,"request":false"#,
+            Thid::random(),
+            Thid::random()
+        );
+        for end in ["}", r#","bin":3}"#] {
+            let mesh = [head, tail.as_bytes(), end.as_bytes()].concat();
+            let fast = DeliveryIn::parse_canonical(&mesh).expect("the transmitter's shape");
+            let general: DeliveryIn<'_> = serde_json::from_slice(&mesh).unwrap();
+            assert_eq!(
+                (fast.id, fast.from, fast.attempt, fast.bin),
+                (general.id, general.from, general.attempt, general.bin)
+            );
+            assert_eq!(fast.payload.map(RawValue::get), Some("2"));
+        }
+        let mut mesh = head.to_vec();
         mesh.extend_from_slice(br#","cell":"x","ack":true}"#);
         assert!(DeliveryIn::parse_canonical(&mesh).is_none());
         assert_eq!(DeliveryIn::parse(&mesh).unwrap().attempt, Some(1));
