@@ -548,16 +548,28 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
-        let mut dealer = None;
-        for e in &self.ready {
-            if e.token() == DEALER {
-                dealer = Some(dealer.unwrap_or(false) | e.is_read_closed() | e.is_error());
+        self.take_readiness();
+        Ok(())
+    }
+
+    /// Hands what the poller reported for the DEALER to it; returns
+    /// whether the DEALER and the SUB were reported.
+    fn take_readiness(&mut self) -> (bool, bool) {
+        let (mut dealer, mut closed, mut sub) = (false, false, false);
+        for event in &self.ready {
+            match event.token() {
+                DEALER => {
+                    dealer = true;
+                    closed |= event.is_read_closed() || event.is_error();
+                }
+                SUB => sub = true,
+                _ => {}
             }
         }
-        if let Some(closed) = dealer {
+        if dealer {
             self.dealer.ready(self.rx.bell.registry(), closed);
         }
-        Ok(())
+        (dealer, sub)
     }
 
     /// Applies a WLCM: heartbeat, event endpoint (a SUB, if there is
@@ -657,22 +669,8 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 3]),
             Err(e) => return Err(e.into()),
         };
-        let mut ready = [false, rang, false];
-        let mut closed = false;
-        for event in &self.ready {
-            match event.token() {
-                DEALER => {
-                    ready[0] = true;
-                    closed |= event.is_read_closed() || event.is_error();
-                }
-                SUB => ready[2] = true,
-                _ => {}
-            }
-        }
-        if ready[0] {
-            self.dealer.ready(self.rx.bell.registry(), closed);
-        }
-        Ok(ready)
+        let (dealer, sub) = self.take_readiness();
+        Ok([dealer, rang, sub])
     }
 
     /// The main loop, a task on the runtime; the wait for the sockets is

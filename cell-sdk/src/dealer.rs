@@ -112,13 +112,9 @@ fn resolve(endpoint: &str) -> io::Result<SocketAddr> {
             format!("{endpoint}: expected tcp://host:port"),
         )
     };
-    let rest = endpoint.strip_prefix("tcp://").ok_or_else(bad)?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let (host, port) = zmtp::tcp_host_port(endpoint).ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
-    (host.trim_start_matches('[').trim_end_matches(']'), port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(bad)
+    (host, port).to_socket_addrs()?.next().ok_or_else(bad)
 }
 
 impl Dealer {

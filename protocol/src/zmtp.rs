@@ -64,6 +64,13 @@ pub enum ZmtpError {
     Unexpected(String),
 }
 
+/// The host and port of a `tcp://host:port` endpoint, as written (an IPv6
+/// host without its brackets); `None` for any other shape.
+pub fn tcp_host_port(endpoint: &str) -> Option<(&str, &str)> {
+    let (host, port) = endpoint.strip_prefix("tcp://")?.rsplit_once(':')?;
+    Some((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
 /// Writes the 64-byte greeting of ZMTP 3.1 with `mechanism`.
 pub fn greeting(mechanism: Mechanism, as_server: bool) -> [u8; GREETING_LEN] {
     let mut g = [0u8; GREETING_LEN];
@@ -301,6 +308,18 @@ pub fn ping_context(data: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_endpoints_split_into_host_and_port() {
+        assert_eq!(
+            tcp_host_port("tcp://127.0.0.1:5454"),
+            Some(("127.0.0.1", "5454"))
+        );
+        assert_eq!(tcp_host_port("tcp://[::1]:0"), Some(("::1", "0")));
+        assert_eq!(tcp_host_port("tcp://*:*"), Some(("*", "*")));
+        assert_eq!(tcp_host_port("ipc:///tmp/x"), None);
+        assert_eq!(tcp_host_port("tcp://127.0.0.1"), None);
+    }
 
     #[test]
     fn a_greeting_is_64_bytes_that_read_back() {

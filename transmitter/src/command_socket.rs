@@ -240,15 +240,11 @@ pub struct CommandSocket {
 /// any free port.
 fn parse_endpoint(endpoint: &str) -> io::Result<SocketAddr> {
     let bad = || io::Error::new(io::ErrorKind::InvalidInput, "expected tcp://host:port");
-    let rest = endpoint.strip_prefix("tcp://").ok_or_else(bad)?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let (host, port) = zmtp::tcp_host_port(endpoint).ok_or_else(bad)?;
     let host = if host == "*" { "0.0.0.0" } else { host };
     let port = if port == "*" { "0" } else { port };
     let port: u16 = port.parse().map_err(|_| bad())?;
-    (host.trim_start_matches('[').trim_end_matches(']'), port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(bad)
+    (host, port).to_socket_addrs()?.next().ok_or_else(bad)
 }
 
 impl CommandSocket {
