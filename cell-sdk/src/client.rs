@@ -119,7 +119,7 @@ impl Client {
         let service = options.service.clone();
         let request_timeout = options.request_timeout;
         let heartbeat_override = options.heartbeat;
-        let (link, rx) = Link::new(COMMAND_QUEUE_CAPACITY)?;
+        let (link, rx) = Link::new(COMMAND_QUEUE_CAPACITY);
         let welcome = conn::spawn(Start {
             endpoint: endpoint.to_owned(),
             id,

@@ -1,11 +1,10 @@
 //! The connection task: sole owner of the DEALER (command socket, our own
 //! ZMTP over a `mio` socket, see `dealer`) and, once the first membership
 //! stream asks for it, a libzmq SUB (event socket). The DEALER's TCP socket
-//! and the SUB's `ZMQ_FD` are registered, edge-triggered, in an `epoll`
-//! instance whose own descriptor the runtime's reactor watches, and the
-//! task awaits that beside the doorbell of the async side (a `Notify`, see
-//! `Conn::poll`); the wait's deadline is its clock (heartbeats, ack
-//! batches, reconnects).
+//! and the SUB's `ZMQ_FD` are registered in the runtime's reactor, and the
+//! task awaits their readiness beside the doorbell of the async side (a
+//! `Notify`, see `Conn::poll`); the wait's deadline is its clock
+//! (heartbeats, ack batches, reconnects).
 //!
 //! It is a task on the runtime `Client::connect` runs on, not a thread of
 //! its own: the handoffs between the application's tasks and the
@@ -45,12 +44,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use thynapse_protocol::body::Welcome;
 use thynapse_protocol::{Mode, Pattern, Thid, Verb};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, trace, warn};
 
@@ -91,7 +93,7 @@ pub(crate) struct Start {
 ///
 /// # Panics
 /// When the runtime has no I/O driver (as tokio's own sockets do).
-pub(crate) fn spawn(mut start: Start) -> Result<oneshot::Receiver<Result<Welcome, Error>>, Error> {
+pub(crate) fn spawn(start: Start) -> Result<oneshot::Receiver<Result<Welcome, Error>>, Error> {
     let (tx, rx) = oneshot::channel();
     let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
         Error::new(
@@ -100,8 +102,9 @@ pub(crate) fn spawn(mut start: Start) -> Result<oneshot::Receiver<Result<Welcome
         )
     })?;
     let spawner = runtime.clone();
-    // Here, in `connect`: fails on a runtime without an I/O driver.
-    start.rx.bell.watch()?;
+    // Here, in `connect`: fails on a runtime without an I/O driver (the
+    // sockets register in its reactor).
+    drop(tokio::net::UnixStream::pair()?);
     // Opening and the HELO/WLCM handshake wait in `zmq_poll`: off the
     // runtime's workers.
     runtime.spawn_blocking(move || {
@@ -127,6 +130,20 @@ pub(crate) fn spawn(mut start: Start) -> Result<oneshot::Receiver<Result<Welcome
         }
     });
     Ok(rx)
+}
+
+/// What ended a wait of the task.
+enum Woke {
+    /// The DEALER's socket is readable (`true`: and closed by the peer).
+    Dealer(bool),
+    /// The SUB's `ZMQ_FD` signalled.
+    Sub,
+    /// The doorbell rang.
+    Bell,
+    /// The DEALER's socket takes bytes again.
+    Writable(io::Result<()>),
+    /// The deadline passed.
+    Timeout,
 }
 
 /// Why the loop stops.
@@ -226,13 +243,14 @@ struct Conn {
     ctx: ContextLease,
     /// Command socket.
     dealer: Dealer,
+    /// The reactor's watch on the SUB's `ZMQ_FD`. Declared before `sub`,
+    /// so dropped first, while that descriptor is open.
+    sub_watch: Option<AsyncFd<RawFd>>,
     /// Event socket, for membership streams only: created and connected
     /// by the first one, then kept (and moved along on failover).
     sub: Option<zmq::Socket>,
     /// The token, for the credentials of a SUB created later.
     token: Option<String>,
-    /// What the poller reported, reused.
-    ready: mio::Events,
     /// Messages from the async side.
     rx: LinkReceiver,
     /// For the ack guards of deliveries.
@@ -341,20 +359,37 @@ fn new_socket(
     Ok(s)
 }
 
-/// The DEALER's token in the poller.
-const DEALER: mio::Token = mio::Token(1);
-/// The SUB's token in the poller.
-const SUB: mio::Token = mio::Token(3);
-
-/// Registers a socket's `ZMQ_FD` in the poller, edge-triggered (as mio
-/// always is).
-fn register(poll: &mio::Poll, socket: &zmq::Socket, token: mio::Token) -> Result<(), Error> {
+/// Registers a libzmq socket's `ZMQ_FD` in the runtime's reactor.
+///
+/// tokio deprecates this constructor because it cannot know that the
+/// descriptor stays open while registered; the caller keeps the watch no
+/// longer than the socket (`Conn` declares it first).
+fn watch(socket: &zmq::Socket) -> Result<AsyncFd<RawFd>, Error> {
     let fd = socket.get_fd().map_err(|e| Error::zmq("ZMQ_FD", e))?;
-    poll.registry().register(
-        &mut mio::unix::SourceFd(&fd),
-        token,
-        mio::Interest::READABLE,
-    )?;
+    #[allow(deprecated)]
+    Ok(AsyncFd::with_interest(fd, Interest::READABLE)?)
+}
+
+/// Waits until `fd` is readable and takes the readiness (the caller reads
+/// until the socket is empty); whether the peer closed or the socket
+/// failed. `None` never returns.
+async fn readable<T: AsRawFd>(fd: Option<&AsyncFd<T>>) -> io::Result<bool> {
+    let Some(fd) = fd else {
+        return std::future::pending().await;
+    };
+    let mut guard = fd.readable().await?;
+    let ready = guard.ready();
+    guard.clear_ready();
+    Ok(ready.is_read_closed() || ready.is_error())
+}
+
+/// Waits until `fd` is writable and takes the readiness (the caller
+/// writes until the socket refuses). `None` never returns.
+async fn writable<T: AsRawFd>(fd: Option<&AsyncFd<T>>) -> io::Result<()> {
+    let Some(fd) = fd else {
+        return std::future::pending().await;
+    };
+    fd.writable().await?.clear_ready();
     Ok(())
 }
 
@@ -362,20 +397,20 @@ impl Conn {
     /// Creates the DEALER and starts connecting it.
     fn open(start: Start) -> Result<Conn, Error> {
         let ctx = ContextLease::acquire();
-        let mut dealer = Dealer::new(&start.endpoint, start.options.token.clone(), DEALER)
-            .map_err(|e| {
+        let mut dealer =
+            Dealer::new(&start.endpoint, start.options.token.clone()).map_err(|e| {
                 Error::new(ErrorKind::Io, format!("connect {}: {e}", start.endpoint)).with_source(e)
             })?;
-        dealer.timers(start.rx.bell.registry(), Instant::now());
+        dealer.timers(Instant::now());
         let heartbeat = start.options.heartbeat.unwrap_or(Duration::from_millis(
             thynapse_protocol::limits::DEFAULT_HEARTBEAT_MS,
         ));
         Ok(Conn {
             ctx,
             dealer,
+            sub_watch: None,
             sub: None,
             token: start.options.token,
-            ready: mio::Events::with_capacity(8),
             rx: start.rx,
             link: start.link,
             id: start.id,
@@ -531,11 +566,11 @@ impl Conn {
     }
 
     /// Waits, on a blocking thread, at most `timeout` for the DEALER: flushes
-    /// it, starts a due reconnect, then takes its readiness.
+    /// it, starts a due reconnect, then waits for its socket.
     fn wait_blocking(&mut self, timeout: Duration) -> Result<(), Error> {
         let now = Instant::now();
-        self.dealer.timers(self.rx.bell.registry(), now);
-        self.dealer.flush(self.rx.bell.registry());
+        self.dealer.timers(now);
+        self.dealer.flush();
         if self.dealer.readable() {
             return Ok(());
         }
@@ -543,33 +578,28 @@ impl Conn {
             Some(at) => timeout.min(at.saturating_duration_since(now)),
             None => timeout,
         };
-        match self.rx.bell.poll_mut().poll(&mut self.ready, Some(timeout)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+        let Some(fd) = self.dealer.raw_fd() else {
+            std::thread::sleep(timeout);
+            return Ok(());
+        };
+        let wanted = if self.dealer.has_output() {
+            zmq::POLLIN | zmq::POLLOUT
+        } else {
+            zmq::POLLIN
+        };
+        let mut items = [zmq::PollItem::from_fd(fd, wanted)];
+        match zmq::poll(&mut items, ceil_ms(timeout)) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(e) => return Err(Error::zmq("zmq_poll", e)),
         }
-        self.take_readiness();
+        let [item] = &items;
+        if item.is_readable() || item.is_error() {
+            self.dealer.ready(item.is_error());
+        }
+        if item.is_writable() {
+            self.dealer.flush();
+        }
         Ok(())
-    }
-
-    /// Hands what the poller reported for the DEALER to it; returns
-    /// whether the DEALER and the SUB were reported.
-    fn take_readiness(&mut self) -> (bool, bool) {
-        let (mut dealer, mut closed, mut sub) = (false, false, false);
-        for event in &self.ready {
-            match event.token() {
-                DEALER => {
-                    dealer = true;
-                    closed |= event.is_read_closed() || event.is_error();
-                }
-                SUB => sub = true,
-                _ => {}
-            }
-        }
-        if dealer {
-            self.dealer.ready(self.rx.bell.registry(), closed);
-        }
-        (dealer, sub)
     }
 
     /// Applies a WLCM: heartbeat, event endpoint (a SUB, if there is
@@ -617,7 +647,7 @@ impl Conn {
             Some(sub) => sub,
             None => {
                 let sub = new_socket(self.ctx.context(), zmq::SUB, self.token.as_deref())?;
-                register(self.rx.bell.poll_mut(), &sub, SUB)?;
+                self.sub_watch = Some(watch(&sub)?);
                 sub.connect(&self.event_endpoint)
                     .map_err(|e| Error::zmq(&format!("connect {}", self.event_endpoint), e))?;
                 self.pub_endpoint = Some(self.event_endpoint.clone());
@@ -632,20 +662,20 @@ impl Conn {
     /// doorbell and the SUB are ready, in that order. Writes what the
     /// DEALER holds first.
     ///
-    /// The poller is edge-triggered. The DEALER is ready while it holds
-    /// bytes not handled or was not read since its last edge. The SUB's
+    /// The reactor reports edges. The DEALER is ready while it holds bytes
+    /// not handled or was not read since its last edge. The SUB's
     /// `ZMQ_FD` signals commands for libzmq to process, not messages, and
     /// any libzmq call may process them and swallow the edge, so the SUB
     /// (rare) is asked for its `ZMQ_EVENTS` before each wait.
     async fn poll(&mut self, timeout: i64) -> Result<[bool; 3], Error> {
         let held = !self.outbox.is_empty();
-        self.dealer.flush(self.rx.bell.registry());
+        self.dealer.flush();
         // Messages the DEALER refused move in as the socket takes bytes;
         // only a socket that refused bytes itself promises a writable
         // edge to wait for.
         while !self.outbox.is_empty() && !self.dealer.has_output() {
             self.flush_outbox();
-            self.dealer.flush(self.rx.bell.registry());
+            self.dealer.flush();
         }
         if held && self.outbox.is_empty() {
             // Room again: no wait, the loop drains the commands it left
@@ -658,19 +688,41 @@ impl Conn {
             None => false,
         };
         if dealer || sub {
-            // Edges not taken stay queued in the poller for the next wait.
             return Ok([dealer, false, sub]);
         }
         let deadline = u64::try_from(timeout)
             .ok()
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-        let rang = match self.rx.bell.wait(&mut self.ready, deadline).await {
-            Ok(rang) => rang,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok([false; 3]),
-            Err(e) => return Err(e.into()),
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let socket = self.dealer.socket();
+        let writing = self.dealer.has_output();
+        // Sockets first: a busy doorbell must not starve them (the loop
+        // drains the queues on every turn, rung or not).
+        let woke = tokio::select! {
+            biased;
+            closed = readable(socket) => Woke::Dealer(closed?),
+            signalled = readable(self.sub_watch.as_ref()) => {
+                signalled?;
+                Woke::Sub
+            }
+            () = self.rx.bell.rang() => Woke::Bell,
+            done = writable(socket), if writing => Woke::Writable(done),
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)) => Woke::Timeout,
         };
-        let (dealer, sub) = self.take_readiness();
-        Ok([dealer, rang, sub])
+        Ok(match woke {
+            Woke::Dealer(closed) => {
+                self.dealer.ready(closed);
+                [true, false, false]
+            }
+            Woke::Sub => [false, false, true],
+            Woke::Bell => [false, true, false],
+            Woke::Writable(done) => {
+                done?;
+                self.dealer.flush();
+                [false; 3]
+            }
+            Woke::Timeout => [false; 3],
+        })
     }
 
     /// The main loop, a task on the runtime; the wait for the sockets is
@@ -777,7 +829,7 @@ impl Conn {
     /// Timers: reconnect, heartbeat PING, re-HELO retry, sweeping abandoned
     /// requests.
     fn tick(&mut self, now: Instant) {
-        self.dealer.timers(self.rx.bell.registry(), now);
+        self.dealer.timers(now);
         if let Some(t) = self.rewelcome {
             if now >= t + self.hello_retry() {
                 // No WLCM yet: the HELO was lost with a connection, or the
@@ -821,7 +873,7 @@ impl Conn {
         let next = (self.current + 1) % self.endpoints.len();
         let to = self.endpoints[next].clone();
         warn!(from = %self.endpoint, to = %to, "failing over");
-        if let Err(e) = self.dealer.reconnect_to(self.rx.bell.registry(), &to) {
+        if let Err(e) = self.dealer.reconnect_to(&to) {
             error!(endpoint = %to, error = %e, "cannot connect; trying the next endpoint later");
         }
         self.current = next;
@@ -1586,7 +1638,7 @@ impl Conn {
         if self.outbox.is_empty() {
             return;
         }
-        self.dealer.flush(self.rx.bell.registry());
+        self.dealer.flush();
         while let Some(frames) = self.outbox.front() {
             if self.dealer.send(frames).is_err() {
                 return;
@@ -1609,7 +1661,7 @@ impl Conn {
     /// own messages (one per element of a batch, or one shared by the
     /// elements of a packed batch).
     fn recv(&mut self) -> Option<Result<Incoming, String>> {
-        let (first, binaries) = self.dealer.recv(self.rx.bell.registry())?;
+        let (first, binaries) = self.dealer.recv()?;
         Some(wire::decode_command(first, binaries))
     }
 
@@ -1715,9 +1767,9 @@ impl Drop for Conn {
         if !self.left {
             self.say_goodbye();
             self.flush_outbox();
-            self.dealer.flush(self.rx.bell.registry());
+            self.dealer.flush();
         }
-        self.dealer.close(self.rx.bell.registry());
+        self.dealer.close();
         for reply in self.close_replies.drain(..) {
             let _ = reply.send(());
         }

@@ -4,8 +4,9 @@
 //! With libzmq's DEALER every command crossed libzmq's I/O thread on the
 //! way out and every answer on the way in: a thread wake-up per message at
 //! each end, on top of the task's own. This socket is registered in the
-//! connection's poller beside the doorbell, so a message is written by the
-//! task that produced it and read by the task that handles it.
+//! runtime's reactor, which the connection task awaits beside its
+//! doorbell, so a message is written by the task that produced it and read
+//! by the task that handles it.
 //!
 //! It keeps what the connection relied on in libzmq's DEALER: connecting
 //! in the background and again, every [`RECONNECT_IVL`], after a failure
@@ -18,11 +19,13 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
 use thynapse_protocol::zmtp::{self, Mechanism, ZmtpError, GREETING_LEN};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::consts::PLAIN_USERNAME;
 
@@ -76,10 +79,9 @@ pub(crate) struct Dealer {
     endpoint: String,
     token: Option<String>,
     mechanism: Mechanism,
-    /// Its token in the poller.
-    key: Token,
     stage: Stage,
-    stream: Option<TcpStream>,
+    /// The connection, registered in the runtime's reactor.
+    stream: Option<AsyncFd<TcpStream>>,
     /// Bytes read: handled up to `pos`, read up to `filled`.
     input: Vec<u8>,
     pos: usize,
@@ -119,11 +121,11 @@ fn resolve(endpoint: &str) -> io::Result<SocketAddr> {
 
 impl Dealer {
     /// A DEALER for `endpoint` that will connect with `token` (PLAIN) or
-    /// none (NULL); registered as `key` once connecting.
+    /// none (NULL).
     ///
     /// # Errors
     /// When the endpoint is not `tcp://host:port` or does not resolve.
-    pub(crate) fn new(endpoint: &str, token: Option<String>, key: Token) -> io::Result<Dealer> {
+    pub(crate) fn new(endpoint: &str, token: Option<String>) -> io::Result<Dealer> {
         resolve(endpoint)?;
         let mechanism = if token.is_some() {
             Mechanism::Plain
@@ -134,7 +136,6 @@ impl Dealer {
             endpoint: endpoint.to_owned(),
             token,
             mechanism,
-            key,
             stage: Stage::Waiting(Instant::now()),
             stream: None,
             input: Vec::new(),
@@ -162,12 +163,12 @@ impl Dealer {
     ///
     /// # Errors
     /// When the endpoint is not `tcp://host:port` or does not resolve.
-    pub(crate) fn reconnect_to(&mut self, registry: &Registry, endpoint: &str) -> io::Result<()> {
+    pub(crate) fn reconnect_to(&mut self, endpoint: &str) -> io::Result<()> {
         resolve(endpoint)?;
         self.endpoint = endpoint.to_owned();
-        self.drop_stream(registry);
+        self.drop_stream();
         self.stage = Stage::Waiting(Instant::now());
-        self.timers(registry, Instant::now());
+        self.timers(Instant::now());
         Ok(())
     }
 
@@ -180,14 +181,14 @@ impl Dealer {
     }
 
     /// Starts a connection attempt when one is due.
-    pub(crate) fn timers(&mut self, registry: &Registry, now: Instant) {
+    pub(crate) fn timers(&mut self, now: Instant) {
         let Stage::Waiting(at) = self.stage else {
             return;
         };
         if now < at {
             return;
         }
-        match self.open(registry) {
+        match self.open() {
             Ok(()) => self.stage = Stage::Greeting,
             Err(e) => {
                 tracing::debug!(endpoint = %self.endpoint, error = %e, "cannot connect; retrying");
@@ -196,14 +197,19 @@ impl Dealer {
         }
     }
 
-    fn open(&mut self, registry: &Registry) -> io::Result<()> {
-        let mut stream = TcpStream::connect(resolve(&self.endpoint)?)?;
-        registry.register(
-            &mut stream,
-            self.key,
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+    /// Starts connecting, the socket registered in the reactor of the
+    /// runtime this thread belongs to.
+    fn open(&mut self) -> io::Result<()> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other("no tokio runtime to watch the socket"));
+        }
+        let stream = TcpStream::connect(resolve(&self.endpoint)?)?;
         let _ = stream.set_nodelay(true);
+        // tokio deprecates this constructor because it cannot know that
+        // the descriptor stays open while registered; here the `AsyncFd`
+        // owns the socket, so it does.
+        #[allow(deprecated)]
+        let stream = AsyncFd::with_interest(stream, Interest::READABLE | Interest::WRITABLE)?;
         self.stream = Some(stream);
         (self.pos, self.filled, self.written) = (0, 0, 0);
         self.output.clear();
@@ -212,10 +218,8 @@ impl Dealer {
         Ok(())
     }
 
-    fn drop_stream(&mut self, registry: &Registry) {
-        if let Some(mut s) = self.stream.take() {
-            let _ = registry.deregister(&mut s);
-        }
+    fn drop_stream(&mut self) {
+        self.stream = None;
         (self.pos, self.filled, self.written) = (0, 0, 0);
         (self.more, self.buffered, self.closing) = (false, false, false);
         self.output.clear();
@@ -223,9 +227,9 @@ impl Dealer {
     }
 
     /// The connection failed: tells why, and tries again later.
-    fn fail(&mut self, registry: &Registry, why: Happened) {
+    fn fail(&mut self, why: Happened) {
         tracing::debug!(endpoint = %self.endpoint, ?why, "command connection closed");
-        self.drop_stream(registry);
+        self.drop_stream();
         self.happened.push_back(why);
         self.stage = Stage::Waiting(Instant::now() + RECONNECT_IVL);
     }
@@ -274,12 +278,12 @@ impl Dealer {
     }
 
     /// Writes what it can without waiting.
-    pub(crate) fn flush(&mut self, registry: &Registry) {
-        let Some(stream) = self.stream.as_mut() else {
+    pub(crate) fn flush(&mut self) {
+        let Some(stream) = self.stream.as_ref() else {
             return;
         };
         while self.written < self.output.len() {
-            match stream.write(&self.output[self.written..]) {
+            match stream.get_ref().write(&self.output[self.written..]) {
                 Ok(0) => break,
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -293,7 +297,7 @@ impl Dealer {
                 }
                 Err(e) => {
                     let why = self.failure(&e.to_string());
-                    self.fail(registry, why);
+                    self.fail(why);
                     return;
                 }
             }
@@ -304,12 +308,21 @@ impl Dealer {
         }
     }
 
-    /// Takes the poller's word that the socket is ready (`closed`: and
-    /// that the peer closed its side): reads what came, writes what waits.
-    pub(crate) fn ready(&mut self, registry: &Registry, closed: bool) {
+    /// Takes the word that the socket is readable (`closed`: and that
+    /// the peer closed its side): the next `recv` reads it.
+    pub(crate) fn ready(&mut self, closed: bool) {
         self.more = true;
         self.closing |= closed;
-        self.flush(registry);
+    }
+
+    /// The connection's socket, to await its readiness.
+    pub(crate) fn socket(&self) -> Option<&AsyncFd<TcpStream>> {
+        self.stream.as_ref()
+    }
+
+    /// The connection's descriptor, to wait on it from a blocking thread.
+    pub(crate) fn raw_fd(&self) -> Option<RawFd> {
+        self.stream.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Whether a message may be waiting: a socket not read since it was
@@ -320,8 +333,8 @@ impl Dealer {
     }
 
     /// Reads once; `false` when nothing came.
-    fn read(&mut self, registry: &Registry) -> bool {
-        let Some(stream) = self.stream.as_mut() else {
+    fn read(&mut self) -> bool {
+        let Some(stream) = self.stream.as_ref() else {
             self.more = false;
             return false;
         };
@@ -338,10 +351,10 @@ impl Dealer {
             let grown = (self.input.len() * 2).clamp(READ_FIRST, READ_MAX);
             self.input.resize(grown.max(self.filled + READ_FIRST), 0);
         }
-        match stream.read(&mut self.input[self.filled..]) {
+        match stream.get_ref().read(&mut self.input[self.filled..]) {
             Ok(0) => {
                 let why = self.failure("closed by the transmitter");
-                self.fail(registry, why);
+                self.fail(why);
                 false
             }
             Ok(n) => {
@@ -358,7 +371,7 @@ impl Dealer {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(e) => {
                 let why = self.failure(&e.to_string());
-                self.fail(registry, why);
+                self.fail(why);
                 false
             }
         }
@@ -367,7 +380,7 @@ impl Dealer {
     /// The next message from the transmitter, without waiting: its first
     /// frame and its other frames. Handshake commands and ZMTP `PING`s are
     /// handled on the way.
-    pub(crate) fn recv(&mut self, registry: &Registry) -> Option<(&[u8], Vec<zmq::Message>)> {
+    pub(crate) fn recv(&mut self) -> Option<(&[u8], Vec<zmq::Message>)> {
         self.buffered = false;
         loop {
             match self.step() {
@@ -383,19 +396,19 @@ impl Dealer {
                     return Some((&input[first.0..first.1], binaries));
                 }
                 Ok(None) => {
-                    if self.stream.is_none() || !self.read(registry) {
+                    if self.stream.is_none() || !self.read() {
                         return None;
                     }
                 }
                 Err(e) => {
                     let why = self.failure(&e.to_string());
-                    self.fail(registry, why);
+                    self.fail(why);
                     return None;
                 }
             }
             // Handshake answers go out at once.
             if self.has_output() {
-                self.flush(registry);
+                self.flush();
             }
         }
     }
@@ -523,8 +536,8 @@ impl Dealer {
     }
 
     /// Closes the socket (deregistering it).
-    pub(crate) fn close(&mut self, registry: &Registry) {
-        self.drop_stream(registry);
+    pub(crate) fn close(&mut self) {
+        self.drop_stream();
     }
 }
 

@@ -302,7 +302,7 @@ mod tests {
 
     #[test]
     fn a_handled_event_is_acked_once_on_drop() {
-        let (link, rx) = Link::new(4).unwrap();
+        let (link, rx) = Link::new(4);
         let id = Thid::random();
         let mut e = event(&link, id);
         e.mark_yielded();
@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn an_event_never_handed_out_is_nacked_on_drop() {
-        let (link, rx) = Link::new(4).unwrap();
+        let (link, rx) = Link::new(4);
         let id = Thid::random();
         drop(event(&link, id));
         assert_eq!(received(&rx), vec![format!("{:?}", Control::Nack(id))]);
@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn nack_suppresses_the_ack_and_explicit_ack_is_idempotent() {
-        let (link, rx) = Link::new(4).unwrap();
+        let (link, rx) = Link::new(4);
         let (a, b) = (Thid::random(), Thid::random());
         let mut e = event(&link, a);
         e.mark_yielded();
@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn payload_accessors_read_missing_payloads_as_null() {
-        let (link, _rx) = Link::new(4).unwrap();
+        let (link, _rx) = Link::new(4);
         let mut e = event(&link, Thid::random());
         e.delivered.payload = None;
         e.delivered.binary = Some(Frame::Whole(zmq::Message::from(&[1u8, 2][..])));

@@ -173,7 +173,8 @@
 //! timeouts use `tokio::time`. Like any task, it runs only while the
 //! runtime runs: a client whose runtime shuts down says `GBYE` as it is
 //! dropped, without waiting for the transmitter's answer. The connection
-//! waits in `epoll` on its sockets, so the SDK builds on Linux only.
+//! registers its sockets' descriptors in the runtime's reactor, so the SDK
+//! builds on Unix only (it is tested on Linux).
 
 pub mod client;
 pub mod consts;

@@ -9,16 +9,10 @@
 //! without an executor (acks, nacks, replies, unlisten, close). Replies go
 //! there too: there are at most as many as handlers running at once.
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
-
-use serde_json::{Map, Value};
 use thynapse_protocol::{Pattern, Thid};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::batch::Publish;
@@ -182,24 +176,24 @@ pub(crate) struct LinkReceiver {
 
 impl Link {
     /// A new link and its receiving half.
-    pub(crate) fn new(capacity: usize) -> io::Result<(Arc<Link>, LinkReceiver)> {
+    pub(crate) fn new(capacity: usize) -> (Arc<Link>, LinkReceiver) {
         let (control_tx, control_rx) = std::sync::mpsc::channel();
         let (commands_tx, commands_rx) = mpsc::channel(capacity);
-        let (bell, bell_rx) = doorbell()?;
+        let (bell, bell_rx) = doorbell();
         let link = Arc::new(Link {
             control: control_tx,
             commands: commands_tx,
             bell,
             refs: AtomicU64::new(1),
         });
-        Ok((
+        (
             link,
             LinkReceiver {
                 control: control_rx,
                 commands: commands_rx,
                 bell: bell_rx,
             },
-        ))
+        )
     }
 
     /// Sends a control message; false when the task is gone.
@@ -236,11 +230,11 @@ impl Link {
     }
 }
 
-/// Wakes the connection task: a [`Notify`] the task awaits beside the
-/// runtime's watch on its poller. Rings are coalesced: only the first ring
-/// after the task last took the wake-up notifies. A ring from any thread,
-/// with or without a runtime (a `Drop` impl), costs no system call: the
-/// runtime schedules the task.
+/// Wakes the connection task: a [`Notify`] the task awaits beside its
+/// sockets' readiness. Rings are coalesced: only the first ring after the
+/// task last took the wake-up notifies. A ring from any thread, with or
+/// without a runtime (a `Drop` impl), costs no system call: the runtime
+/// schedules the task.
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     /// The task's wake-up.
@@ -249,39 +243,25 @@ pub(crate) struct Doorbell {
     rung: Arc<AtomicBool>,
 }
 
-/// The doorbell's receiving end, and the `epoll` instance the connection
-/// task waits on for its sockets.
+/// The doorbell's receiving end.
 #[derive(Debug)]
 pub(crate) struct BellReceiver {
-    /// The runtime's watch on `poll`'s own descriptor, once
-    /// [`BellReceiver::watch`] set it. Declared before `poll`, so dropped
-    /// first, while that descriptor is open.
-    watch: Option<AsyncFd<RawFd>>,
-    /// The task's poller; the task registers its sockets' file
-    /// descriptors in it.
-    poll: mio::Poll,
     /// Shared with [`Doorbell`].
     notify: Arc<Notify>,
     /// Shared with [`Doorbell`].
     rung: Arc<AtomicBool>,
 }
 
-fn doorbell() -> io::Result<(Doorbell, BellReceiver)> {
-    let poll = mio::Poll::new()?;
+fn doorbell() -> (Doorbell, BellReceiver) {
     let notify = Arc::new(Notify::new());
     let rung = Arc::new(AtomicBool::new(false));
-    Ok((
+    (
         Doorbell {
             notify: notify.clone(),
             rung: rung.clone(),
         },
-        BellReceiver {
-            watch: None,
-            poll,
-            notify,
-            rung,
-        },
-    ))
+        BellReceiver { notify, rung },
+    )
 }
 
 impl Doorbell {
@@ -297,66 +277,9 @@ impl Doorbell {
 }
 
 impl BellReceiver {
-    /// Where sockets register in the poller.
-    pub(crate) fn registry(&self) -> &mio::Registry {
-        self.poll.registry()
-    }
-
-    /// The poller, to wait on it from a blocking thread.
-    pub(crate) fn poll_mut(&mut self) -> &mut mio::Poll {
-        &mut self.poll
-    }
-
-    /// Lets the runtime's reactor watch the poller: its `epoll` descriptor
-    /// is readable while a source registered in it has an event to
-    /// report. Call within the runtime the task will run on.
-    ///
-    /// tokio deprecates this constructor because it cannot know that the
-    /// descriptor stays open as long as the `AsyncFd`, as
-    /// `AsyncFd::register_with_interest` requires; here it does: this
-    /// struct owns the poller and drops the watch first.
-    ///
-    /// # Errors
-    /// When the reactor refuses the descriptor.
-    ///
-    /// # Panics
-    /// When the runtime has no I/O driver (as tokio's own sockets do).
-    pub(crate) fn watch(&mut self) -> io::Result<()> {
-        #[allow(deprecated)]
-        let watch = AsyncFd::with_interest(self.poll.as_raw_fd(), Interest::READABLE)?;
-        self.watch = Some(watch);
-        Ok(())
-    }
-
-    /// Reads the poller's events into `events`, waiting until there are
-    /// some, the bell rings, or `deadline` passes (`None`: no limit);
-    /// returns whether the bell rang. `events` is empty after the deadline
-    /// or a ring.
-    ///
-    /// # Errors
-    /// The poller's or the reactor's, or [`BellReceiver::watch`] was never
-    /// called.
-    pub(crate) async fn wait(
-        &mut self,
-        events: &mut mio::Events,
-        deadline: Option<tokio::time::Instant>,
-    ) -> io::Result<bool> {
-        loop {
-            self.poll.poll(events, Some(Duration::ZERO))?;
-            if !events.is_empty() {
-                return Ok(false);
-            }
-            let Some(watch) = &self.watch else {
-                return Err(io::Error::other("the poller is not watched"));
-            };
-            let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
-            tokio::select! {
-                biased;
-                () = self.notify.notified() => return Ok(true),
-                guard = watch.readable() => guard?.clear_ready(),
-                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => return Ok(false),
-            }
-        }
+    /// Waits for a ring (at once if one came since the last wait).
+    pub(crate) async fn rang(&self) {
+        self.notify.notified().await;
     }
 
     /// Re-arms the bell after it rang. The caller then drains its queues.
@@ -373,31 +296,27 @@ mod tests {
 
     #[tokio::test]
     async fn rings_are_coalesced_until_the_bell_is_drained() {
-        let (bell, mut rx) = doorbell().unwrap();
-        rx.watch().unwrap();
-        let mut events = mio::Events::with_capacity(4);
-        let soon = || Some(tokio::time::Instant::now() + Duration::from_millis(20));
+        let (bell, rx) = doorbell();
+        async fn rang(rx: &BellReceiver) -> bool {
+            tokio::time::timeout(Duration::from_millis(20), rx.rang())
+                .await
+                .is_ok()
+        }
         bell.ring();
         bell.ring();
         bell.ring();
-        assert!(rx.wait(&mut events, soon()).await.unwrap(), "rung");
-        assert!(
-            !rx.wait(&mut events, soon()).await.unwrap(),
-            "one wake-up for three rings"
-        );
+        assert!(rang(&rx).await, "rung");
+        assert!(!rang(&rx).await, "one wake-up for three rings");
         bell.ring();
-        assert!(
-            !rx.wait(&mut events, soon()).await.unwrap(),
-            "no new wake-up before drain"
-        );
+        assert!(!rang(&rx).await, "no new wake-up before drain");
         rx.drain();
         bell.ring();
-        assert!(rx.wait(&mut events, soon()).await.unwrap(), "re-armed");
+        assert!(rang(&rx).await, "re-armed");
     }
 
     #[test]
     fn ringing_a_bell_whose_task_is_gone_is_harmless() {
-        let (bell, rx) = doorbell().unwrap();
+        let (bell, rx) = doorbell();
         drop(rx);
         bell.ring();
         bell.rung.store(false, Ordering::SeqCst);
