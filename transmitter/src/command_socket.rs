@@ -27,11 +27,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use thynapse_protocol::zmtp::{self, Mechanism, ZmtpError, GREETING_LEN};
 
@@ -40,6 +41,11 @@ use crate::router::PeerId;
 
 /// The listener's token; connections use their slot's index.
 const LISTENER: Token = Token(usize::MAX);
+/// The token of the first descriptor watched for the caller
+/// ([`CommandSocket::watch`]); the others count down from it.
+const WATCHED: usize = usize::MAX - 1;
+/// How many descriptors the caller may have watched.
+pub const MAX_WATCHED: usize = 8;
 /// Most bytes read from one connection before the others get a turn.
 const READ_CHUNK: usize = 64 * 1024;
 /// A connection's first read buffer; it doubles, up to [`READ_CHUNK`],
@@ -234,6 +240,8 @@ pub struct CommandSocket {
     frames: Vec<(usize, usize)>,
     /// Most frames of one message kept.
     max_frames: usize,
+    /// How many descriptors the caller watches.
+    watched: usize,
 }
 
 /// `tcp://host:port` as a socket address; `*` means every interface or
@@ -285,6 +293,7 @@ impl CommandSocket {
             ready: VecDeque::new(),
             dirty: Vec::new(),
             touched: Vec::new(),
+            watched: 0,
             frames: Vec::new(),
             max_frames,
         })
@@ -298,10 +307,23 @@ impl CommandSocket {
         Ok(format!("tcp://{}", self.listener.local_addr()?))
     }
 
-    /// A descriptor that is readable when the socket has work: for
-    /// `zmq::poll` beside libzmq sockets.
-    pub fn fd(&self) -> RawFd {
-        self.poll.as_raw_fd()
+    /// Watches `fd` (a libzmq socket's `ZMQ_FD`, say) for readability
+    /// beside the connections, edge-triggered: [`CommandSocket::poll`]
+    /// reports its edges by the number this returns (0, 1, … in order).
+    ///
+    /// # Errors
+    /// When [`MAX_WATCHED`] are watched already, or the poller refuses.
+    pub fn watch(&mut self, fd: RawFd) -> io::Result<usize> {
+        if self.watched == MAX_WATCHED {
+            return Err(io::Error::other("too many watched descriptors"));
+        }
+        self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(WATCHED - self.watched),
+            Interest::READABLE,
+        )?;
+        self.watched += 1;
+        Ok(self.watched - 1)
     }
 
     /// Whether bytes already read wait to be handled (then the caller
@@ -310,25 +332,30 @@ impl CommandSocket {
         !self.ready.is_empty()
     }
 
-    /// Takes the socket's readiness: accepts connections, notes which can
-    /// be read, writes to those that can take more. Never blocks.
-    pub fn io(&mut self) {
-        self.wait(Duration::ZERO);
-    }
-
-    fn wait(&mut self, timeout: Duration) {
+    /// Waits at most `timeout` for the socket's readiness and takes it:
+    /// accepts connections, notes which can be read, writes to those that
+    /// can take more. Returns which watched descriptors had an edge, as a
+    /// bit mask (bit `n` for the `n`th [`CommandSocket::watch`]).
+    pub fn poll(&mut self, timeout: Duration) -> u32 {
         if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::warn!(error = %e, "command socket poll failed");
             }
-            return;
+            return 0;
         }
         let mut accept = false;
+        let mut signalled = 0;
         let mut touched = std::mem::take(&mut self.touched);
         for event in self.events.iter() {
             if event.token() == LISTENER {
                 accept = true;
                 continue;
+            }
+            if let Some(n) = WATCHED.checked_sub(event.token().0) {
+                if n < self.watched {
+                    signalled |= 1 << n;
+                    continue;
+                }
             }
             let closed = event.is_read_closed() || event.is_error();
             touched.push((
@@ -351,6 +378,7 @@ impl CommandSocket {
         if accept {
             self.accept();
         }
+        signalled
     }
 
     fn mark_readable(&mut self, slot: usize, closed: bool) {
@@ -807,7 +835,7 @@ impl CommandSocket {
             if left.is_zero() {
                 return;
             }
-            self.wait(left.min(Duration::from_millis(10)));
+            self.poll(left.min(Duration::from_millis(10)));
             let slots: Vec<usize> = (0..self.conns.len()).collect();
             for slot in slots {
                 self.write_slot(slot);

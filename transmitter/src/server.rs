@@ -28,6 +28,11 @@ use crate::router::{Output, PeerId, Router};
 const BATCH: usize = 512;
 /// Outputs gathered before they are sent, while more messages are ready.
 const FLUSH_AT: usize = 1024;
+/// The XPUB's bit in what the command socket's poll reports (watched
+/// first).
+const WATCH_EVENTS: u32 = 1;
+/// The mesh PAIR's bit (watched second).
+const WATCH_MESH: u32 = 2;
 
 /// Why a transmitter could not start.
 #[derive(Debug, thiserror::Error)]
@@ -226,11 +231,24 @@ impl Transmitter {
         } else {
             (None, None)
         };
+        // The router thread waits in the command socket's poll: the
+        // XPUB's and the mesh PAIR's `ZMQ_FD`s wait there too.
+        let mut commands = commands;
+        let fd = events
+            .get_fd()
+            .map_err(socket_err("watch", &event_endpoint))?;
+        commands.watch(fd).map_err(listen_err)?;
+        if let Some(pair) = &pair {
+            let fd = pair.get_fd().map_err(socket_err("watch", MESH_PAIR))?;
+            commands.watch(fd).map_err(listen_err)?;
+        }
         let switchboard = Switchboard {
             router,
             commands,
             events,
             mesh: pair,
+            events_due: true,
+            mesh_due: true,
             nodes: HashMap::new(),
             ctx: ctx.clone(),
             node_password: config.mesh_secret.clone().or(config.token.clone()),
@@ -340,6 +358,12 @@ struct Switchboard {
     events: zmq::Socket,
     /// The PAIR socket to the mesh thread, when gossip runs.
     mesh: Option<zmq::Socket>,
+    /// The XPUB may hold subscriptions to read: its `ZMQ_FD` had an edge,
+    /// or a send may have taken one (any libzmq call on a socket may
+    /// process the commands its `ZMQ_FD` signals).
+    events_due: bool,
+    /// The same for the mesh PAIR.
+    mesh_due: bool,
     /// A DEALER to each other transmitter's command socket.
     nodes: HashMap<Thid, (String, zmq::Socket)>,
     /// For creating node DEALERs.
@@ -365,32 +389,27 @@ impl Switchboard {
     /// The router thread's loop.
     fn run(mut self, stop: &AtomicBool) {
         let mut next_tick = Instant::now() + TICK;
+        let mut busy = false;
         while !stop.load(Ordering::Relaxed) {
-            let timeout = if self.commands.has_input() {
-                0
+            // One wait for everything: the command socket's connections
+            // and the libzmq sockets' `ZMQ_FD`s share its epoll.
+            let timeout = if busy || self.commands.has_input() || self.events_due || self.mesh_due {
+                Duration::ZERO
             } else {
-                next_tick
-                    .saturating_duration_since(Instant::now())
-                    .as_millis() as i64
+                next_tick.saturating_duration_since(Instant::now())
             };
-            let mut items = vec![
-                zmq::PollItem::from_fd(self.commands.fd(), zmq::POLLIN),
-                self.events.as_poll_item(zmq::POLLIN),
-            ];
-            if let Some(m) = &self.mesh {
-                items.push(m.as_poll_item(zmq::POLLIN));
-            }
-            if zmq::poll(&mut items, timeout).is_err() {
-                break;
-            }
+            let signalled = self.commands.poll(timeout);
+            self.events_due |= signalled & WATCH_EVENTS != 0;
+            self.mesh_due |= signalled & WATCH_MESH != 0;
             // What is ready is handled first and sent together (up to
             // FLUSH_AT outputs), so that deliveries to one cell can share
             // a frame.
-            self.commands.io();
+            busy = false;
             for _ in 0..BATCH {
                 let Some(message) = self.commands.recv() else {
                     break;
                 };
+                busy = true;
                 handle(
                     &mut self.router,
                     &message,
@@ -403,12 +422,7 @@ impl Switchboard {
                 }
             }
             self.flush();
-            for _ in 0..BATCH {
-                match self.events.recv_bytes(zmq::DONTWAIT) {
-                    Ok(sub) => self.answer_subscription(&sub),
-                    Err(_) => break,
-                }
-            }
+            self.read_subscriptions();
             self.receive_view();
             let now = Instant::now();
             if now >= next_tick {
@@ -418,6 +432,7 @@ impl Switchboard {
                 self.expire_unseen(now);
                 if let (Some(m), Some(view)) = (&self.mesh, self.router.take_local_view()) {
                     let _ = m.send(view.as_bytes(), zmq::DONTWAIT);
+                    self.mesh_due = true;
                 }
                 next_tick = now + TICK;
             }
@@ -432,10 +447,30 @@ impl Switchboard {
         );
     }
 
+    /// Answers the subscriptions the XPUB holds, at most [`BATCH`] a
+    /// turn; once it is empty, its next `ZMQ_FD` edge says when to look
+    /// again.
+    fn read_subscriptions(&mut self) {
+        if !self.events_due {
+            return;
+        }
+        self.events_due = false;
+        for _ in 0..BATCH {
+            match self.events.recv_bytes(zmq::DONTWAIT) {
+                Ok(sub) => self.answer_subscription(&sub),
+                Err(_) => return,
+            }
+        }
+        self.events_due = true;
+    }
+
     /// Takes the latest mesh view, if one came, and opens or closes the
     /// DEALERs to other transmitters to match it.
     fn receive_view(&mut self) {
         let Some(mesh) = &self.mesh else { return };
+        if !std::mem::take(&mut self.mesh_due) {
+            return;
+        }
         let mut latest = None;
         while let Ok(view) = mesh.recv_bytes(zmq::DONTWAIT) {
             latest = Some(view);
@@ -526,10 +561,11 @@ impl Switchboard {
     /// A subscription frame is `\x01topic` (subscribe) or `\x00topic`. A new
     /// `SYNC <token>` subscription is answered at once with a `SYNC <token>`
     /// frame, proving to the cell that its earlier subscriptions arrived.
-    fn answer_subscription(&self, sub: &[u8]) {
+    fn answer_subscription(&mut self, sub: &[u8]) {
         if let [1, topic @ ..] = sub {
             if topic.starts_with(SYNC_TOPIC) {
                 let _ = self.events.send(topic, zmq::DONTWAIT);
+                self.events_due = true;
                 Metrics::incr(&self.router.metrics().syncs);
             }
         }
@@ -555,6 +591,7 @@ impl Switchboard {
                         if send(&self.events, frame, binaries, false).is_err() {
                             Metrics::incr(&self.router.metrics().dropped_hwm);
                         }
+                        self.events_due = true;
                         continue;
                     }
                     Output::ToNode { node, .. } | Output::NodeBatch { node, .. } => {
