@@ -336,7 +336,9 @@ impl Client {
     /// at once (set with [`ServeBuilder::concurrency`]). The handler's
     /// `Ok` value is the reply's payload (serialized as JSON); its `Err`
     /// goes back as the reply's error, which the requester sees as
-    /// [`ErrorKind::Rejected`] with that message. `.await` the builder to
+    /// [`ErrorKind::Rejected`] with that message; so does a handler that
+    /// panics ("the handler failed: it panicked: …"), and the responder
+    /// goes on. `.await` the builder to
     /// start serving; the [`Responder`](crate::Responder) it returns stops
     /// serving when stopped or dropped.
     ///

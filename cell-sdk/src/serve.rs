@@ -3,8 +3,10 @@
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use serde::Serialize;
 use thynapse_protocol::Thid;
@@ -357,20 +359,18 @@ async fn answer<F: Handler>(
         return;
     };
     let id = request.delivered.id;
-    let work = handler.call(request);
-    // On its own task, so that a panicking handler becomes an error reply.
-    let outcome = tokio::spawn(async move {
-        match work.await {
-            Ok(value) => serde_json::value::to_raw_value(&value)
-                .map_err(|e| format!("the handler's result does not serialize: {e}")),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-    .await;
+    // A panicking handler becomes an error reply.
+    let work = std::pin::pin!(handler.call(request));
+    let outcome = CatchUnwind(work).await;
     let mut frame = match outcome {
-        Ok(Ok(raw)) => wire::reply(id, &raw),
-        Ok(Err(message)) => wire::reply_error(id, &message),
-        Err(e) => wire::reply_error(id, &format!("the handler failed: {e}")),
+        Ok(Ok(value)) => match serde_json::value::to_raw_value(&value) {
+            Ok(raw) => wire::reply(id, &raw),
+            Err(e) => {
+                wire::reply_error(id, &format!("the handler's result does not serialize: {e}"))
+            }
+        },
+        Ok(Err(e)) => wire::reply_error(id, &e.to_string()),
+        Err(panic) => wire::reply_error(id, &format!("the handler failed: it panicked: {panic}")),
     };
     if frame.len() > max_frame {
         let message = format!(
@@ -381,4 +381,26 @@ async fn answer<F: Handler>(
     }
     guard.reply(vec![frame]);
     drop(permit);
+}
+
+/// A future that turns a panic while polling the one it wraps into an
+/// error carrying the panic's message (the handler runs on the answering
+/// task itself, not on a task of its own).
+struct CatchUnwind<'a, F>(Pin<&'a mut F>);
+
+impl<F: Future> Future for CatchUnwind<'_, F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic
+                .downcast_ref::<&str>()
+                .map(|m| (*m).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned()))),
+        }
+    }
 }

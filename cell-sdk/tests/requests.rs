@@ -82,6 +82,44 @@ async fn a_handler_error_is_rejected_with_the_handlers_message() {
 }
 
 #[tokio::test]
+async fn a_panicking_handler_is_rejected_and_its_responder_goes_on() {
+    watchdog(async {
+        let t = start(config());
+        let server = client(&t, "calc").await;
+        let _responder = server
+            .serve("calc::add", |request: Request| async move {
+                let add: Add = request.payload().map_err(|e| e.to_string())?;
+                assert!(add.a != 13, "thirteen is unlucky");
+                a_sum(add.a, add.b)
+            })
+            .await
+            .unwrap();
+        let requester = client(&t, "shop").await;
+
+        let err = requester
+            .request("calc::add", json!({"a": 13, "b": 1}))
+            .timeout(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected);
+        assert!(
+            err.message().contains("the handler failed") && err.message().contains("unlucky"),
+            "{}",
+            err.message()
+        );
+        // The slot the panicking handler held is free again.
+        for a in 0..3 {
+            let sum: Sum = requester
+                .request_json("calc::add", &Add { a, b: 1 })
+                .await
+                .unwrap();
+            assert_eq!(sum, Sum { sum: a + 1 });
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_request_nobody_serves_fails_with_no_responders_at_once() {
     watchdog(async {
         let t = start(config());
