@@ -1538,12 +1538,11 @@ impl Conn {
             guard: Some(RequestGuard::new(id, self.link.clone())),
         };
         if let Some(Sub {
-            sink: Sink::Requests(requests),
+            sink: Sink::Requests(dispatch),
             ..
         }) = self.subs.get(&key)
         {
-            // A closed receiver returns the request, whose guard NACKs it.
-            let _ = requests.send(request);
+            dispatch.dispatch(request);
         }
     }
 

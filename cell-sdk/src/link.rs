@@ -61,8 +61,35 @@ pub(crate) enum Sink {
     /// Events (`DLVR`, `EVNT`), to a [`Subscription`](crate::Subscription),
     /// in batches: those read from the socket in one go.
     Events(mpsc::UnboundedSender<Vec<Event>>),
-    /// Requests (`RQST`), to a responder's loop.
-    Requests(mpsc::UnboundedSender<Request>),
+    /// Requests (`RQST`), to a responder.
+    Requests(Dispatch),
+}
+
+/// Where a responder's requests go: straight to a handler of their own
+/// when one of the responder's slots is free, else into its loop's queue,
+/// where they wait for a slot.
+pub(crate) struct Dispatch {
+    /// Starts a handler on the request if a slot is free; gives the
+    /// request back if not.
+    pub(crate) start: Box<dyn Fn(Request) -> Option<Request> + Send + Sync>,
+    /// The responder's loop.
+    pub(crate) queue: mpsc::UnboundedSender<Request>,
+}
+
+impl Dispatch {
+    /// Hands `request` over. When the responder is gone, the request is
+    /// dropped: its guard NACKs it.
+    pub(crate) fn dispatch(&self, request: Request) {
+        if let Some(request) = (self.start)(request) {
+            let _ = self.queue.send(request);
+        }
+    }
+}
+
+impl std::fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatch").finish_non_exhaustive()
+    }
 }
 
 /// Where the answer to a command goes.

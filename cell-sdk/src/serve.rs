@@ -16,7 +16,7 @@ use crate::client::Client;
 use crate::consts::DEFAULT_SERVE_CONCURRENCY;
 use crate::error::Error;
 use crate::event::{delivery_accessors, Delivered};
-use crate::link::{Control, Link, Sink};
+use crate::link::{Control, Dispatch, Link, Sink};
 use crate::options::ListenOptions;
 use crate::wire;
 
@@ -200,20 +200,40 @@ impl<F: Handler> ServeBuilder<F> {
             concurrency,
         } = self;
         let options = ListenOptions::any().concurrency(concurrency);
+        let handler = Arc::new(handler);
+        let slots = Arc::new(Semaphore::new(concurrency as usize));
+        let max_frame = client.limits().max_frame;
+        // The connection task starts a handler itself while a slot is free
+        // (one task wake-up fewer per request than going through the
+        // loop); the loop takes what waits for a slot.
+        let start = {
+            let (handler, slots) = (handler.clone(), slots.clone());
+            move |request| match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(answer(request, permit, handler.clone(), max_frame));
+                    None
+                }
+                Err(_) => Some(request),
+            }
+        };
         let (listen, requests) = client
             .add_listen(&pattern, options, |sub, _, link| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                (Sink::Requests(tx), (ListenGuard { sub, link }, rx))
+                let (queue, rx) = mpsc::unbounded_channel();
+                let dispatch = Dispatch {
+                    start: Box::new(start),
+                    queue,
+                };
+                (Sink::Requests(dispatch), (ListenGuard { sub, link }, rx))
             })
             .await?;
         let (stop, stopped) = oneshot::channel();
         let serving = Serving {
             requests,
             listen,
-            handler: Arc::new(handler),
-            slots: Arc::new(Semaphore::new(concurrency as usize)),
+            handler,
+            slots,
             concurrency,
-            max_frame: client.limits().max_frame,
+            max_frame,
         };
         tokio::spawn(serving.run(stopped));
         Ok(Responder {
@@ -299,26 +319,33 @@ struct Serving<F> {
 }
 
 impl<F: Handler> Serving<F> {
-    /// Takes a request whenever a handler slot is free, until told to
-    /// stop, the responder is dropped or the connection closes.
+    /// Takes each request that waits for a slot, and starts a handler on
+    /// it once one is free, until told to stop, the responder is dropped
+    /// or the connection closes.
     async fn run(mut self, mut stop: oneshot::Receiver<oneshot::Sender<()>>) {
+        // A request taken but not started when the loop ends: handed back.
+        let mut held = None;
         let done = loop {
-            // A slot first, then a request: requests no handler started on
-            // stay queued, to be handed back when the loop ends.
-            let permit = tokio::select! {
-                biased;
-                told = &mut stop => break told.ok(),
-                permit = self.slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break None,
-                },
-            };
             let request = tokio::select! {
                 biased;
                 told = &mut stop => break told.ok(),
                 request = self.requests.recv() => match request {
                     Some(request) => request,
                     None => break None,
+                },
+            };
+            let permit = tokio::select! {
+                biased;
+                told = &mut stop => {
+                    held = Some(request);
+                    break told.ok();
+                }
+                permit = self.slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        held = Some(request);
+                        break None;
+                    }
                 },
             };
             tokio::spawn(answer(
@@ -335,9 +362,11 @@ impl<F: Handler> Serving<F> {
             concurrency,
             ..
         } = self;
-        // UNLS before the NACKs of the queued requests, so that the
-        // transmitter does not hand them straight back to this cell.
+        // UNLS before the NACKs of the requests no handler started on, so
+        // that the transmitter does not hand them straight back to this
+        // cell.
         drop(listen);
+        drop(held);
         drop(requests);
         if let Some(done) = done {
             // Every permit back: the running handlers have replied.
