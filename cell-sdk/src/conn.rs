@@ -45,6 +45,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -667,7 +668,16 @@ impl Conn {
     /// `ZMQ_FD` signals commands for libzmq to process, not messages, and
     /// any libzmq call may process them and swallow the edge, so the SUB
     /// (rare) is asked for its `ZMQ_EVENTS` before each wait.
-    async fn poll(&mut self, timeout: i64) -> Result<[bool; 3], Error> {
+    ///
+    /// `timer` is the task's one timer, set to `deadline` when that is
+    /// sooner (or the timer fired): a wait that only moves the deadline
+    /// later leaves the timer alone, and a timer that fires early costs
+    /// one turn of the loop.
+    async fn poll(
+        &mut self,
+        deadline: Instant,
+        mut timer: Pin<&mut tokio::time::Sleep>,
+    ) -> Result<[bool; 3], Error> {
         let held = !self.outbox.is_empty();
         self.dealer.flush();
         // Messages the DEALER refused move in as the socket takes bytes;
@@ -690,10 +700,10 @@ impl Conn {
         if dealer || sub {
             return Ok([dealer, false, sub]);
         }
-        let deadline = u64::try_from(timeout)
-            .ok()
-            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if timer.is_elapsed() || deadline < timer.deadline() {
+            timer.as_mut().reset(deadline);
+        }
         let socket = self.dealer.socket();
         let writing = self.dealer.has_output();
         // Sockets first: a busy doorbell must not starve them (the loop
@@ -707,7 +717,7 @@ impl Conn {
             }
             () = self.rx.bell.rang() => Woke::Bell,
             done = writable(socket), if writing => Woke::Writable(done),
-            () = tokio::time::sleep_until(deadline.unwrap_or(far)) => Woke::Timeout,
+            () = timer => Woke::Timeout,
         };
         Ok(match woke {
             Woke::Dealer(closed) => {
@@ -728,6 +738,7 @@ impl Conn {
     /// The main loop, a task on the runtime; the wait for the sockets is
     /// the wait for the poller's own file descriptor.
     async fn run(mut self) {
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         loop {
             tokio::task::consume_budget().await;
             let now = Instant::now();
@@ -745,8 +756,8 @@ impl Conn {
                 break;
             }
 
-            let timeout = self.poll_timeout(Instant::now());
-            let [dealer, bell, sub] = match self.poll(timeout).await {
+            let deadline = self.deadline();
+            let [dealer, bell, sub] = match self.poll(deadline, timer.as_mut()).await {
                 Ok(ready) => ready,
                 Err(e) => {
                     error!(error = %e, "polling the sockets failed; closing the connection");
@@ -796,9 +807,9 @@ impl Conn {
         }
     }
 
-    /// The poll timeout: until the next heartbeat, ack flush, re-HELO or
+    /// When the wait ends: at the next heartbeat, ack flush, re-HELO or
     /// reconnect.
-    fn poll_timeout(&self, now: Instant) -> i64 {
+    fn deadline(&self) -> Instant {
         let mut deadline = (self.last_sent + self.heartbeat)
             .min((self.last_received.max(self.last_ping)) + self.heartbeat);
         if !self.silence_reported || self.endpoints.len() > 1 {
@@ -813,11 +824,7 @@ impl Conn {
         if let Some(t) = self.dealer.deadline() {
             deadline = deadline.min(t);
         }
-        if deadline <= now {
-            0
-        } else {
-            ceil_ms(deadline - now)
-        }
+        deadline
     }
 
     /// How often an unanswered re-HELO is repeated: every few hundred ms
