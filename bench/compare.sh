@@ -23,6 +23,8 @@
 #   SYSTEMS     Thynapse clients to run: "raw sdk" (default: both, sdk when
 #               the bench binary has it)
 #   NATS_SERVER path of a nats-server executable (skips the install)
+#   BENCH_WORKERS  tokio worker threads of every load generator (default
+#               2, one per core here; both systems' clients alike)
 #   NO_BUILD=1  do not run cargo build
 #   OUT         where the JSON lines go (default target/bench/results-<time>.jsonl)
 set -euo pipefail

@@ -213,9 +213,16 @@ enum Command {
     },
 }
 
+/// The load generator's runtime: `BENCH_WORKERS` worker threads (default
+/// 2), for every system's clients alike.
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("BENCH_WORKERS")
+                .ok()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()?)
 }
