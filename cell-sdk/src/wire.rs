@@ -8,7 +8,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use thynapse_protocol::body::{canonical_array, canonical_number, Goodbye, Welcome};
+use thynapse_protocol::body::{
+    canonical_array, canonical_number, write_json_str, Goodbye, Welcome,
+};
 use thynapse_protocol::frame::{self, MEMBERSHIP_TOPIC, SYNC_TOPIC};
 use thynapse_protocol::{Mode, Thid, Verb};
 
@@ -341,21 +343,6 @@ pub(crate) fn push_hex(out: &mut Vec<u8>, id: &Thid) {
 /// Appends `n` in decimal, without the `String` of `to_string`.
 fn push_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(thynapse_protocol::thid::decimal(n, &mut [0u8; 20]));
-}
-
-/// Appends `s` as a JSON string: as is between quotes when nothing in it
-/// needs escaping (channels never do), else through `serde_json`.
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-        return;
-    }
-    // Serializing a &str into a Vec cannot fail.
-    if serde_json::to_writer(&mut *out, s).is_err() {
-        out.extend_from_slice(b"\"\"");
-    }
 }
 
 /// The topic of membership events of services starting with `prefix`.

@@ -3,8 +3,6 @@
 //! Field names are the wire names of PROTOCOL.md. `ref` is any JSON value a
 //! sender chooses; replies and errors echo it.
 
-use std::io::Write as _;
-
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -623,6 +621,21 @@ pub struct MeshDelivery {
     pub request: bool,
 }
 
+/// Appends `s` as a JSON string: as is between quotes when nothing in it
+/// needs escaping (channels never do), else through `serde_json`.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
+    // Serializing a &str into a Vec cannot fail.
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
 /// Writes the JSON body of a delivery (`DLVR`, or an event-socket `EVNT`
 /// when `attempt` is `None`) into `out`, copying the payload's raw JSON text
 /// as it came: nothing is re-serialized.
@@ -637,8 +650,7 @@ pub fn write_delivery(
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(&id.hex());
     out.extend_from_slice(b"\",\"channel\":");
-    // Writing a string into a Vec cannot fail.
-    serde_json::to_writer(&mut *out, channel).expect("string serializes");
+    write_json_str(out, channel);
     if let Some(p) = payload {
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(p);
@@ -648,8 +660,7 @@ pub fn write_delivery(
     out.push(b'"');
     if let Some(a) = attempt {
         out.extend_from_slice(b",\"attempt\":");
-        // Writing into a Vec cannot fail.
-        let _ = write!(out, "{a}");
+        out.extend_from_slice(crate::thid::decimal(u64::from(a), &mut [0u8; 20]));
     }
     out.push(b'}');
 }
@@ -874,6 +885,15 @@ mod tests {
         assert_eq!(d.channel, "a::\"b");
         assert_eq!(d.payload.unwrap().get(), r#"{"x":[1,2]}"#);
         assert_eq!(d.attempt, Some(3));
+
+        // A channel that needs no escaping is copied as is.
+        out.clear();
+        write_delivery(&mut out, &id, "a::b", None, &from, Some(12_345));
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.contains(r#""channel":"a::b","#), "{text}");
+        assert!(text.ends_with(r#""attempt":12345}"#), "{text}");
+        let d: Delivery = serde_json::from_slice(&out).unwrap();
+        assert_eq!((d.channel.as_str(), d.attempt), ("a::b", Some(12_345)));
     }
 
     #[test]
