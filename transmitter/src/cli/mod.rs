@@ -124,9 +124,12 @@ pub struct SendArgs {
     /// Send to every matching cell rather than to one.
     #[arg(long)]
     pub all: bool,
-    /// The channel the cells see, and must listen to anycatch [default:
-    /// send::<SERVICE>].
-    #[arg(long, value_parser = parse_channel)]
+    /// The channel the cells see, and must listen to anycatch.
+    #[arg(
+        long,
+        value_parser = parse_channel,
+        help = "The channel the cells see, and must listen to anycatch [default: send::<SERVICE>]"
+    )]
     pub channel: Option<String>,
     /// When no cell matches, send to any cell of the service instead.
     #[arg(long)]

@@ -111,7 +111,7 @@ pub fn print(value: &Value, format: Format, shape: Shape) -> Result<(), Failure>
 /// Writes `text` to stdout and flushes it.
 ///
 /// # Errors
-/// As [`print`].
+/// As [`print()`].
 pub fn write_stdout(text: &str) -> Result<(), Failure> {
     let mut out = io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
