@@ -467,10 +467,10 @@ impl Switchboard {
     /// Takes the latest mesh view, if one came, and opens or closes the
     /// DEALERs to other transmitters to match it.
     fn receive_view(&mut self) {
-        let Some(mesh) = &self.mesh else { return };
         if !std::mem::take(&mut self.mesh_due) {
             return;
         }
+        let Some(mesh) = &self.mesh else { return };
         let mut latest = None;
         while let Ok(view) = mesh.recv_bytes(zmq::DONTWAIT) {
             latest = Some(view);
