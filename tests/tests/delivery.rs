@@ -79,15 +79,11 @@ async fn anycatch_reaches_each_service_exactly_once_and_multicatch_reaches_every
                 "{name} got an event twice"
             );
         }
-        // Least busy routing (PROTOCOL.md §5) follows each cell's pace: the
-        // three get about a third each when they run alike, and less when
-        // a busy machine slows one (2,689 was seen under the whole suite).
-        // A fifth each proves none is starved and the work is spread.
         for (i, (_, log)) in alpha.iter().enumerate() {
             let share = log.lock().unwrap().len();
             assert!(
-                share > EVENTS as usize / 5,
-                "alpha cell {i} took {share} of {EVENTS}: least busy routing starved it"
+                share > 3_000,
+                "alpha cell {i} took {share} of {EVENTS}: round robin"
             );
         }
         let m = t.metrics().snapshot();
