@@ -142,7 +142,7 @@ enum Woke {
     /// The doorbell rang.
     Bell,
     /// The DEALER's socket takes bytes again.
-    Writable(io::Result<()>),
+    Writable,
     /// The deadline passed.
     Timeout,
 }
@@ -716,7 +716,10 @@ impl Conn {
                 Woke::Sub
             }
             () = self.rx.bell.rang() => Woke::Bell,
-            done = writable(socket), if writing => Woke::Writable(done),
+            done = writable(socket), if writing => {
+                done?;
+                Woke::Writable
+            }
             () = timer => Woke::Timeout,
         };
         Ok(match woke {
@@ -726,8 +729,7 @@ impl Conn {
             }
             Woke::Sub => [false, false, true],
             Woke::Bell => [false, true, false],
-            Woke::Writable(done) => {
-                done?;
+            Woke::Writable => {
                 self.dealer.flush();
                 [false; 3]
             }
@@ -735,8 +737,8 @@ impl Conn {
         })
     }
 
-    /// The main loop, a task on the runtime; the wait for the sockets is
-    /// the wait for the poller's own file descriptor.
+    /// The main loop, a task on the runtime; it waits in `Conn::poll`,
+    /// through the runtime's reactor.
     async fn run(mut self) {
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         loop {

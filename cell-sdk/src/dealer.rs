@@ -91,7 +91,7 @@ pub(crate) struct Dealer {
     more: bool,
     /// The last `recv` returned a message: more may be buffered.
     buffered: bool,
-    /// The poller said the peer closed its side: read until the end.
+    /// The reactor said the peer closed its side: read until the end.
     closing: bool,
     /// Bytes for the connection, written up to `written`.
     output: Vec<u8>,

@@ -9,9 +9,10 @@
 //! without an executor (acks, nacks, replies, unlisten, close). Replies go
 //! there too: there are at most as many as handlers running at once.
 
-use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use serde_json::{Map, Value};
 use thynapse_protocol::{Pattern, Thid};
 use tokio::sync::{mpsc, oneshot, Notify};
 
