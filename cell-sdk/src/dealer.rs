@@ -341,12 +341,8 @@ impl Dealer {
         if !self.more {
             return false;
         }
-        if self.pos == self.filled {
-            (self.pos, self.filled) = (0, 0);
-        } else if self.pos > 0 {
-            self.input.copy_within(self.pos..self.filled, 0);
-            (self.filled, self.pos) = (self.filled - self.pos, 0);
-        }
+        self.filled = zmtp::compact(&mut self.input, self.pos, self.filled);
+        self.pos = 0;
         if self.input.len() - self.filled < READ_FIRST {
             let grown = (self.input.len() * 2).clamp(READ_FIRST, READ_MAX);
             self.input.resize(grown.max(self.filled + READ_FIRST), 0);

@@ -305,9 +305,29 @@ pub fn ping_context(data: &[u8]) -> &[u8] {
     &context[..context.len().min(16)]
 }
 
+/// Moves the bytes a reader has not handled yet, `buf[pos..filled]`, to
+/// the front of its buffer, before the next read appends; returns how
+/// many there are (the new `filled`; `pos` is then 0).
+pub fn compact(buf: &mut [u8], pos: usize, filled: usize) -> usize {
+    if pos > 0 && pos < filled {
+        buf.copy_within(pos..filled, 0);
+    }
+    filled - pos
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compacting_moves_what_is_left_to_the_front() {
+        let mut buf = *b"abcdefgh";
+        assert_eq!(compact(&mut buf, 3, 6), 3);
+        assert_eq!(&buf[..3], b"def");
+        assert_eq!(compact(&mut buf, 0, 3), 3, "nothing handled yet");
+        assert_eq!(&buf[..3], b"def");
+        assert_eq!(compact(&mut buf, 3, 3), 0, "all handled");
+    }
 
     #[test]
     fn tcp_endpoints_split_into_host_and_port() {

@@ -587,12 +587,8 @@ impl CommandSocket {
         if !c.readable || c.eof || matches!(c.stage, Stage::Denied(_) | Stage::Closing) {
             return false;
         }
-        if c.pos == c.filled {
-            (c.pos, c.filled) = (0, 0);
-        } else if c.pos > 0 {
-            c.input.copy_within(c.pos..c.filled, 0);
-            (c.filled, c.pos) = (c.filled - c.pos, 0);
-        }
+        c.filled = zmtp::compact(&mut c.input, c.pos, c.filled);
+        c.pos = 0;
         let size = if c.full {
             (c.input.len() * 2).min(READ_CHUNK)
         } else {
