@@ -309,11 +309,11 @@ impl CommandSocket {
 
     /// Watches `fd` (a libzmq socket's `ZMQ_FD`, say) for readability
     /// beside the connections, edge-triggered: [`CommandSocket::poll`]
-    /// reports its edges by the number this returns (0, 1, … in order).
+    /// reports its edges by the bit this returns.
     ///
     /// # Errors
     /// When [`MAX_WATCHED`] are watched already, or the poller refuses.
-    pub fn watch(&mut self, fd: RawFd) -> io::Result<usize> {
+    pub fn watch(&mut self, fd: RawFd) -> io::Result<u32> {
         if self.watched == MAX_WATCHED {
             return Err(io::Error::other("too many watched descriptors"));
         }
@@ -323,7 +323,7 @@ impl CommandSocket {
             Interest::READABLE,
         )?;
         self.watched += 1;
-        Ok(self.watched - 1)
+        Ok(1 << (self.watched - 1))
     }
 
     /// Whether bytes already read wait to be handled (then the caller
@@ -334,8 +334,8 @@ impl CommandSocket {
 
     /// Waits at most `timeout` for the socket's readiness and takes it:
     /// accepts connections, notes which can be read, writes to those that
-    /// can take more. Returns which watched descriptors had an edge, as a
-    /// bit mask (bit `n` for the `n`th [`CommandSocket::watch`]).
+    /// can take more. Returns which watched descriptors had an edge: the
+    /// bits [`CommandSocket::watch`] returned for them.
     pub fn poll(&mut self, timeout: Duration) -> u32 {
         if let Err(e) = self.poll.poll(&mut self.events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {

@@ -28,11 +28,6 @@ use crate::router::{Output, PeerId, Router};
 const BATCH: usize = 512;
 /// Outputs gathered before they are sent, while more messages are ready.
 const FLUSH_AT: usize = 1024;
-/// The XPUB's bit in what the command socket's poll reports (watched
-/// first).
-const WATCH_EVENTS: u32 = 1;
-/// The mesh PAIR's bit (watched second).
-const WATCH_MESH: u32 = 2;
 
 /// Why a transmitter could not start.
 #[derive(Debug, thiserror::Error)]
@@ -237,16 +232,21 @@ impl Transmitter {
         let fd = events
             .get_fd()
             .map_err(socket_err("watch", &event_endpoint))?;
-        commands.watch(fd).map_err(listen_err)?;
-        if let Some(pair) = &pair {
-            let fd = pair.get_fd().map_err(socket_err("watch", MESH_PAIR))?;
-            commands.watch(fd).map_err(listen_err)?;
-        }
+        let events_signal = commands.watch(fd).map_err(listen_err)?;
+        let mesh_signal = match &pair {
+            Some(pair) => {
+                let fd = pair.get_fd().map_err(socket_err("watch", MESH_PAIR))?;
+                commands.watch(fd).map_err(listen_err)?
+            }
+            None => 0,
+        };
         let switchboard = Switchboard {
             router,
             commands,
             events,
             mesh: pair,
+            events_signal,
+            mesh_signal,
             events_due: true,
             mesh_due: true,
             nodes: HashMap::new(),
@@ -358,6 +358,11 @@ struct Switchboard {
     events: zmq::Socket,
     /// The PAIR socket to the mesh thread, when gossip runs.
     mesh: Option<zmq::Socket>,
+    /// The bit of the XPUB's `ZMQ_FD` in what the command socket's poll
+    /// reports.
+    events_signal: u32,
+    /// The same for the mesh PAIR (0 without the mesh).
+    mesh_signal: u32,
     /// The XPUB may hold subscriptions to read: its `ZMQ_FD` had an edge,
     /// or a send may have taken one (any libzmq call on a socket may
     /// process the commands its `ZMQ_FD` signals).
@@ -399,8 +404,8 @@ impl Switchboard {
                 next_tick.saturating_duration_since(Instant::now())
             };
             let signalled = self.commands.poll(timeout);
-            self.events_due |= signalled & WATCH_EVENTS != 0;
-            self.mesh_due |= signalled & WATCH_MESH != 0;
+            self.events_due |= signalled & self.events_signal != 0;
+            self.mesh_due |= signalled & self.mesh_signal != 0;
             // What is ready is handled first and sent together (up to
             // FLUSH_AT outputs), so that deliveries to one cell can share
             // a frame.
