@@ -19,6 +19,7 @@
 #   PAYLOADS    payload grid (default "32 128 1024 8192")
 #   CONNS       idle cells/connections for the memory scenario (default 1000)
 #   RR_MSGS     requests per request/reply run (default 50000)
+#   RR_RESPONDERS  responder counts for request/reply (default "4 1")
 #   SECTIONS    what to run (default "ceiling memory grid mesh rr")
 #   SYSTEMS     Thynapse clients to run: "raw sdk" (default: both, sdk when
 #               the bench binary has it)
@@ -37,6 +38,7 @@ MSGS_LARGE=${MSGS_LARGE:-50000}
 PAYLOADS=${PAYLOADS:-"32 128 1024 8192"}
 CONNS=${CONNS:-1000}
 RR_MSGS=${RR_MSGS:-50000}
+RR_RESPONDERS=${RR_RESPONDERS:-"4 1"}
 SECTIONS=${SECTIONS:-"ceiling memory grid mesh rr"}
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 if [ -n "${QUICK:-}" ]; then
@@ -272,20 +274,26 @@ done
 stop_servers
 fi
 
-# Request/reply: throughput with 16 concurrent requesters, latency with 1.
+# Request/reply: 16 and 1 concurrent requesters, each against 4 and 1
+# responders.
 if section rr; then
 start_servers
+for responders in $RR_RESPONDERS; do
 for requesters in 16 1; do
-    log "request/reply, $requesters requester(s), 128 B"
+    log "request/reply, $requesters requester(s), $responders responder(s), 128 B"
     for _ in $(seq 1 "$RUNS"); do
-        run "$BENCH" nats-rr --url "$NATS_URL" --requesters "$requesters" --msgs "$RR_MSGS" --server-pid "$NATS_PID"
+        run "$BENCH" nats-rr --url "$NATS_URL" --requesters "$requesters" --cells "$responders" \
+            --msgs "$RR_MSGS" --server-pid "$NATS_PID"
         if "$BENCH" sdk-rr --help >/dev/null 2>&1 && [[ " $SYSTEMS " == *" sdk "* ]]; then
-            run "$BENCH" sdk-rr --command "$THY_COMMAND" --requesters "$requesters" --msgs "$RR_MSGS" --server-pid "$THY_PID"
+            run "$BENCH" sdk-rr --command "$THY_COMMAND" --requesters "$requesters" --cells "$responders" \
+                --msgs "$RR_MSGS" --server-pid "$THY_PID"
         fi
         if [[ " $SYSTEMS " == *" raw "* ]]; then
-            run "$BENCH" raw-rr --command "$THY_COMMAND" --requesters "$requesters" --msgs "$RR_MSGS" --server-pid "$THY_PID"
+            run "$BENCH" raw-rr --command "$THY_COMMAND" --requesters "$requesters" --cells "$responders" \
+                --msgs "$RR_MSGS" --server-pid "$THY_PID"
         fi
     done
+done
 done
 stop_servers
 fi

@@ -89,39 +89,47 @@ def main():
                       + f" | {'; '.join(losses)} | {'; '.join(cpus)} | {'/'.join(map(str, runs))} |")
     rows_for(SCENARIOS)
 
-    # Request/reply, keyed by the number of requesters.
+    # Request/reply, keyed by the number of requesters and of responders.
     rr = defaultdict(list)
     for r in rows:
         if r["scenario"] == "request_reply":
-            rr[(r["system"], r.get("requesters"))].append(r)
+            rr[(r["system"], r.get("requesters"), r.get("cells"))].append(r)
 
-    def rr_med(system, n, key):
-        vals = [r[key] for r in rr.get((system, n), []) if r.get(key) is not None]
+    def rr_med(system, shape, key):
+        vals = [r[key] for r in rr.get((system,) + shape, []) if r.get(key) is not None]
         return statistics.median(vals) if vals else None
+
+    def fmt_us(v):
+        return f"{v:.0f} µs" if v else "-"
 
     rr_systems = [s for s in THYNAPSE if any(k[0] == s for k in rr)]
     if rr:
-        for n in sorted({k[1] for k in rr}, reverse=True):
-            nt = rr_med("nats", n, "msgs_per_sec")
+        shapes = sorted({k[1:] for k in rr}, key=lambda k: (-(k[0] or 0), -(k[1] or 0)))
+        for shape in shapes:
+            n, resp = shape
+            label = f"request/reply, {n} requester(s), {resp} responder(s)"
+            runs = "/".join(str(len(rr.get((s,) + shape, []))) for s in ["nats"] + systems)
+            nt = rr_med("nats", shape, "msgs_per_sec")
             cells = []
             for s in systems:
-                t = rr_med(s, n, "msgs_per_sec") if s in rr_systems else None
+                t = rr_med(s, shape, "msgs_per_sec") if s in rr_systems else None
                 ratio = f"**{t / nt:.2f}**" if (t and nt) else "-"
                 cells.append(f"{fmt_rate(t) if t else 'not in this client yet'} | {ratio}")
             losses = "; ".join(
-                f"{sum(r.get('lost', 0) for r in rr.get((s, n), []))}/"
-                f"{sum(r.get('dup', 0) for r in rr.get((s, n), []))}" for s in ["nats"] + systems)
-            runs = "/".join(str(len(rr.get((s, n), []))) for s in ["nats"] + systems)
-            print(f"| 4 | request/reply, {n} requester(s) (replies/s) | 128 B | {fmt_rate(nt)} | "
+                f"{sum(r.get('lost', 0) for r in rr.get((s,) + shape, []))}/"
+                f"{sum(r.get('dup', 0) for r in rr.get((s,) + shape, []))}" for s in ["nats"] + systems)
+            print(f"| 4 | {label} (replies/s) | 128 B | {fmt_rate(nt)} | "
                   + " | ".join(cells) + f" | {losses} | - | {runs} |")
-            np50 = rr_med("nats", n, "p50_us")
-            cells = []
-            for s in systems:
-                t = rr_med(s, n, "p50_us") if s in rr_systems else None
-                ratio = f"**{t / np50:.2f}**" if (t and np50) else "-"
-                cells.append(f"{f'{t:.0f} µs' if t else '-'} | {ratio}")
-            print(f"| 4 | request/reply, {n} requester(s), p50 latency (lower is better) | 128 B | "
-                  f"{f'{np50:.0f} µs' if np50 else '-'} | " + " | ".join(cells) + f" | - | - | {runs} |")
+            for key, what in (("p50_us", "p50 latency (lower is better)"),
+                              ("p99_us", "p99 latency (lower is better; no target)")):
+                nv = rr_med("nats", shape, key)
+                cells = []
+                for s in systems:
+                    t = rr_med(s, shape, key) if s in rr_systems else None
+                    ratio = f"**{t / nv:.2f}**" if (t and nv) else "-"
+                    cells.append(f"{fmt_us(t)} | {ratio}")
+                print(f"| 4 | {label}, {what} | 128 B | {fmt_us(nv)} | "
+                      + " | ".join(cells) + f" | - | - | {runs} |")
     else:
         print("| 4 | request/reply | - | not run | " + " | ".join(
             "not run | -" for _ in systems) + " | - | - | 0 |")
