@@ -342,6 +342,14 @@ impl Client {
     /// start serving; the [`Responder`](crate::Responder) it returns stops
     /// serving when stopped or dropped.
     ///
+    /// The handler's future is first polled on the connection's own task,
+    /// as the request is read: one that answers without waiting replies
+    /// at once, and the replies to requests read together leave together.
+    /// Whatever has to wait goes on as a task of its own. So a handler must
+    /// not block the thread (the async rule anyway): long computation goes
+    /// to [`tokio::task::spawn_blocking`], or the connection's heartbeats
+    /// and other traffic wait for it.
+    ///
     /// ```no_run
     /// # async fn run(client: thynapse_cell::Client) -> Result<(), thynapse_cell::Error> {
     /// let responder = client

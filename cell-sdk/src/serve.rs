@@ -6,7 +6,7 @@ use std::future::{Future, IntoFuture};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use serde::Serialize;
 use thynapse_protocol::Thid;
@@ -210,7 +210,7 @@ impl<F: Handler> ServeBuilder<F> {
             let (handler, slots) = (handler.clone(), slots.clone());
             move |request| match slots.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    tokio::spawn(answer(request, permit, handler.clone(), max_frame));
+                    answer_inline(answer(request, permit, handler.clone(), max_frame));
                     None
                 }
                 Err(_) => Some(request),
@@ -373,6 +373,20 @@ impl<F: Handler> Serving<F> {
             let _ = slots.acquire_many(concurrency).await;
             let _ = done.send(());
         }
+    }
+}
+
+/// Polls `answering` once where it is, on the connection's task: a
+/// handler that answers without waiting then replies without a task of its
+/// own, and the replies to one read go out together. What has to wait
+/// goes on as a task.
+fn answer_inline(answering: impl Future<Output = ()> + Send + 'static) {
+    let mut answering = Box::pin(answering);
+    // The task polls it again at once, with its own waker: nothing waits
+    // on the no-op one.
+    let mut cx = Context::from_waker(Waker::noop());
+    if answering.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(answering);
     }
 }
 

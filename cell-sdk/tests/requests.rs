@@ -240,6 +240,46 @@ async fn a_responder_never_runs_more_handlers_than_its_concurrency() {
 }
 
 #[tokio::test]
+async fn a_handler_that_waits_holds_up_neither_other_requests_nor_its_own_reply() {
+    watchdog(async {
+        let t = start(config());
+        let server = client(&t, "work").await;
+        let (release, released) = tokio::sync::watch::channel(false);
+        let _responder = server
+            .serve("work::*", move |request: Request| {
+                let mut released = released.clone();
+                async move {
+                    if request.channel() == "work::slow" {
+                        let _ = released.wait_for(|r| *r).await;
+                    }
+                    Ok::<_, String>(request.channel().to_owned())
+                }
+            })
+            .concurrency(2)
+            .await
+            .unwrap();
+        let requester = client(&t, "shop").await;
+        let slow = {
+            let r = requester.clone();
+            tokio::spawn(async move { r.request("work::slow", 1).await })
+        };
+        eventually("the slow request reached the responder", || {
+            metric(&t, "requests") == 1
+        })
+        .await;
+        // The waiting handler went on as a task of its own: the
+        // connection answers the next request meanwhile.
+        let fast = requester.request("work::fast", 2).await.unwrap();
+        assert_eq!(fast.payload::<String>().unwrap(), "work::fast");
+        assert!(!slow.is_finished());
+        release.send(true).unwrap();
+        let slow = slow.await.unwrap().unwrap();
+        assert_eq!(slow.payload::<String>().unwrap(), "work::slow");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn requests_and_events_never_mix() {
     watchdog(async {
         let t = start(config());
