@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use thynapse_protocol::body::Limits;
 use thynapse_protocol::pattern::validate_channel;
+use thynapse_protocol::thid::EventHasher;
 use thynapse_protocol::{Mode, Pattern, Thid};
 use tokio::sync::{mpsc, oneshot};
 
@@ -58,6 +59,8 @@ struct Inner {
     link: Arc<Link>,
     /// This cell's THID.
     id: Thid,
+    /// The THIDs of the events this cell publishes.
+    event_ids: EventHasher,
     /// The service.
     service: String,
     /// The transmitter's THID (from WLCM).
@@ -132,6 +135,7 @@ impl Client {
             inner: Arc::new(Inner {
                 link,
                 id,
+                event_ids: EventHasher::new(&id),
                 service,
                 transmitter: welcome.id,
                 event_endpoint: welcome.event_endpoint,
@@ -642,7 +646,7 @@ impl Client {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let (json, binary) = body.parts();
         let hashed = binary.unwrap_or_else(|| json.map_or(&[], |raw| raw.get().as_bytes()));
-        let id = Thid::for_event(&self.inner.id, seq, channel, hashed);
+        let id = self.inner.event_ids.thid(seq, channel, hashed);
         let first = wire::publish(
             channel,
             json.map(|raw| raw.get().as_bytes()),

@@ -16,6 +16,39 @@ pub const THID_LEN: usize = 20;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Thid([u8; THID_LEN]);
 
+/// The THIDs of one publisher's events ([`Thid::for_event`]), with the
+/// publisher's part of the hash taken once rather than per event.
+#[derive(Clone)]
+pub struct EventHasher(Sha1);
+
+impl EventHasher {
+    /// The hasher of `from`'s events.
+    pub fn new(from: &Thid) -> Self {
+        let mut hasher = Sha1::new();
+        hasher.update(from.hex());
+        hasher.update(b"\n");
+        EventHasher(hasher)
+    }
+
+    /// The THID of the event `seq` on `channel` carrying `payload`.
+    pub fn thid(&self, seq: u64, channel: &str, payload: &[u8]) -> Thid {
+        let mut hasher = self.0.clone();
+        let mut digits = [0u8; 20];
+        hasher.update(decimal(seq, &mut digits));
+        hasher.update(b"\n");
+        hasher.update(channel.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(payload);
+        Thid(hasher.finalize().into())
+    }
+}
+
+impl fmt::Debug for EventHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventHasher").finish_non_exhaustive()
+    }
+}
+
 /// Why a string is not a THID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ThidError {
@@ -50,16 +83,7 @@ impl Thid {
     /// Two distinct events with equal payloads differ in `seq`; a retry of
     /// the same event keeps its THID, which is what de-duplication keys on.
     pub fn for_event(from: &Thid, seq: u64, channel: &str, payload: &[u8]) -> Self {
-        let mut hasher = Sha1::new();
-        hasher.update(from.hex());
-        hasher.update(b"\n");
-        let mut digits = [0u8; 20];
-        hasher.update(decimal(seq, &mut digits));
-        hasher.update(b"\n");
-        hasher.update(channel.as_bytes());
-        hasher.update(b"\n");
-        hasher.update(payload);
-        Thid(hasher.finalize().into())
+        EventHasher::new(from).thid(seq, channel, payload)
     }
 
     /// The 40-character lowercase hex form.
