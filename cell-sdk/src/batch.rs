@@ -5,6 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use thynapse_protocol::thid::decimal;
+use thynapse_protocol::zmtp;
 use thynapse_protocol::Thid;
 
 /// Collects acked ids and says when to flush them as one `ACKN` frame:
@@ -203,46 +204,68 @@ impl EventBatcher {
     /// binary frames (packed into one when the transmitter takes it).
     /// `None` when none is held.
     pub(crate) fn take(&mut self) -> Option<Vec<Vec<u8>>> {
+        let mut message = Vec::new();
+        self.write(&mut message).then_some(message)
+    }
+
+    /// [`EventBatcher::take`], written as ZMTP frames at the end of `out`
+    /// (a socket's output): no frame of its own to copy there. `false`
+    /// when none is held.
+    pub(crate) fn take_into(&mut self, out: &mut Vec<u8>) -> bool {
+        self.write(&mut ZmtpFrames(out))
+    }
+
+    /// Writes the events held as one message into `sink`, leaving the
+    /// batcher empty; `false` when none is held.
+    fn write(&mut self, sink: &mut impl FrameSink) -> bool {
         let frame_len = std::mem::replace(&mut self.frame_len, EVENT_PREFIX.len() + 1);
         self.bytes = 0;
         let binary = self.binary.take();
         if self.events.len() <= 1 {
-            return self.events.pop().map(Publish::into_frames);
+            let Some(event) = self.events.pop() else {
+                return false;
+            };
+            sink.frame(event.command.len(), event.binary.is_some())
+                .extend_from_slice(&event.command);
+            if let Some(binary) = event.binary {
+                sink.frame(binary.len(), false).extend_from_slice(&binary);
+            }
+            return true;
         }
         // `fits` admitted only `J EVNT {...}` frames, all with a binary
         // frame or all without.
         let packed = self.packed && binary == Some(true);
-        let mut frame = Vec::with_capacity(frame_len);
+        let frame = sink.frame(frame_len, binary == Some(true));
         frame.extend_from_slice(EVENT_PREFIX);
-        let mut message = Vec::with_capacity(if packed { 2 } else { self.events.len() + 1 });
-        message.push(Vec::new());
-        let mut joined = Vec::new();
-        if packed {
-            joined.reserve_exact(self.bytes_of_binaries());
-        }
-        for (i, event) in self.events.drain(..).enumerate() {
+        for (i, event) in self.events.iter().enumerate() {
             frame.push(if i == 0 { b'[' } else { b',' });
             let body = &event.command[EVENT_PREFIX.len()..];
-            match event.binary {
+            match &event.binary {
                 Some(binary) if packed => {
                     frame.extend_from_slice(&body[..body.len() - 1]);
                     frame.extend_from_slice(BIN_FIELD);
                     frame.extend_from_slice(decimal(binary.len() as u64, &mut [0; 20]));
                     frame.push(b'}');
-                    joined.extend_from_slice(&binary);
                 }
-                binary => {
-                    frame.extend_from_slice(body);
-                    message.extend(binary);
-                }
+                _ => frame.extend_from_slice(body),
             }
         }
         frame.push(b']');
-        message[0] = frame;
         if packed {
-            message.push(joined);
+            let joined = sink.frame(self.bytes_of_binaries(), false);
+            for event in self.events.drain(..) {
+                joined.extend_from_slice(event.binary.as_deref().unwrap_or_default());
+            }
+            return true;
         }
-        Some(message)
+        let last = self.events.len() - 1;
+        for (i, event) in self.events.drain(..).enumerate() {
+            if let Some(binary) = event.binary {
+                sink.frame(binary.len(), i < last)
+                    .extend_from_slice(&binary);
+            }
+        }
+        true
     }
 
     /// Bytes of the binary frames held.
@@ -251,6 +274,32 @@ impl EventBatcher {
             .iter()
             .map(|e| e.binary.as_ref().map_or(0, Vec::len))
             .sum()
+    }
+}
+
+/// Where [`EventBatcher`] writes a message's frames.
+trait FrameSink {
+    /// Starts a frame of `len` bytes (`more`: another follows in the same
+    /// message); the bytes go at the end of the vector returned.
+    fn frame(&mut self, len: usize, more: bool) -> &mut Vec<u8>;
+}
+
+/// A frame per vector.
+impl FrameSink for Vec<Vec<u8>> {
+    fn frame(&mut self, len: usize, _more: bool) -> &mut Vec<u8> {
+        self.push(Vec::with_capacity(len));
+        self.last_mut().expect("just pushed")
+    }
+}
+
+/// ZMTP frames in one buffer.
+struct ZmtpFrames<'a>(&'a mut Vec<u8>);
+
+impl FrameSink for ZmtpFrames<'_> {
+    fn frame(&mut self, len: usize, more: bool) -> &mut Vec<u8> {
+        zmtp::encode_header(self.0, len, more, false);
+        self.0.reserve(len);
+        self.0
     }
 }
 
@@ -464,6 +513,35 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn a_message_written_into_a_socket_output_is_the_zmtp_of_its_frames() {
+        for packed in [false, true] {
+            for events in [
+                vec![event("a", None)],
+                vec![event("a", None), event("b", None)],
+                publishes(&[3]),
+                publishes(&[1, 2, 3]),
+                publishes(&[300, 2]),
+            ] {
+                let (mut framed, mut written) = (welcomed(packed), welcomed(packed));
+                for e in events {
+                    assert!(framed.fits(&e));
+                    framed.push(e.clone());
+                    written.push(e);
+                }
+                let frames = framed.take().unwrap();
+                let mut expected = b"queued".to_vec();
+                for (i, f) in frames.iter().enumerate() {
+                    zmtp::encode_frame(&mut expected, f, i + 1 < frames.len());
+                }
+                let mut out = b"queued".to_vec();
+                assert!(written.take_into(&mut out));
+                assert_eq!(out, expected, "packed: {packed}, {} frames", frames.len());
+                assert!(!written.take_into(&mut out));
+            }
+        }
     }
 
     #[test]

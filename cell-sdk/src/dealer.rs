@@ -256,6 +256,19 @@ impl Dealer {
     /// # Errors
     /// `WouldBlock` when [`OUT_LIMIT`] bytes already wait.
     pub(crate) fn send(&mut self, frames: &[Vec<u8>]) -> io::Result<()> {
+        let out = self
+            .output()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+        for (i, f) in frames.iter().enumerate() {
+            zmtp::encode_frame(out, f, i + 1 < frames.len());
+        }
+        Ok(())
+    }
+
+    /// Where the next message's ZMTP frames go (written as soon as the
+    /// connection is open); `None` while the output queued is at its
+    /// limit.
+    pub(crate) fn output(&mut self) -> Option<&mut Vec<u8>> {
         let open = self.stage == Stage::Open;
         let out = if open {
             &mut self.output
@@ -263,13 +276,7 @@ impl Dealer {
             &mut self.waiting
         };
         let queued = out.len() - if open { self.written } else { 0 };
-        if queued >= OUT_LIMIT {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        for (i, f) in frames.iter().enumerate() {
-            zmtp::encode_frame(out, f, i + 1 < frames.len());
-        }
-        Ok(())
+        (queued < OUT_LIMIT).then_some(out)
     }
 
     /// Whether output waits to be written.
