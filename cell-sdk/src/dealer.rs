@@ -383,7 +383,7 @@ impl Dealer {
     /// The next message from the transmitter, without waiting: its first
     /// frame and its other frames. Handshake commands and ZMTP `PING`s are
     /// handled on the way.
-    pub(crate) fn recv(&mut self) -> Option<(&[u8], Vec<zmq::Message>)> {
+    pub(crate) fn recv(&mut self) -> Option<(&[u8], Vec<Vec<u8>>)> {
         self.buffered = false;
         loop {
             match self.step() {
@@ -392,10 +392,7 @@ impl Dealer {
                     self.buffered = true;
                     let (first, rest) = self.frames.split_first()?;
                     let input = &self.input[..end];
-                    let binaries = rest
-                        .iter()
-                        .map(|&(a, b)| zmq::Message::from(&input[a..b]))
-                        .collect();
+                    let binaries = rest.iter().map(|&(a, b)| input[a..b].to_vec()).collect();
                     return Some((&input[first.0..first.1], binaries));
                 }
                 Ok(None) => {

@@ -79,29 +79,24 @@ macro_rules! delivery_accessors {
 }
 pub(crate) use delivery_accessors;
 
-/// A received binary payload, kept in the libzmq message it arrived in:
-/// reading it through `binary()` copies nothing; only taking it out as a
-/// `Vec` does.
+/// A received binary payload, kept in the buffer it was read into:
+/// reading it through `binary()` copies nothing, and neither does taking
+/// a frame of its own out as a `Vec`.
+#[derive(Clone)]
 pub(crate) enum Frame {
     /// A binary frame of its own.
-    Whole(zmq::Message),
+    Whole(Vec<u8>),
     /// Element payload of a packed batch (PROTOCOL.md §23): a range of the
     /// batch's one binary frame, which its elements share.
-    Packed(Arc<zmq::Message>, Range<usize>),
+    Packed(Arc<Vec<u8>>, Range<usize>),
 }
 
 impl Frame {
-    /// The bytes as a `Vec` (one copy).
+    /// The bytes as a `Vec` (a copy for an element of a packed batch).
     pub(crate) fn into_vec(self) -> Vec<u8> {
-        self.to_vec()
-    }
-}
-
-impl Clone for Frame {
-    fn clone(&self) -> Frame {
         match self {
-            Frame::Whole(m) => Frame::Whole(zmq::Message::from(&m[..])),
-            Frame::Packed(m, range) => Frame::Packed(Arc::clone(m), range.clone()),
+            Frame::Whole(bytes) => bytes,
+            Frame::Packed(joined, range) => joined[range].to_vec(),
         }
     }
 }
@@ -349,7 +344,7 @@ mod tests {
         let (link, _rx) = Link::new(4);
         let mut e = event(&link, Thid::random());
         e.delivered.payload = None;
-        e.delivered.binary = Some(Frame::Whole(zmq::Message::from(&[1u8, 2][..])));
+        e.delivered.binary = Some(Frame::Whole(vec![1u8, 2]));
         assert_eq!(e.binary(), Some(&[1u8, 2][..]));
         assert_eq!(e.payload_raw(), None);
         assert_eq!(e.payload_value(), serde_json::Value::Null);

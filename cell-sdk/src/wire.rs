@@ -598,7 +598,7 @@ struct Shared<'a> {
 /// §23): the frames, one per element, or none.
 fn element_binaries(
     bins: &[Option<u64>],
-    binaries: Vec<zmq::Message>,
+    binaries: Vec<Vec<u8>>,
 ) -> Result<Vec<Frame>, frame::BatchFramesError> {
     let lengths: Vec<usize> = binaries.iter().map(|b| b.len()).collect();
     Ok(match frame::batch_frames(bins, &lengths)? {
@@ -695,10 +695,7 @@ struct RefReply {
 /// batch (PROTOCOL.md §23), with no binary frame or one per element, or
 /// packed: one frame that its elements' `bin`s cut; every other message
 /// has at most one.
-pub(crate) fn decode_command(
-    first: &[u8],
-    binaries: Vec<zmq::Message>,
-) -> Result<Incoming, String> {
+pub(crate) fn decode_command(first: &[u8], binaries: Vec<Vec<u8>>) -> Result<Incoming, String> {
     let f = frame::decode(first).map_err(|e| e.to_string())?;
     let bad = |e: serde_json::Error| format!("{} body: {e}", f.verb);
     if matches!(f.verb, Verb::DLVR | Verb::EVNT) && f.body.trim_ascii_start().starts_with(b"[") {
@@ -852,11 +849,6 @@ pub(crate) fn decode_published(mut frames: Vec<Vec<u8>>) -> Result<Published, St
 mod tests {
     use super::*;
     use thynapse_protocol::body::Publish;
-
-    /// Binary frames as received.
-    fn frames(binaries: Vec<Vec<u8>>) -> Vec<zmq::Message> {
-        binaries.into_iter().map(zmq::Message::from).collect()
-    }
 
     #[test]
     fn publish_frames_parse_as_the_protocol_reads_them() {
@@ -1100,7 +1092,7 @@ mod tests {
         let id = Thid::random();
         let mut body = b"J DLVR ".to_vec();
         thynapse_protocol::body::write_delivery(&mut body, &id, "a", None, &from, Some(2));
-        match decode_command(&body, frames(vec![vec![0, 1, 2]])).unwrap() {
+        match decode_command(&body, vec![vec![0, 1, 2]]).unwrap() {
             Incoming::Deliver(d) => {
                 assert_eq!((d.id, d.from), (id, from));
                 assert_eq!(d.attempt, 2);
@@ -1184,7 +1176,7 @@ mod tests {
     fn replies_requests_and_pongs_decode() {
         let id = Thid::random();
         let body = format!(r#"J RPLY {{"ref":3,"id":"{id}","payload":{{"sum":3}}}}"#);
-        match decode_command(body.as_bytes(), frames(vec![vec![9]])).unwrap() {
+        match decode_command(body.as_bytes(), vec![vec![9]]).unwrap() {
             Incoming::Reply {
                 reference: Some(3),
                 reply: Ok(r),
@@ -1260,7 +1252,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match decode_command(&body, frames(vec![vec![7, 8]])).unwrap() {
+        match decode_command(&body, vec![vec![7, 8]]).unwrap() {
             Incoming::Event(d) => assert_eq!(d.binary.as_deref(), Some(&[7u8, 8][..])),
             other => panic!("{other:?}"),
         }
@@ -1307,14 +1299,14 @@ mod tests {
                 );
                 assert!(plain.iter().all(|d| d.binary.is_none() && d.from == from));
                 let binaries = vec![vec![1], vec![], vec![3, 3]];
-                let with = batch(decode_command(&f, frames(binaries.clone())).unwrap());
+                let with = batch(decode_command(&f, binaries.clone()).unwrap());
                 assert_eq!(
                     with.into_iter()
                         .map(|d| d.binary.unwrap().into_vec())
                         .collect::<Vec<_>>(),
                     binaries
                 );
-                assert!(decode_command(&f, frames(vec![vec![1], vec![2]])).is_err());
+                assert!(decode_command(&f, vec![vec![1], vec![2]]).is_err());
             }
             let bad = format!(r#"J {verb} [{{"id":"{}","channel":"a"}}]"#, ids[0]);
             assert!(decode_command(bad.as_bytes(), Vec::new()).is_err());
@@ -1325,7 +1317,7 @@ mod tests {
         // than one binary frame.
         let mut rqst = b"J RQST ".to_vec();
         thynapse_protocol::body::write_delivery(&mut rqst, &ids[0], "a", None, &from, Some(1));
-        assert!(decode_command(&rqst, frames(vec![vec![1], vec![2]])).is_err());
+        assert!(decode_command(&rqst, vec![vec![1], vec![2]]).is_err());
     }
 
     /// A `J <verb> [...]` batch in the transmitter's spelling, each
@@ -1374,7 +1366,7 @@ mod tests {
                 .unwrap()
                 .replace(",{", " , {");
             for f in [frame.clone(), spaced.into_bytes()] {
-                let delivered = match decode_command(&f, frames(vec![joined.clone()])).unwrap() {
+                let delivered = match decode_command(&f, vec![joined.clone()]).unwrap() {
                     Incoming::Delivers(v) if verb == "DLVR" => v,
                     Incoming::Events(v) if verb == "EVNT" => v,
                     other => panic!("{other:?}"),
@@ -1402,31 +1394,31 @@ mod tests {
                 vec![],
                 vec![joined.clone(), vec![]],
             ] {
-                assert!(decode_command(&frame, frames(binaries)).is_err());
+                assert!(decode_command(&frame, binaries).is_err());
             }
             let mut missing = bins;
             missing[2] = None;
             let f = packed_batch(verb, &ids, &from, &missing);
-            assert!(decode_command(&f, frames(vec![joined.clone()])).is_err());
+            assert!(decode_command(&f, vec![joined.clone()]).is_err());
             let mut late = [None; 4];
             late[1] = Some(0);
             let f = packed_batch(verb, &ids, &from, &late);
             assert!(decode_command(&f, Vec::new()).is_err());
-            assert!(decode_command(&f, frames(vec![vec![]; 4])).is_err());
+            assert!(decode_command(&f, vec![vec![]; 4]).is_err());
             let huge = [Some(u64::MAX), Some(2), Some(0), Some(0)];
             let f = packed_batch(verb, &ids, &from, &huge);
-            assert!(decode_command(&f, frames(vec![joined.clone()])).is_err());
+            assert!(decode_command(&f, vec![joined.clone()]).is_err());
             let text = String::from_utf8(frame.clone()).unwrap();
             for odd in [r#""bin":-3"#, r#""bin":"3""#, r#""bin":3.0"#] {
                 let f = text.replacen(r#""bin":3"#, odd, 1);
-                assert!(decode_command(f.as_bytes(), frames(vec![joined.clone()])).is_err());
+                assert!(decode_command(f.as_bytes(), vec![joined.clone()]).is_err());
             }
         }
         // Outside a batch `bin` means nothing.
         let batch = packed_batch("DLVR", &ids[..1], &from, &[Some(9)]);
         // `J DLVR [{...}]` without its brackets.
         let body = [b"J DLVR ", &batch[8..batch.len() - 1]].concat();
-        match decode_command(&body, frames(vec![vec![1, 2]])).unwrap() {
+        match decode_command(&body, vec![vec![1, 2]]).unwrap() {
             Incoming::Deliver(d) => assert_eq!(d.binary.as_deref(), Some(&[1u8, 2][..])),
             other => panic!("{other:?}"),
         }
