@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 // THIDs are keys on the hot path: foldhash (seeded per process) instead
 // of SipHash.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -323,6 +324,19 @@ struct ServiceRoute {
     service: Arc<str>,
     /// Candidate cells, local and remote, in THID order.
     cells: Vec<Target>,
+    /// The service's round-robin cursor, shared with its other routes.
+    cursor: Cursor,
+}
+
+/// A round-robin cursor: the router thread alone moves it, so plain
+/// loads and stores do.
+type Cursor = Arc<AtomicUsize>;
+
+/// The turn `cursor` is at, moving it on.
+fn next_turn(cursor: &AtomicUsize) -> usize {
+    let turn = cursor.load(Ordering::Relaxed);
+    cursor.store(turn.wrapping_add(1), Ordering::Relaxed);
+    turn
 }
 
 /// Where a channel's events go, computed from the listens and cached
@@ -397,7 +411,7 @@ pub struct Router {
     /// Route cache by channel; emptied whenever listens change.
     routes: HashMap<String, Arc<Route>>,
     /// Round-robin cursor per service.
-    cursors: HashMap<Arc<str>, usize>,
+    cursors: HashMap<Arc<str>, Cursor>,
     /// Deliveries awaiting an ack, by (event, cell).
     in_flight: HashMap<(Thid, Thid), InFlight>,
     /// Ack deadlines in the order they were set (the timeout is constant,
@@ -801,10 +815,9 @@ impl Router {
             self.invalidate();
             self.announce(&h.id, "joined", out);
             self.peers.insert(Arc::from(peer), h.id);
-            self.metrics.cells.store(
-                self.cells.len() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.metrics
+                .cells
+                .store(self.cells.len() as u64, Ordering::Relaxed);
         }
         let welcome = Welcome {
             id: self.id,
@@ -995,7 +1008,7 @@ impl Router {
                 from: *from,
             });
             for sr in &route.any {
-                let target = self.least_loaded(&sr.service, &sr.cells);
+                let target = self.least_loaded(&sr.cursor, &sr.cells);
                 if let Some(target) = target {
                     self.deliver(
                         &event,
@@ -1515,7 +1528,8 @@ impl Router {
                 pool.into_iter().copied().collect()
             })
             .unwrap_or_default();
-        let target = self.least_loaded(&f.service, &pool);
+        let cursor = self.cursor(&f.service);
+        let target = self.least_loaded(&cursor, &pool);
         match target {
             Some(t) => self.deliver(
                 &f.event,
@@ -1681,24 +1695,22 @@ impl Router {
         self.remote.values().find_map(|n| n.cells.get(cell))
     }
 
+    /// The round-robin cursor of `key` (a service, or a request channel).
+    fn cursor(&mut self, key: &str) -> Cursor {
+        match self.cursors.get(key) {
+            Some(c) => c.clone(),
+            None => self.cursors.entry(Arc::from(key)).or_default().clone(),
+        }
+    }
+
     /// The least busy of `cells`: one with a free slot first, then the
     /// fewest unanswered plus waiting deliveries (for a remote cell, the
     /// unanswered ones we sent); ties go round robin.
-    fn least_loaded(&mut self, service: &Arc<str>, candidates: &[Target]) -> Option<Target> {
+    fn least_loaded(&self, cursor: &AtomicUsize, candidates: &[Target]) -> Option<Target> {
         if candidates.is_empty() {
             return None;
         }
-        let start = match self.cursors.get_mut(service) {
-            Some(cursor) => {
-                let start = *cursor;
-                *cursor = cursor.wrapping_add(1);
-                start
-            }
-            None => {
-                self.cursors.insert(service.clone(), 1);
-                0
-            }
-        };
+        let start = next_turn(cursor);
         // A cell with a free slot beats any cell that would have to queue;
         // then the fewest unanswered-plus-waiting deliveries win, the first
         // from the cursor on a tie. An idle cell with a free slot cannot be
@@ -1757,9 +1769,9 @@ impl Router {
                 re,
             ));
         };
-        let key: Arc<str> = Arc::from(format!("rqst:{}", r.channel).as_str());
+        let cursor = self.cursor(&format!("rqst:{}", r.channel));
         let targets: Vec<Target> = candidates.iter().map(|(_, t)| *t).collect();
-        let Some(target) = self.least_loaded(&key, &targets) else {
+        let Some(target) = self.least_loaded(&cursor, &targets) else {
             return Err(Failure::new(ErrorCode::NoResponders, "no responder", re));
         };
         let service = candidates
@@ -2044,12 +2056,8 @@ impl Router {
             (_, true) => choice.matched.iter().map(|c| c.0).collect(),
             (Outcome::One(c), false) => vec![c.0],
             (Outcome::Any(list), false) => {
-                let cursor = self
-                    .cursors
-                    .entry(Arc::from(t.service.as_str()))
-                    .or_insert(0);
-                *cursor = cursor.wrapping_add(1);
-                vec![list[*cursor % list.len()].0]
+                let turn = next_turn(&self.cursor(&t.service)).wrapping_add(1);
+                vec![list[turn % list.len()].0]
             }
         };
         let cell = self
@@ -2271,6 +2279,7 @@ impl Router {
                     None => route.any.push(ServiceRoute {
                         service: service.clone(),
                         cells: vec![target],
+                        cursor: Cursor::default(),
                     }),
                 }
             }
@@ -2278,6 +2287,7 @@ impl Router {
         // Stable order so round robin is fair whatever the maps' order.
         for sr in &mut route.any {
             sr.cells.sort_unstable_by_key(|t| t.cell);
+            sr.cursor = self.cursor(&sr.service);
         }
         if self.routes.len() >= MAX_CACHED_ROUTES {
             self.routes.clear();
@@ -2353,10 +2363,9 @@ impl Router {
         };
         tracing::debug!(cell = %id, service = %cell.service, ?reason, "cell left");
         self.peers.remove(&cell.peer);
-        self.metrics.cells.store(
-            self.cells.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.metrics
+            .cells
+            .store(self.cells.len() as u64, Ordering::Relaxed);
         self.invalidate();
         self.redeliver_all_of(id, now, out);
         // Deliveries other transmitters handed to it go back to them.
