@@ -89,6 +89,20 @@ def main():
                       + f" | {'; '.join(losses)} | {'; '.join(cpus)} | {'/'.join(map(str, runs))} |")
     rows_for(SCENARIOS)
 
+    # 1b's Thynapse figures against NATS without acks (1a's NATS column), as
+    # the issue asks: what acks and redelivery cost next to no guarantee.
+    for p in payloads:
+        n, nruns, _, _ = med("nats", "anycatch_noack", p)
+        cells, runs = [], [nruns]
+        for s in systems:
+            t, truns, _, _ = med(s, "anycatch_ack", p)
+            cells.append(f"{fmt_rate(t)} | " + (f"**{t / n:.2f}**" if (t and n) else "-"))
+            runs.append(truns)
+        if n is None:
+            continue
+        print(f"| 1b' | anycatch acked vs NATS queue group without acks (msgs/s; no target) | {p} B | "
+              f"{fmt_rate(n)} | " + " | ".join(cells) + f" | - | - | {'/'.join(map(str, runs))} |")
+
     # Request/reply, keyed by the number of requesters and of responders.
     rr = defaultdict(list)
     for r in rows:
