@@ -402,15 +402,23 @@ async fn answer<F: Handler>(
         return;
     };
     let id = request.delivered.id;
-    // A panicking handler becomes an error reply.
-    let work = std::pin::pin!(handler.call(request));
-    let outcome = CatchUnwind(work).await;
+    // A panicking handler becomes an error reply, whether it panics making
+    // its future, polling it or serializing its result: this may run on the
+    // connection's task, which a panic must not reach.
+    let outcome = match catch_unwind(|| handler.call(request)) {
+        Ok(work) => CatchUnwind(std::pin::pin!(work)).await,
+        Err(panic) => Err(panic),
+    };
     let mut frame = match outcome {
-        Ok(Ok(value)) => match serde_json::value::to_raw_value(&value) {
-            Ok(raw) => wire::reply(id, &raw),
-            Err(e) => {
+        Ok(Ok(value)) => match catch_unwind(|| serde_json::value::to_raw_value(&value)) {
+            Ok(Ok(raw)) => wire::reply(id, &raw),
+            Ok(Err(e)) => {
                 wire::reply_error(id, &format!("the handler's result does not serialize: {e}"))
             }
+            Err(panic) => wire::reply_error(
+                id,
+                &format!("the handler's result does not serialize: it panicked: {panic}"),
+            ),
         },
         Ok(Err(e)) => wire::reply_error(id, &e.to_string()),
         Err(panic) => wire::reply_error(id, &format!("the handler failed: it panicked: {panic}")),
@@ -436,14 +444,21 @@ impl<F: Future> Future for CatchUnwind<'_, F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = self.0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+        match catch_unwind(|| inner.poll(cx)) {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
             Ok(Poll::Pending) => Poll::Pending,
-            Err(panic) => Poll::Ready(Err(panic
-                .downcast_ref::<&str>()
-                .map(|m| (*m).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_owned()))),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
+}
+
+/// Runs `f`, turning a panic into its message.
+fn catch_unwind<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|m| (*m).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    })
 }

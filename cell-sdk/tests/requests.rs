@@ -119,6 +119,59 @@ async fn a_panicking_handler_is_rejected_and_its_responder_goes_on() {
     .await;
 }
 
+/// A result whose serialization panics.
+struct Unserializable;
+
+impl Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("not today")
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_making_its_future_or_serializing_is_rejected_and_goes_on() {
+    watchdog(async {
+        let t = start(config());
+        let server = client(&t, "calc").await;
+        let _adder = server
+            .serve("calc::add", |request: Request| {
+                let add: Add = request.payload().unwrap();
+                assert!(add.a != 13, "thirteen is unlucky before any await");
+                async move { a_sum(add.a, add.b) }
+            })
+            .await
+            .unwrap();
+        let _odd = server
+            .serve("calc::odd", |_request: Request| async {
+                Ok::<_, String>(Unserializable)
+            })
+            .await
+            .unwrap();
+        let requester = client(&t, "shop").await;
+
+        let err = requester
+            .request("calc::add", json!({"a": 13, "b": 1}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected);
+        assert!(err.message().contains("unlucky"), "{}", err.message());
+        let err = requester.request("calc::odd", 1).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected);
+        assert!(
+            err.message().contains("does not serialize") && err.message().contains("not today"),
+            "{}",
+            err.message()
+        );
+        // The connection, which polled both handlers, goes on.
+        let sum: Sum = requester
+            .request_json("calc::add", &Add { a: 2, b: 1 })
+            .await
+            .unwrap();
+        assert_eq!(sum, Sum { sum: 3 });
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_request_nobody_serves_fails_with_no_responders_at_once() {
     watchdog(async {
