@@ -18,14 +18,14 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux
 /// x86-64 and arm64).
-const USER_HZ: f64 = 100.0;
+pub const USER_HZ: f64 = 100.0;
 
 /// CPU time (user + system, all threads) process `pid` used so far, in
-/// seconds.
+/// clock ticks ([`USER_HZ`] a second).
 ///
 /// # Errors
 /// When the process does not exist or its stat line cannot be read.
-pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces; count fields after its ')'.
@@ -35,13 +35,21 @@ pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
         .with_context(|| format!("malformed /proc/{pid}/stat"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let ticks = |i: usize| -> anyhow::Result<f64> {
+    let ticks = |i: usize| -> anyhow::Result<u64> {
         Ok(fields
             .get(i - 3)
             .with_context(|| format!("short /proc/{pid}/stat"))?
-            .parse::<f64>()?)
+            .parse::<u64>()?)
     };
-    Ok((ticks(14)? + ticks(15)?) / USER_HZ)
+    Ok(ticks(14)? + ticks(15)?)
+}
+
+/// [`cpu_ticks`] in seconds.
+///
+/// # Errors
+/// As [`cpu_ticks`].
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    Ok(cpu_ticks(pid)? as f64 / USER_HZ)
 }
 
 /// CPU seconds used by a server and by this process between two points.

@@ -4,21 +4,8 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
+use thynapse_bench::procfs::cpu_ticks;
 use thynapse_tests::{eventually, RawCell, TransmitterProcess};
-
-/// CPU time, user and system, the process `pid` has used, in clock ticks
-/// (fields 14 and 15 of `/proc/<pid>/stat`).
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name, field 2, is in parentheses and may hold spaces.
-    let after_name = stat.rsplit_once(')').context("no command name")?.1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // `after_name` starts at field 3, so field n is at n - 3.
-    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-    Ok(utime + stime)
-}
 
 #[test]
 fn an_idle_transmitter_sleeps_with_or_without_the_mesh() -> anyhow::Result<()> {
